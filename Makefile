@@ -1,0 +1,40 @@
+# Two entry points: `make demo` and `make test`. Each sets up what it needs on a fresh machine:
+# a virtual env with the package and its dev extras, and the Fashion-MNIST Debian package.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# These releases are served from local disk on the project's machines; newer torch is not required.
+TORCH := torch==2.14.1 torchvision==0.29.1
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test bench data clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+data:
+	@if [ -z "$$HF_VAE_COMPRESS_FASHION_MNIST_DIR" ] && [ ! -e $(FMNIST_DIR)/t10k-images-idx3-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing dataset-fashion-mnist"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "Fashion-MNIST is missing. Install it with: sudo apt-get install -y dataset-fashion-mnist"; \
+	    echo "(or set HF_VAE_COMPRESS_FASHION_MNIST_DIR to a folder with the IDX files)"; exit 1; \
+	  fi; \
+	fi
+
+demo: $(STAMP) data
+	$(PY) recipes/demo.py
+
+test: $(STAMP) data
+	$(PY) -m pytest -q
+
+bench: $(STAMP) data
+	$(PY) benchmarks/rate_accuracy.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

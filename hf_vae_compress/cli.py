@@ -1,0 +1,131 @@
+"""``hf-vae-compress``: compress, evaluate and inspect model folders.
+
+Results go to stdout (JSON with ``--json``, else a short table); progress bars and logs go to
+stderr, so ``--json`` output can be piped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .codec import CompressedModel, ContainerError, VAECompressionConfig
+from .data import DataNotFoundError
+
+logger = logging.getLogger("hf_vae_compress")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> dict:
+    from .data import load_image_dataset
+    from .evaluate import evaluate
+    from .models import weights_bytes
+    from .pipeline import load_any
+
+    model, folder, load_seconds = load_any(args.model, local_files_only=args.local_files_only)
+    result = evaluate(model, load_image_dataset(args.dataset, args.split), batch_size=args.batch_size)
+    result.update(model=str(args.model), dataset=args.dataset, split=args.split,
+                  weights_bytes=weights_bytes(folder), load_seconds=round(load_seconds, 3))
+    return result
+
+
+def _cmd_compress(args: argparse.Namespace) -> dict:
+    from .pipeline import compress_folder
+
+    fields = dict(transform=args.transform, chunk_size=args.chunk_size, hidden_size=args.hidden_size,
+                  train_steps=args.train_steps, seed=args.seed, calibration_batches=args.calibration_batches)
+    if args.beta is not None:
+        fields.update(beta=args.beta, target_bits_per_weight=None)
+    else:
+        fields.update(target_bits_per_weight=args.target_bpw)
+    config = VAECompressionConfig(**fields)
+    compressed = compress_folder(args.source, args.out_dir, config, dataset=args.dataset,
+                                 local_files_only=args.local_files_only)
+    report = compressed.report()
+    report.pop("layers")
+    return dict(out_dir=str(args.out_dir), encode_seconds=compressed.header["encode_seconds"], **report)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> dict:
+    compressed = CompressedModel.load(args.out_dir)
+    report = compressed.report()
+    report["config"] = compressed.header["config"]
+    return report
+
+
+def _print_human(command: str, result: dict) -> None:
+    if command == "inspect":
+        print(f"{'part':<12}{'bytes':>12}")
+        for part, n in result["parts"].items():
+            print(f"{part:<12}{n:>12,}")
+        print(f"{'total':<12}{result['total_bytes']:>12,}   {result['bits_per_weight']:.3f} bits/weight, "
+              f"{result['ratio_vs_fp32']:.1f}x smaller than fp32")
+        print(f"\n{'tensor':<48}{'bytes':>10}{'bits/w':>8}{'step':>9}")
+        for layer in result["layers"]:
+            print(f"{layer['name'][:47]:<48}{layer['bytes']:>10,}{layer['bits_per_weight']:>8.3f}{layer['step']:>9.4f}")
+        return
+    for key, value in result.items():
+        print(f"{key}: {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-vae-compress", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("evaluate", help="top-1 of a plain or compressed model folder (or Hub id)")
+    ev.add_argument("model")
+    ev.add_argument("--dataset", default="fashion_mnist")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--batch-size", type=int, default=256)
+
+    co = sub.add_parser("compress", help="compress a timm or transformers folder (or Hub id) into OUT_DIR")
+    co.add_argument("source")
+    co.add_argument("out_dir")
+    rate = co.add_mutually_exclusive_group()
+    rate.add_argument("--target-bpw", type=float, default=VAECompressionConfig.target_bits_per_weight,
+                      help="target bits per weight, all side information included (searched)")
+    rate.add_argument("--beta", type=float, help="fixed rate-distortion trade-off instead of a target rate")
+    co.add_argument("--dataset", default="fashion_mnist",
+                    help="calibration data for Fisher bit allocation ('none' for data-free)")
+    co.add_argument("--transform", choices=["vae", "identity"], default="vae")
+    co.add_argument("--chunk-size", type=int, default=VAECompressionConfig.chunk_size)
+    co.add_argument("--hidden-size", type=int, default=VAECompressionConfig.hidden_size)
+    co.add_argument("--train-steps", type=int, default=VAECompressionConfig.train_steps)
+    co.add_argument("--calibration-batches", type=int, default=VAECompressionConfig.calibration_batches)
+    co.add_argument("--seed", type=int, default=0)
+
+    ins = sub.add_parser("inspect", help="size breakdown of a compressed folder")
+    ins.add_argument("out_dir")
+
+    for p in (ev, co, ins):
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+    for p in (ev, co):
+        p.add_argument("--local-files-only", action="store_true", help="never touch the network")
+    return parser
+
+
+COMMANDS = {"evaluate": _cmd_evaluate, "compress": _cmd_compress, "inspect": _cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "dataset", None) == "none":
+        args.dataset = None
+    try:
+        result = COMMANDS[args.command](args)
+    except (ContainerError, DataNotFoundError, FileNotFoundError, ValueError) as err:
+        print(f"hf-vae-compress {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_human(args.command, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

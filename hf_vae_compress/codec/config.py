@@ -1,0 +1,73 @@
+"""The codec's configuration: plain data that round-trips through JSON and is stored in every container."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+TRANSFORMS = ("vae", "identity")
+NORMALIZATIONS = ("channel", "tensor")
+
+
+@dataclass
+class VAECompressionConfig:
+    """How to compress a model's weights.
+
+    Rate is set by exactly one of ``target_bits_per_weight`` (the real container bits divided by
+    the number of floating-point values, searched) or ``beta`` (a fixed Lagrange multiplier on
+    Fisher-weighted squared error per bit). Either way the per-tensor quantization steps follow
+    from one global trade-off, so layers the loss is sensitive to get finer steps.
+    """
+
+    target_bits_per_weight: float | None = 1.0
+    beta: float | None = None
+    transform: str = "vae"  # "identity" is the scalar-quantization ablation of the same pipeline
+    chunk_size: int = 9  # one 3x3 kernel per chunk for 3x3 convolutions
+    hidden_size: int = 32
+    normalization: str = "channel"
+    min_numel: int = 1024  # smaller tensors (and every 1-D tensor) are stored, not coded
+    raw_dtype: str = "float16"
+    train_steps: int = 600
+    train_batch_chunks: int = 4096
+    learning_rate: float = 3e-3
+    calibration_batches: int = 8
+    table_precision: int = 15
+    seed: int = 0
+    modules_to_not_convert: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if (self.target_bits_per_weight is None) == (self.beta is None):
+            raise ValueError("set exactly one of target_bits_per_weight and beta")
+        if self.target_bits_per_weight is not None and self.target_bits_per_weight <= 0:
+            raise ValueError("target_bits_per_weight must be positive")
+        if self.beta is not None and self.beta <= 0:
+            raise ValueError("beta must be positive")
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"transform must be one of {TRANSFORMS}, got {self.transform!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.raw_dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"raw_dtype must be float16, bfloat16 or float32, got {self.raw_dtype!r}")
+        if not 8 <= self.table_precision <= 15:
+            raise ValueError("table_precision must be between 8 and 15 bits")
+        if self.chunk_size < 1 or self.hidden_size < 1:
+            raise ValueError("chunk_size and hidden_size must be positive")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VAECompressionConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown VAECompressionConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "VAECompressionConfig":
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,358 @@
+"""The codec's two entry points: :func:`compress` (model -> CompressedModel) and
+:meth:`CompressedModel.decode` (container -> state dict).
+
+Pipeline: select tensors -> chunk and normalise -> encode -> quantize -> entropy-code -> container.
+Decoding runs the same stages in reverse through the same functions the encoder used to compute
+the hashes, so a container that verifies decodes to exactly the weights that were measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import safetensors.torch
+import torch
+from tqdm.auto import tqdm
+
+from . import entropy
+from .chunking import ChunkLayout, from_chunks, row_scales, to_chunks
+from .config import VAECompressionConfig
+from .container import CONTAINER_NAME, FORMAT_NAME, FORMAT_VERSION, ContainerError, read_container, serialize
+from .importance import fisher_diagonal, mean_normalised_fisher
+from .rate import lam_from_beta, search_lam, steps_for
+from .select import select_tensors
+from .transform import WeightVAE, build_transform, fit_vae, round_to_fp16_
+
+logger = logging.getLogger(__name__)
+
+DECODE_BATCH = 1 << 18  # chunks per decoder call: bounds peak memory on large tensors
+
+
+class IntegrityError(ContainerError):
+    """Decoded data does not match the hashes recorded at compression time."""
+
+
+def _sha256(t: torch.Tensor | np.ndarray) -> str:
+    array = t.contiguous().reshape(-1).view(torch.uint8).numpy() if isinstance(t, torch.Tensor) else np.ascontiguousarray(t)
+    return hashlib.sha256(array.tobytes()).hexdigest()
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ContainerError(f"unknown dtype {name!r} in container header")
+    return dtype
+
+
+@dataclass
+class _Coded:
+    """A coded tensor between stages: its layout, stored scales and normalised chunks."""
+
+    name: str
+    dtype: torch.dtype
+    layout: ChunkLayout
+    scales: torch.Tensor
+    chunks: torch.Tensor
+
+
+def _prepare(state_dict: dict[str, torch.Tensor], names: list[str], config: VAECompressionConfig) -> list[_Coded]:
+    out = []
+    for name in names:
+        tensor = state_dict[name]
+        layout = ChunkLayout.of(tuple(tensor.shape), config.chunk_size)
+        scales = row_scales(tensor, layout, per_channel=config.normalization == "channel")
+        out.append(_Coded(name, tensor.dtype, layout, scales, to_chunks(tensor, layout, scales)))
+    return out
+
+
+@torch.no_grad()
+def _encode(transform: torch.nn.Module, chunks: torch.Tensor, step: float) -> torch.Tensor:
+    return torch.cat([transform.encode(c, step) for c in chunks.split(DECODE_BATCH)])
+
+
+@torch.no_grad()
+def _decode(transform: torch.nn.Module, symbols: torch.Tensor, step: float) -> torch.Tensor:
+    return torch.cat([transform.decode(s, step) for s in symbols.split(DECODE_BATCH)])
+
+
+def _sensitivities(model, coded: list[_Coded], calibration_data, config, loss_fn, progress) -> list[float]:
+    """Mean normalised Fisher per coded tensor; all 1 (equal relative precision) without data."""
+    if calibration_data is None or not isinstance(model, torch.nn.Module):
+        return [1.0] * len(coded)
+    fisher = fisher_diagonal(model, calibration_data, config.calibration_batches, loss_fn, progress)
+    values = [mean_normalised_fisher(fisher[c.name], c.scales) if c.name in fisher else None for c in coded]
+    known = sorted(v for v in values if v)
+    fallback = known[len(known) // 2] if known else 1.0
+    return [v if v else fallback for v in values]
+
+
+def _stored(state_dict: dict[str, torch.Tensor], names: list[str], config: VAECompressionConfig) -> dict:
+    raw_dtype = _dtype(config.raw_dtype)
+    return {n: (state_dict[n].to(raw_dtype) if state_dict[n].is_floating_point() else state_dict[n]).contiguous()
+            for n in names}
+
+
+def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompressionConfig | None = None,
+             calibration_data: Iterable | None = None, loss_fn: Callable | None = None,
+             progress: bool = True) -> "CompressedModel":
+    """Compress a model (or a bare state dict) post-hoc.
+
+    ``calibration_data`` yields model inputs; with it, steps are allocated by Fisher sensitivity,
+    without it every tensor gets the same relative precision. ``loss_fn(model, batch) ->
+    (loss, batch_size)`` replaces the sampled-label classification loss for other tasks.
+    """
+    config = config or VAECompressionConfig()
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    state_dict = {k: v.detach().cpu() for k, v in
+                  (model.state_dict() if isinstance(model, torch.nn.Module) else model).items()}
+    coded_names, raw_names = select_tensors(state_dict, config)
+    coded = _prepare(state_dict, coded_names, config)
+    sens = _sensitivities(model, coded, calibration_data, config, loss_fn, progress)
+    stored = _stored(state_dict, raw_names, config)
+    num_weights = sum(v.numel() for v in state_dict.values() if v.is_floating_point())
+    fixed_bits = 8 * _fixed_bytes(coded, stored, config)
+
+    def total_bits(transform: torch.nn.Module, lam: float) -> float:
+        steps = steps_for(lam, sens)
+        payload = 0.0
+        for c, step in zip(coded, steps):
+            symbols = _encode(transform, c.chunks, step).numpy()
+            payload += sum(entropy.estimate_bits(symbols[:, j], config.table_precision) for j in range(symbols.shape[1]))
+        return payload + fixed_bits
+
+    transform = build_transform("identity", config.chunk_size, config.hidden_size)
+    if config.beta is not None:
+        lam = lam_from_beta(config.beta)
+    else:
+        target = config.target_bits_per_weight * num_weights
+        lam = search_lam(lambda l: total_bits(transform, l), target, sens)
+    if config.transform == "vae":
+        transform = build_transform("vae", config.chunk_size, config.hidden_size)
+        _fit(transform, coded, steps_for(lam, sens), config, progress)
+        if config.beta is None:
+            lam = search_lam(lambda l: total_bits(transform, l), target, sens)
+    compressed = _assemble(state_dict, coded, stored, transform, steps_for(lam, sens), config, progress)
+    compressed.header["encode_seconds"] = round(time.perf_counter() - start, 3)
+    compressed.header["lam"] = lam
+    return compressed
+
+
+def _fit(vae: WeightVAE, coded: list[_Coded], steps: list[float], config: VAECompressionConfig,
+         progress: bool, sync_gradients=None) -> None:
+    chunks = torch.cat([c.chunks for c in coded])
+    index = torch.cat([torch.full((len(c.chunks),), i) for i, c in enumerate(coded)])
+    log_steps = torch.tensor([math.log(s) for s in steps])
+    fit_vae(vae, chunks, index, log_steps, config.train_steps, config.train_batch_chunks,
+            config.learning_rate, config.seed, progress, sync_gradients)
+    round_to_fp16_(vae.decoder)
+
+
+def _fixed_bytes(coded: list[_Coded], stored: dict, config: VAECompressionConfig) -> int:
+    """Bytes of everything but bitstreams and tables: raw tensors, scales, hashes, decoder, header."""
+    decoder = 0
+    if config.transform == "vae":
+        d, h = config.chunk_size, config.hidden_size
+        decoder = 2 * (d * h + 2 * h + h * d + d)
+    header = 60 * len(coded) + 30 * len(stored) + 1500  # compressed JSON, measured on real models
+    return (sum(v.numel() * v.element_size() for v in stored.values()) + 32 * (len(coded) + len(stored))
+            + sum(2 * len(c.scales) for c in coded) + decoder + header)
+
+
+def _assemble(state_dict, coded: list[_Coded], stored: dict, transform, steps: list[float],
+              config: VAECompressionConfig, progress: bool) -> "CompressedModel":
+    """Entropy-code every tensor and build the header, hashing what the decoder will produce."""
+    entries, hashes = {}, {}
+    streams, tables, scales = [], [], []
+    for c, step in tqdm(list(zip(coded, steps)), desc="encode", unit="tensor", disable=not progress, leave=False):
+        symbols = _encode(transform, c.chunks, step)
+        words, stream_tables = entropy.encode_streams(list(symbols.numpy().T), config.table_precision)
+        decoded = from_chunks(_decode(transform, symbols, step), c.layout, c.scales).to(c.dtype)
+        streams.append(words.view(np.uint8))
+        tables += [t.counts for t in stream_tables if len(t.counts) > 1]
+        scales.append(c.scales.to(torch.float16))
+        entries[c.name] = dict(name=c.name, codec=config.transform, shape=list(c.layout.shape),
+                               dtype=_dtype_name(c.dtype), step=step, words=len(words),
+                               lo=[t.lo for t in stream_tables], k=[len(t.counts) for t in stream_tables])
+        hashes[c.name] = _sha256(decoded)
+    raw: dict[str, list[torch.Tensor]] = {}
+    for name, value in stored.items():
+        raw.setdefault(_dtype_name(value.dtype), []).append(value.reshape(-1))
+        original = state_dict[name]
+        entries[name] = dict(name=name, codec="raw", shape=list(original.shape), dtype=_dtype_name(original.dtype),
+                             stored=_dtype_name(value.dtype))
+        hashes[name] = _sha256(value.to(original.dtype))
+    names = [n for n in state_dict if n in entries]
+    tensors = {
+        "sha256": torch.tensor([list(bytes.fromhex(hashes[n])) for n in names], dtype=torch.uint8),
+        "streams": torch.from_numpy(np.concatenate(streams or [np.zeros(0, np.uint8)]).copy()),
+        "tables": torch.from_numpy(np.concatenate(tables or [np.zeros(0)]).astype(np.uint16)),
+        "scales": torch.cat(scales) if scales else torch.zeros(0, dtype=torch.float16),
+        **{f"raw.{dtype}": torch.cat(parts) for dtype, parts in raw.items()},
+    }
+    if isinstance(transform, WeightVAE):
+        tensors.update({f"decoder.{k}": v.to(torch.float16) for k, v in transform.decoder.state_dict().items()})
+    fp32_bytes = len(safetensors.torch.save(
+        {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}))
+    header = dict(
+        format=FORMAT_NAME, format_version=FORMAT_VERSION, config=config.to_dict(),
+        transform=dict(kind=config.transform, chunk_size=config.chunk_size, hidden_size=config.hidden_size),
+        tensors=[entries[n] for n in names], fp32_safetensors_bytes=fp32_bytes,
+        library={"hf_vae_compress": _version("hf-vae-compress"), "constriction": _version("constriction")},
+    )
+    return CompressedModel(header, tensors)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _Cursor:
+    """Walks a concatenated part in tensor-table order."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor, self.pos = tensor, 0
+
+    def take(self, n: int) -> torch.Tensor:
+        if self.pos + n > len(self.tensor):
+            raise ContainerError("container data is shorter than its header says")
+        out = self.tensor[self.pos: self.pos + n]
+        self.pos += n
+        return out
+
+
+class CompressedModel:
+    """A compressed checkpoint: the container's header and tensors, held in memory."""
+
+    def __init__(self, header: dict, tensors: dict[str, torch.Tensor]):
+        self.header = header
+        self.tensors = tensors
+
+    @property
+    def config(self) -> VAECompressionConfig:
+        return VAECompressionConfig.from_dict(self.header["config"])
+
+    def to_bytes(self) -> bytes:
+        """The exact bytes of the container file."""
+        return serialize(self.header, self.tensors)
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / CONTAINER_NAME
+        path.write_bytes(self.to_bytes())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CompressedModel":
+        """Load from a container file or a folder holding ``model.vaec.safetensors``."""
+        path = Path(path)
+        header, tensors = read_container(path / CONTAINER_NAME if path.is_dir() else path)
+        return cls(header, tensors)
+
+    def _transform(self) -> torch.nn.Module:
+        spec = self.header["transform"]
+        transform = build_transform(spec["kind"], spec["chunk_size"], spec["hidden_size"])
+        if isinstance(transform, WeightVAE):
+            prefix = "decoder."
+            weights = {k[len(prefix):]: v.float() for k, v in self.tensors.items() if k.startswith(prefix)}
+            try:
+                transform.decoder.load_state_dict(weights, strict=True)
+            except RuntimeError as err:
+                raise ContainerError(f"container decoder weights do not match its header: {err}") from err
+        return transform.eval()
+
+    def decode(self, progress: bool = False) -> dict[str, torch.Tensor]:
+        """The dense state dict, every tensor checked against its SHA-256."""
+        try:
+            transform = self._transform()
+            cursors = {k: _Cursor(self.tensors[k]) for k in _PARTS}
+            cursors.update({k: _Cursor(v) for k, v in self.tensors.items() if k.startswith("raw.")})
+            hashes = self.tensors["sha256"]
+            entries = self.header["tensors"]
+        except KeyError as err:
+            raise ContainerError(f"container is missing {err}") from err
+        if hashes.shape != (len(entries), 32):
+            raise ContainerError("container hash table does not match its header")
+        out = {}
+        for entry, digest in tqdm(list(zip(entries, hashes)), desc="decode", unit="tensor",
+                                  disable=not progress, leave=False):
+            tensor = self._decode_entry(entry, transform, cursors)
+            if _sha256(tensor) != bytes(digest.tolist()).hex():
+                raise IntegrityError(f"decoded {entry['name']!r} does not match its SHA-256: the file is corrupt")
+            out[entry["name"]] = tensor
+        return out
+
+    def _decode_entry(self, entry: dict, transform, cursors: dict[str, _Cursor]) -> torch.Tensor:
+        name, dtype, shape = entry["name"], _dtype(entry["dtype"]), entry["shape"]
+        if entry["codec"] == "raw":
+            key = f"raw.{entry['stored']}"
+            if key not in cursors:
+                raise ContainerError(f"container is missing {key!r} for {name!r}")
+            return cursors[key].take(math.prod(shape)).to(dtype).reshape(shape)
+        layout = ChunkLayout.of(tuple(shape), self.header["transform"]["chunk_size"])
+        precision = self.header["config"]["table_precision"]
+        words = cursors["streams"].take(4 * entry["words"]).numpy().view(np.uint32)
+        counts = cursors["tables"].take(sum(k for k in entry["k"] if k > 1)).numpy()
+        tables = entropy.parse_tables(entry["lo"], entry["k"], _with_singletons(counts, entry["k"], precision),
+                                      precision)
+        try:
+            streams = entropy.decode_streams(words, tables, layout.num_chunks)
+        except (ValueError, RuntimeError) as err:
+            raise ContainerError(f"bitstream of {name!r} is corrupt: {err}") from err
+        symbols = torch.from_numpy(np.stack(streams, axis=1).astype(np.int32))
+        scales = cursors["scales"].take(layout.rows).float()
+        return from_chunks(_decode(transform, symbols, entry["step"]), layout, scales).to(dtype)
+
+    def report(self) -> dict:
+        """Bytes per part, bits per weight and per-tensor rates of the container as it is written."""
+        groups = {"bitstreams": ("streams",), "tables": ("tables",), "scales": ("scales",),
+                  "decoder": ("decoder.",), "raw": ("raw.",)}
+        sizes = {part: sum(v.numel() * v.element_size() for k, v in self.tensors.items() if k.startswith(prefixes))
+                 for part, prefixes in groups.items()}
+        total = len(self.to_bytes())
+        sizes["header"] = total - sum(sizes.values())  # header, hashes and safetensors framing
+        floats = [e for e in self.header["tensors"] if e["dtype"].startswith(("float", "bfloat"))]
+        num_weights = sum(math.prod(e["shape"]) for e in floats)
+        layers = []
+        for e in self.header["tensors"]:
+            if e["codec"] == "raw":
+                continue
+            rows = ChunkLayout.of(tuple(e["shape"]), 1).rows
+            nbytes = 4 * e["words"] + 2 * sum(k for k in e["k"] if k > 1) + 2 * rows
+            layers.append(dict(name=e["name"], shape=e["shape"], step=e["step"], bytes=nbytes,
+                               bits_per_weight=8 * nbytes / math.prod(e["shape"])))
+        return dict(total_bytes=total, parts=sizes, num_weights=num_weights,
+                    bits_per_weight=8 * total / num_weights,
+                    fp32_safetensors_bytes=self.header["fp32_safetensors_bytes"],
+                    ratio_vs_fp32=self.header["fp32_safetensors_bytes"] / total, layers=layers)
+
+
+_PARTS = ("streams", "tables", "scales")
+
+
+def _with_singletons(counts: np.ndarray, sizes: list[int], precision: int) -> np.ndarray:
+    """Re-insert the implied count of one-symbol tables, which are not stored."""
+    parts, pos = [], 0
+    for k in sizes:
+        if k == 1:
+            parts.append(np.array([1 << precision]))
+        else:
+            parts.append(counts[pos: pos + k])
+            pos += k
+    return np.concatenate(parts) if parts else np.zeros(0)

@@ -1,0 +1,134 @@
+"""Stage 3: the learned transform, a small VAE over the model's own weight chunks.
+
+The encoder maps a normalised chunk to a latent of the same size (a bottleneck loses accuracy:
+unused latent dimensions fall to zero bits on their own), the latent is quantized with the
+tensor's step, and the decoder maps it back. Both networks are residual MLPs conditioned on the
+log step, with their last layer zero-initialised: before training the transform is the identity
+and the codec is plain scalar quantization, which is exactly the ablation ``transform="identity"``.
+Training can only move away from that point by lowering distortion + beta * rate.
+
+During training a factorised Laplace prior per (tensor, latent dimension) gives the rate; at
+coding time the entropy coder uses exact integer histograms of the quantized latents instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .quantize import dequantize, noisy, quantize, round_ste
+
+logger = logging.getLogger(__name__)
+
+# High-rate theory: with steps set by equal slopes, distortion in units of the step trades
+# against bits at dD/dR = -2 ln2 * step^2 / 12, i.e. this many squared steps per bit.
+RATE_WEIGHT = math.log(2) / 6
+
+
+class ConditionedResidualMLP(nn.Module):
+    """``x + fc2(relu(fc1(x) + w_c * log_step))``; starts as the identity."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.cond = nn.Parameter(torch.zeros(hidden))
+        self.fc2 = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor, log_step: torch.Tensor | float) -> torch.Tensor:
+        if isinstance(log_step, torch.Tensor) and log_step.dim() > 0:
+            hidden = self.fc1(x) + log_step[:, None] * self.cond
+        else:  # one step for all rows: fold the condition into the bias
+            hidden = F.linear(x, self.fc1.weight, self.fc1.bias + float(log_step) * self.cond)
+        return x + self.fc2(F.relu(hidden))
+
+
+class WeightVAE(nn.Module):
+    """Encoder, decoder and training prior of the learned transform."""
+
+    def __init__(self, chunk_size: int, hidden_size: int):
+        super().__init__()
+        self.encoder = ConditionedResidualMLP(chunk_size, hidden_size)
+        self.decoder = ConditionedResidualMLP(chunk_size, hidden_size)
+
+    def encode(self, chunks: torch.Tensor, step: float) -> torch.Tensor:
+        return quantize(self.encoder(chunks, math.log(step)), step)
+
+    def decode(self, symbols: torch.Tensor, step: float) -> torch.Tensor:
+        return self.decoder(dequantize(symbols, step), math.log(step))
+
+
+class IdentityTransform(nn.Module):
+    """The ablation: the same pipeline with no learned transform (plain scalar quantization)."""
+
+    def encode(self, chunks: torch.Tensor, step: float) -> torch.Tensor:
+        return quantize(chunks, step)
+
+    def decode(self, symbols: torch.Tensor, step: float) -> torch.Tensor:
+        return dequantize(symbols, step)
+
+
+def build_transform(kind: str, chunk_size: int, hidden_size: int) -> nn.Module:
+    return WeightVAE(chunk_size, hidden_size) if kind == "vae" else IdentityTransform()
+
+
+def laplace_bits(value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Bits of a unit-width bin centred on ``value`` under a zero-mean Laplace(scale)."""
+
+    def cdf(v: torch.Tensor) -> torch.Tensor:
+        return 0.5 + 0.5 * torch.sign(v) * (1 - torch.exp(-v.abs() / scale))
+
+    prob = (cdf(value + 0.5) - cdf(value - 0.5)).clamp_min(1e-9)
+    return -torch.log2(prob)
+
+
+def fit_vae(vae: WeightVAE, chunks: torch.Tensor, tensor_index: torch.Tensor, log_steps: torch.Tensor,
+            steps: int, batch_size: int, learning_rate: float, seed: int, progress: bool = True,
+            sync_gradients=None) -> list[float]:
+    """Train encoder, decoder and prior on distortion (in squared steps) + RATE_WEIGHT * bits.
+
+    ``log_steps`` are per-tensor steps at the rate being targeted; each sample's step is jittered
+    by up to one octave either way so the step-conditioned networks work across the rate search.
+    ``sync_gradients``, when given, averages gradients across processes (chunks sharded).
+    Returns the loss per step.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    num_tensors, dim = len(log_steps), chunks.shape[1]
+    init_scale = torch.stack([chunks[tensor_index == t].abs().mean(0) for t in range(num_tensors)])
+    log_prior_scale = nn.Parameter(init_scale.clamp_min(1e-3).log())
+    params = [*vae.parameters(), log_prior_scale]
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    losses = []
+    for _ in tqdm(range(steps), desc="fit VAE", unit="step", disable=not progress, leave=False):
+        idx = torch.randint(0, len(chunks), (batch_size,), generator=generator)
+        x, t = chunks[idx], tensor_index[idx]
+        log_step = log_steps[t] + (torch.rand(batch_size, generator=generator) * 2 - 1) * math.log(2)
+        step = log_step.exp()[:, None]
+        latent_in_steps = vae.encoder(x, log_step) / step
+        x_hat = vae.decoder(round_ste(latent_in_steps) * step, log_step)
+        distortion = ((x - x_hat) / step).pow(2).sum(1)
+        bits = laplace_bits(noisy(latent_in_steps), log_prior_scale[t].exp() / step).sum(1)
+        loss = (distortion + RATE_WEIGHT * bits).mean() / dim
+        optimizer.zero_grad()
+        loss.backward()
+        if sync_gradients is not None:
+            sync_gradients(params)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    logger.info("VAE fit: loss %.4f -> %.4f over %d steps", losses[0], losses[-1], steps)
+    return losses
+
+
+def round_to_fp16_(module: nn.Module) -> None:
+    """Round parameters to what the container stores, so encoder and decoder agree bit for bit."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.to(torch.float16).float())

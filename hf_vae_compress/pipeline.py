@@ -1,0 +1,77 @@
+"""Folder-level jobs shared by the CLI, the recipes and the benchmarks.
+
+A compressed folder holds the source's ``config.json`` and preprocessing files unchanged, plus
+``model.vaec.safetensors`` in place of the weights. These functions glue the codec core to the
+model formats of :mod:`hf_vae_compress.models` and the data of :mod:`hf_vae_compress.data`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .codec import CONTAINER_NAME, CompressedModel, VAECompressionConfig, compress
+from .data import collate, image_transform, load_image_dataset, with_transform
+from .models import WEIGHT_SUFFIXES, build_empty, load_model, resolve_folder
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_SPLIT = "train"  # never the held-out validation split nor test
+CALIBRATION_BATCH = 32
+
+
+def is_compressed(folder: str | Path) -> bool:
+    return (Path(folder) / CONTAINER_NAME).exists()
+
+
+def calibration_batches(model: torch.nn.Module, dataset_name: str, num_batches: int, seed: int = 0):
+    """Preprocessed input batches from the training split, a fixed random subset."""
+    dataset = load_image_dataset(dataset_name, CALIBRATION_SPLIT)
+    take = min(len(dataset), num_batches * CALIBRATION_BATCH)
+    subset = dataset.shuffle(seed=seed).select(range(take))
+    loader = torch.utils.data.DataLoader(with_transform(subset, image_transform(model)),
+                                         batch_size=CALIBRATION_BATCH, collate_fn=collate)
+    return [batch["pixel_values"] for batch in itertools.islice(loader, num_batches)]
+
+
+def compress_folder(source: str, out_dir: str | Path, config: VAECompressionConfig,
+                    dataset: str | None = None, progress: bool = True, **hub_kwargs) -> CompressedModel:
+    """Compress a local or Hub model folder into ``out_dir`` and return the compressed model."""
+    src = resolve_folder(source, **hub_kwargs)
+    model = load_model(src)
+    calibration = calibration_batches(model, dataset, config.calibration_batches) if dataset else None
+    compressed = compress(model, config, calibration_data=calibration, progress=progress)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():  # configs and preprocessing travel; weights are replaced by the container
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.startswith("."):
+            shutil.copy2(f, out_dir / f.name)
+    compressed.save(out_dir)
+    return compressed
+
+
+def load_compressed(folder: str | Path, progress: bool = False) -> torch.nn.Module:
+    """Build the architecture from the folder's config and load the decoded weights, strictly."""
+    folder = Path(folder)
+    state_dict = CompressedModel.load(folder).decode(progress=progress)
+    model = build_empty(folder)
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(
+            f"decoded weights do not fit {folder}: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return model.eval()
+
+
+def load_any(source: str | Path, **hub_kwargs) -> tuple[torch.nn.Module, Path, float]:
+    """Load a compressed or plain folder (or Hub id); returns the model, its folder and load seconds."""
+    folder = resolve_folder(str(source), **hub_kwargs)
+    start = time.perf_counter()
+    model = load_compressed(folder) if is_compressed(folder) else load_model(folder)
+    return model, folder, time.perf_counter() - start

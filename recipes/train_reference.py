@@ -1,0 +1,145 @@
+"""Train a Fashion-MNIST reference model and save it in its library's native format.
+
+Runs unchanged under ``accelerate launch`` with one CPU process, two CPU processes
+(``--multi_gpu --num_processes 2`` with ``ACCELERATE_USE_CPU=true``) or GPUs::
+
+    accelerate launch --config_file recipes/accelerate/cpu_1proc.yaml \
+        recipes/train_reference.py --model fmnist-resnet18 --epochs 4 --output reference_models/fmnist-resnet18
+
+Trains on the 55k ``train`` split (never on ``validation`` or ``test``), then reloads the saved
+folder and measures its test top-1, written to ``train_result.json`` beside the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from hf_vae_compress.data import (
+    FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_arrays, fashion_mnist_pretrained_cfg,
+    load_fashion_mnist,
+)
+from hf_vae_compress.evaluate import evaluate, logits_of
+from hf_vae_compress.models import load_model, save_timm, weights_bytes
+
+logger = logging.getLogger("train_reference")
+
+TIMM_MODELS = {"fmnist-resnet18": "resnet18", "fmnist-mobilenetv3": "mobilenetv3_large_075"}
+VIT = "fmnist-vit"
+
+
+def build(name: str) -> torch.nn.Module:
+    if name in TIMM_MODELS:
+        import timm
+
+        return timm.create_model(TIMM_MODELS[name], in_chans=1, num_classes=10,
+                                 pretrained_cfg_overlay=fashion_mnist_pretrained_cfg())
+    if name == VIT:
+        from transformers import ViTConfig, ViTForImageClassification
+
+        config = ViTConfig(
+            image_size=28, patch_size=4, num_channels=1, hidden_size=192, num_hidden_layers=6,
+            num_attention_heads=4, intermediate_size=384, num_labels=10,
+            id2label=dict(enumerate(FASHION_MNIST_CLASSES)),
+            label2id={c: i for i, c in enumerate(FASHION_MNIST_CLASSES)},
+        )
+        return ViTForImageClassification(config)
+    raise ValueError(f"unknown reference model {name!r}; choose from {[*TIMM_MODELS, VIT]}")
+
+
+def save(name: str, model: torch.nn.Module, folder: Path) -> None:
+    """fp16 weights in the native layout: timm's ``save_for_hf`` or transformers' ``save_pretrained``."""
+    if name in TIMM_MODELS:
+        save_timm(model, folder, dtype=torch.float16)
+        return
+    from transformers import ViTImageProcessor
+
+    model.to(torch.float16).save_pretrained(folder)
+    model.to(torch.float32)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float32"  # stored in fp16, computed in fp32
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    ViTImageProcessor(size={"height": 28, "width": 28}, image_mean=[FASHION_MNIST_MEAN],
+                      image_std=[FASHION_MNIST_STD], do_resize=True).save_pretrained(folder)
+
+
+def augment(x: torch.Tensor) -> torch.Tensor:
+    """Random horizontal flip and random 28x28 crop of the 2-pixel zero-padded image."""
+    b = x.shape[0]
+    flip = torch.rand(b, device=x.device) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    padded = F.pad(x, (2, 2, 2, 2))
+    oy, ox = torch.randint(0, 5, (2, b), device=x.device)
+    rows = (oy[:, None] + torch.arange(28, device=x.device))[:, :, None]
+    cols = (ox[:, None] + torch.arange(28, device=x.device))[:, None, :]
+    return padded[torch.arange(b, device=x.device)[:, None, None], 0, rows, cols].unsqueeze(1)
+
+
+def to_batches(split: str) -> torch.utils.data.TensorDataset:
+    images, labels = fashion_mnist_arrays(split)
+    x = (torch.from_numpy(images).float().div(255).unsqueeze(1) - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    return torch.utils.data.TensorDataset(x, torch.from_numpy(labels).long())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, choices=[*TIMM_MODELS, VIT])
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=128, help="per process")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    set_seed(args.seed)
+    model = build(args.model)
+    loader = torch.utils.data.DataLoader(to_batches("train"), batch_size=args.batch_size, shuffle=True,
+                                         drop_last=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr,
+                                                    total_steps=args.epochs * len(loader), pct_start=0.15)
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        model.train()
+        for step, (x, y) in enumerate(loader):
+            loss = F.cross_entropy(logits_of(model(augment(x))), y, label_smoothing=0.1)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            if step % 100 == 0:
+                logger.info("epoch %d step %d/%d loss %.4f", epoch, step, len(loader), loss.item())
+    train_seconds = time.perf_counter() - start
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    args.output.mkdir(parents=True, exist_ok=True)
+    save(args.model, accelerator.unwrap_model(model).eval(), args.output)
+    result = evaluate(load_model(args.output), load_fashion_mnist("test"))
+    result.update(
+        model=args.model, split="test", weights_bytes=weights_bytes(args.output), storage_dtype="float16",
+        train_seconds=round(train_seconds, 1), num_processes=accelerator.num_processes,
+        command="accelerate launch recipes/train_reference.py " + shlex.join(sys.argv[1:]),
+    )
+    (args.output / "train_result.json").write_text(json.dumps(result, indent=2) + "\n")
+    logger.info("saved %s: %s", args.output, result)
+
+
+if __name__ == "__main__":
+    main()

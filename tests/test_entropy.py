@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from hf_vae_compress.codec import entropy
+
+
+@pytest.mark.parametrize("precision", [8, 12, 15])
+def test_quantized_counts_sum_exactly_and_keep_every_symbol(precision):
+    hist = np.array([1e6, 3, 0, 0, 1, 50_000, 7], dtype=float)
+    counts = entropy.quantize_counts(hist, precision)
+    assert counts.sum() == 1 << precision and counts.min() >= 1
+    assert counts.argmax() == 0
+
+
+def test_streams_round_trip_including_edge_cases():
+    rng = np.random.default_rng(0)
+    streams = [
+        np.round(rng.laplace(0, 3, 5000)).astype(np.int32),
+        np.full(5000, -7, dtype=np.int32),  # one-symbol alphabet
+        rng.integers(-300, 300, 5000).astype(np.int32),  # wide alphabet
+    ]
+    words, tables = entropy.encode_streams(streams, precision=15)
+    counts = np.concatenate([t.counts for t in tables])
+    parsed = entropy.parse_tables([t.lo for t in tables], [len(t.counts) for t in tables], counts, 15)
+    decoded = entropy.decode_streams(words, parsed, 5000)
+    for a, b in zip(streams, decoded):
+        assert np.array_equal(a, b)
+
+
+def test_coded_size_is_close_to_the_estimate():
+    rng = np.random.default_rng(1)
+    symbols = np.round(rng.laplace(0, 2, 100_000)).astype(np.int32)
+    words, tables = entropy.encode_streams([symbols], precision=15)
+    actual = 32 * len(words) + 16 * len(tables[0].counts) + entropy.TABLE_OVERHEAD_BITS
+    assert abs(actual - entropy.estimate_bits(symbols, 15)) / actual < 0.01
+
+
+def test_corrupt_tables_are_refused():
+    _, tables = entropy.encode_streams([np.arange(10, dtype=np.int32)], precision=12)
+    lo, counts = [tables[0].lo], tables[0].counts
+    assert entropy.parse_tables(lo, [10], counts, 12)[0].lo == 0
+    bad = counts.copy()
+    bad[3] += 1  # counts no longer sum to 2**precision
+    with pytest.raises(ValueError, match="corrupt"):
+        entropy.parse_tables(lo, [10], bad, 12)
+    with pytest.raises(ValueError, match="do not match"):
+        entropy.parse_tables(lo, [10], counts[:5], 12)
