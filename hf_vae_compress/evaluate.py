@@ -29,26 +29,39 @@ def bootstrap_interval(correct: np.ndarray, num_resamples: int = 1000, seed: int
     return float(lo), float(hi)
 
 
+def as_tensors(dataset, transform: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Preprocess a whole dataset once: for evaluating many models that share a preprocessing."""
+    x = torch.stack([transform(im) for im in dataset["image"]])
+    return x, torch.as_tensor(dataset["label"])
+
+
 @torch.inference_mode()
-def predict(model: torch.nn.Module, dataset, transform: Callable | None = None, batch_size: int = 256,
+def predict(model: torch.nn.Module, data, transform: Callable | None = None, batch_size: int = 256,
             progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted and true labels over a dataset with ``image`` and ``label`` columns."""
+    """Predicted and true labels over a dataset with ``image`` and ``label`` columns, or over
+    ``(pixel_values, labels)`` tensors already preprocessed."""
     model.eval()
-    transform = transform or image_transform(model)
-    loader = torch.utils.data.DataLoader(
-        with_transform(dataset, transform), batch_size=batch_size, collate_fn=collate
-    )
+    if isinstance(data, tuple):
+        batches = [{"pixel_values": x, "labels": y}
+                   for x, y in zip(data[0].split(batch_size), data[1].split(batch_size))]
+    else:
+        batches = torch.utils.data.DataLoader(with_transform(data, transform or image_transform(model)),
+                                              batch_size=batch_size, collate_fn=collate)
     preds, labels = [], []
-    for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
+    for batch in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False):
         preds.append(logits_of(model(batch["pixel_values"])).argmax(-1))
         labels.append(batch["labels"])
     return torch.cat(preds).numpy(), torch.cat(labels).numpy()
 
 
-def evaluate(model: torch.nn.Module, dataset, transform: Callable | None = None, batch_size: int = 256,
+def evaluate(model: torch.nn.Module, data, transform: Callable | None = None, batch_size: int = 256,
              progress: bool = True) -> dict:
-    """Top-1 accuracy with its 95 % bootstrap interval, example and parameter counts."""
-    preds, labels = predict(model, dataset, transform, batch_size, progress)
+    """Top-1 accuracy with its 95 % bootstrap interval, example and parameter counts.
+
+    ``data`` is a `datasets.Dataset` (preprocessed with the model's own transform unless one is
+    given) or a ``(pixel_values, labels)`` pair of tensors from :func:`as_tensors`.
+    """
+    preds, labels = predict(model, data, transform, batch_size, progress)
     correct = (preds == labels).astype(np.float64)
     lo, hi = bootstrap_interval(correct)
     return {

@@ -48,8 +48,8 @@ def build(name: str) -> torch.nn.Module:
         from transformers import ViTConfig, ViTForImageClassification
 
         config = ViTConfig(
-            image_size=28, patch_size=4, num_channels=1, hidden_size=192, num_hidden_layers=6,
-            num_attention_heads=4, intermediate_size=384, num_labels=10,
+            image_size=28, patch_size=4, num_channels=1, hidden_size=128, num_hidden_layers=6,
+            num_attention_heads=4, intermediate_size=256, num_labels=10,
             id2label=dict(enumerate(FASHION_MNIST_CLASSES)),
             label2id={c: i for i, c in enumerate(FASHION_MNIST_CLASSES)},
         )

@@ -18,11 +18,14 @@ def test_streams_round_trip_including_edge_cases():
         np.round(rng.laplace(0, 3, 5000)).astype(np.int32),
         np.full(5000, -7, dtype=np.int32),  # one-symbol alphabet
         rng.integers(-300, 300, 5000).astype(np.int32),  # wide alphabet
+        np.concatenate([np.zeros(4990), [2**20, -(2**20), 77, -78, 5, 6, 7, 8, 9, 10]]).astype(np.int32),  # outliers
     ]
     words, tables = entropy.encode_streams(streams, precision=15)
     counts = np.concatenate([t.counts for t in tables])
-    parsed = entropy.parse_tables([t.lo for t in tables], [len(t.counts) for t in tables], counts, 15)
+    parsed = entropy.parse_tables([t.lo for t in tables], [len(t.counts) for t in tables],
+                                  [t.escape for t in tables], counts, 15)
     decoded = entropy.decode_streams(words, parsed, 5000)
+    assert max(len(t.counts) for t in tables) < 100  # escapes keep tables small however wide the alphabet
     for a, b in zip(streams, decoded):
         assert np.array_equal(a, b)
 
@@ -35,13 +38,21 @@ def test_coded_size_is_close_to_the_estimate():
     assert abs(actual - entropy.estimate_bits(symbols, 15)) / actual < 0.01
 
 
+def test_escape_binarisation_round_trips():
+    symbols = np.array([0, 1, -1, 3, -4, 5, 100, -100, 2**22, -(2**22) + 3], dtype=np.int32)
+    for escape in entropy.ESCAPE_THRESHOLDS:
+        tokens, offsets, sizes = entropy.to_tokens(symbols, escape)
+        assert np.all(np.abs(tokens) <= escape + 24) and np.all(offsets < sizes)
+        assert np.array_equal(entropy.from_tokens(tokens, escape, offsets), symbols)
+
+
 def test_corrupt_tables_are_refused():
     _, tables = entropy.encode_streams([np.arange(10, dtype=np.int32)], precision=12)
-    lo, counts = [tables[0].lo], tables[0].counts
-    assert entropy.parse_tables(lo, [10], counts, 12)[0].lo == 0
+    lo, k, esc, counts = [tables[0].lo], [len(tables[0].counts)], [tables[0].escape], tables[0].counts
+    assert entropy.parse_tables(lo, k, esc, counts, 12)[0].lo == tables[0].lo
     bad = counts.copy()
-    bad[3] += 1  # counts no longer sum to 2**precision
+    bad[0] += 1  # counts no longer sum to 2**precision
     with pytest.raises(ValueError, match="corrupt"):
-        entropy.parse_tables(lo, [10], bad, 12)
+        entropy.parse_tables(lo, k, esc, bad, 12)
     with pytest.raises(ValueError, match="do not match"):
-        entropy.parse_tables(lo, [10], counts[:5], 12)
+        entropy.parse_tables(lo, k, esc, counts[:-1], 12)

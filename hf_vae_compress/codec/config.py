@@ -28,9 +28,9 @@ class VAECompressionConfig:
     normalization: str = "channel"
     min_numel: int = 1024  # smaller tensors (and every 1-D tensor) are stored, not coded
     raw_dtype: str = "float16"
-    train_steps: int = 600
+    train_steps: int = 800
     train_batch_chunks: int = 4096
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-2
     calibration_batches: int = 8
     table_precision: int = 15
     seed: int = 0

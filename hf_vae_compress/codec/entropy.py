@@ -15,18 +15,54 @@ from dataclasses import dataclass
 import constriction
 import numpy as np
 
-TABLE_OVERHEAD_BITS = 48  # lo and K in the compressed header, roughly
+TABLE_OVERHEAD_BITS = 56  # lo, K and the escape threshold in the compressed header, roughly
+ESCAPE_THRESHOLDS = (1, 3, 7, 15, 31, 63)
 
 
 @dataclass(frozen=True)
 class Table:
     lo: int
     counts: np.ndarray  # int64, sums to 2**precision, all >= 1
+    escape: int  # symbols with |s| <= escape are coded directly; larger ones as bucket + offset
 
     @property
     def model(self):
         return constriction.stream.model.Categorical(self.counts.astype(np.float64), perfect=False)
 
+
+def to_tokens(symbols: np.ndarray, escape: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exp-Golomb escape binarisation: (tokens, offsets, offset alphabet sizes).
+
+    ``|s| <= escape`` is its own token. Otherwise ``m = |s| - escape - 1`` falls in bucket
+    ``b = floor(log2(m + 1))``, coded as token ``sign(s) * (escape + 1 + b)`` followed by the
+    offset ``m + 1 - 2**b`` under a uniform model over ``2**b`` values (no offset when b = 0).
+    Tables then stay small however fine a tensor's step is.
+    """
+    magnitude = np.abs(symbols).astype(np.int64)
+    escaped = magnitude > escape
+    m = magnitude[escaped] - escape - 1
+    bucket = np.floor(np.log2(m + 1)).astype(np.int64)
+    bucket += (1 << (bucket + 1)) <= m + 1  # guard against float log2 rounding down
+    bucket -= (1 << bucket) > m + 1
+    tokens = symbols.astype(np.int64).copy()
+    tokens[escaped] = np.sign(symbols[escaped]) * (escape + 1 + bucket)
+    has_offset = bucket > 0
+    return tokens, (m + 1 - (1 << bucket))[has_offset], (1 << bucket)[has_offset]
+
+
+def from_tokens(tokens: np.ndarray, escape: int, offsets: np.ndarray) -> np.ndarray:
+    escaped = np.abs(tokens) > escape
+    bucket = np.abs(tokens[escaped]) - escape - 1
+    extra = np.zeros(len(bucket), dtype=np.int64)
+    extra[bucket > 0] = offsets
+    out = tokens.astype(np.int64).copy()
+    out[escaped] = np.sign(tokens[escaped]) * ((1 << bucket) - 1 + extra + escape + 1)
+    return out
+
+
+def _offset_sizes(tokens: np.ndarray, escape: int) -> np.ndarray:
+    bucket = np.abs(tokens[np.abs(tokens) > escape]) - escape - 1
+    return (1 << bucket[bucket > 0]).astype(np.int32)
 
 
 def quantize_counts(hist: np.ndarray, precision: int) -> np.ndarray:
@@ -47,41 +83,54 @@ def quantize_counts(hist: np.ndarray, precision: int) -> np.ndarray:
     return counts
 
 
-def fit_table(symbols: np.ndarray, precision: int) -> Table:
-    lo, hi = int(symbols.min()), int(symbols.max())
-    hist = np.bincount(symbols - lo, minlength=hi - lo + 1).astype(np.float64)
-    return Table(lo, quantize_counts(hist, precision))
+def _cost(symbols: np.ndarray, escape: int, precision: int) -> tuple[float, Table]:
+    """Bits of a stream with a given escape threshold: tokens + offsets + the table."""
+    tokens, _, sizes = to_tokens(symbols, escape)
+    lo = int(tokens.min())
+    hist = np.bincount(tokens - lo)
+    table = Table(lo, quantize_counts(hist.astype(np.float64), precision), escape)
+    payload = -(hist * (np.log2(table.counts) - precision)).sum() + np.log2(sizes).sum()
+    table_bits = 16 * len(table.counts) if len(table.counts) > 1 else 0
+    return float(payload + table_bits + TABLE_OVERHEAD_BITS), table
+
+
+def fit_table(symbols: np.ndarray, precision: int) -> tuple[float, Table]:
+    """The cheapest escape threshold for a stream: (estimated bits, table)."""
+    widest = int(np.abs(symbols).max())
+    candidates = sorted({min(e, max(widest, 1)) for e in ESCAPE_THRESHOLDS})
+    return min((_cost(symbols, e, precision) for e in candidates), key=lambda c: c[0])
 
 
 def estimate_bits(symbols: np.ndarray, precision: int) -> float:
-    """Payload bits under the fitted table plus the table's own bits (16 per count as stored)."""
-    table = fit_table(symbols, precision)
-    hist = np.bincount(symbols - table.lo, minlength=len(table.counts))
-    payload = -(hist * (np.log2(table.counts) - precision)).sum()
-    return float(payload + 16 * len(table.counts) + TABLE_OVERHEAD_BITS)
+    """Coded bits of a stream (payload, escape offsets and table), without coding it."""
+    return fit_table(symbols, precision)[0]
 
 
 def encode_streams(streams: list[np.ndarray], precision: int) -> tuple[np.ndarray, list[Table]]:
     """One ANS bitstream (uint32 words) for several symbol streams, and their tables."""
-    tables = [fit_table(s, precision) for s in streams]
+    tables = [fit_table(s, precision)[1] for s in streams]
     coder = constriction.stream.stack.AnsCoder()
-    for symbols, table in reversed(list(zip(streams, tables))):  # a stack: encode last stream first
+    for symbols, table in reversed(list(zip(streams, tables))):  # a stack: encode in reverse decode order
+        tokens, offsets, sizes = to_tokens(symbols, table.escape)
+        if len(offsets):
+            coder.encode_reverse(offsets.astype(np.int32), constriction.stream.model.Uniform(), sizes.astype(np.int32))
         if len(table.counts) > 1:  # a one-symbol stream costs no bits
-            coder.encode_reverse((symbols - table.lo).astype(np.int32), table.model)
+            coder.encode_reverse((tokens - table.lo).astype(np.int32), table.model)
     return coder.get_compressed(), tables
 
 
-def parse_tables(los: list[int], sizes: list[int], counts: np.ndarray, precision: int) -> list[Table]:
-    """Tables from the header's ``lo``/``K`` lists and the stored counts, validating what a
+def parse_tables(los: list[int], sizes: list[int], escapes: list[int], counts: np.ndarray,
+                 precision: int) -> list[Table]:
+    """Tables from the header's ``lo``/``K``/escape lists and the stored counts, validating what a
     corrupt file could break."""
-    if len(los) != len(sizes) or sum(sizes) != len(counts) or min(sizes, default=1) < 1:
+    if not len(los) == len(sizes) == len(escapes) or sum(sizes) != len(counts) or min(sizes, default=1) < 1:
         raise ValueError("probability tables do not match their header")
     tables, pos = [], 0
-    for lo, k in zip(los, sizes):
+    for lo, k, escape in zip(los, sizes, escapes):
         part = counts[pos: pos + k].astype(np.int64)
         if part.min() < 1 or part.sum() != (1 << precision):
             raise ValueError("probability tables are corrupt")
-        tables.append(Table(int(lo), part))
+        tables.append(Table(int(lo), part, int(escape)))
         pos += k
     return tables
 
@@ -89,8 +138,12 @@ def parse_tables(los: list[int], sizes: list[int], counts: np.ndarray, precision
 def decode_streams(words: np.ndarray, tables: list[Table], length: int) -> list[np.ndarray]:
     """Decode ``len(tables)`` streams of ``length`` symbols each."""
     coder = constriction.stream.stack.AnsCoder(words.astype(np.uint32))
-    out = [coder.decode(t.model, length) + t.lo if len(t.counts) > 1 else np.full(length, t.lo, dtype=np.int32)
-           for t in tables]
+    out = []
+    for t in tables:
+        tokens = coder.decode(t.model, length) + t.lo if len(t.counts) > 1 else np.full(length, t.lo)
+        sizes = _offset_sizes(tokens, t.escape)
+        offsets = coder.decode(constriction.stream.model.Uniform(), sizes) if len(sizes) else sizes
+        out.append(from_tokens(tokens, t.escape, offsets).astype(np.int32))
     if not coder.is_empty():
         raise ValueError("bitstream has data left after decoding: it does not match its tables")
     return out

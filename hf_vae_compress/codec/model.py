@@ -74,13 +74,13 @@ def _prepare(state_dict: dict[str, torch.Tensor], names: list[str], config: VAEC
 
 
 @torch.no_grad()
-def _encode(transform: torch.nn.Module, chunks: torch.Tensor, step: float) -> torch.Tensor:
-    return torch.cat([transform.encode(c, step) for c in chunks.split(DECODE_BATCH)])
+def _encode(transform: torch.nn.Module, chunks: torch.Tensor, step: float, index: int) -> torch.Tensor:
+    return torch.cat([transform.encode(c, step, index) for c in chunks.split(DECODE_BATCH)])
 
 
 @torch.no_grad()
-def _decode(transform: torch.nn.Module, symbols: torch.Tensor, step: float) -> torch.Tensor:
-    return torch.cat([transform.decode(s, step) for s in symbols.split(DECODE_BATCH)])
+def _decode(transform: torch.nn.Module, symbols: torch.Tensor, step: float, index: int) -> torch.Tensor:
+    return torch.cat([transform.decode(s, step, index) for s in symbols.split(DECODE_BATCH)])
 
 
 def _sensitivities(model, coded: list[_Coded], calibration_data, config, loss_fn, progress) -> list[float]:
@@ -124,19 +124,19 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
     def total_bits(transform: torch.nn.Module, lam: float) -> float:
         steps = steps_for(lam, sens)
         payload = 0.0
-        for c, step in zip(coded, steps):
-            symbols = _encode(transform, c.chunks, step).numpy()
+        for i, (c, step) in enumerate(zip(coded, steps)):
+            symbols = _encode(transform, c.chunks, step, i).numpy()
             payload += sum(entropy.estimate_bits(symbols[:, j], config.table_precision) for j in range(symbols.shape[1]))
         return payload + fixed_bits
 
-    transform = build_transform("identity", config.chunk_size, config.hidden_size)
+    transform = build_transform("identity", config.chunk_size, config.hidden_size, len(coded))
     if config.beta is not None:
         lam = lam_from_beta(config.beta)
     else:
         target = config.target_bits_per_weight * num_weights
         lam = search_lam(lambda l: total_bits(transform, l), target, sens)
     if config.transform == "vae":
-        transform = build_transform("vae", config.chunk_size, config.hidden_size)
+        transform = build_transform("vae", config.chunk_size, config.hidden_size, len(coded))
         _fit(transform, coded, steps_for(lam, sens), config, progress)
         if config.beta is None:
             lam = search_lam(lambda l: total_bits(transform, l), target, sens)
@@ -161,7 +161,7 @@ def _fixed_bytes(coded: list[_Coded], stored: dict, config: VAECompressionConfig
     decoder = 0
     if config.transform == "vae":
         d, h = config.chunk_size, config.hidden_size
-        decoder = 2 * (d * h + 2 * h + h * d + d)
+        decoder = 2 * (d * h + 2 * h + h * d + d)  # plus the linear maps that pay for themselves
     header = 60 * len(coded) + 30 * len(stored) + 1500  # compressed JSON, measured on real models
     return (sum(v.numel() * v.element_size() for v in stored.values()) + 32 * (len(coded) + len(stored))
             + sum(2 * len(c.scales) for c in coded) + decoder + header)
@@ -172,16 +172,18 @@ def _assemble(state_dict, coded: list[_Coded], stored: dict, transform, steps: l
     """Entropy-code every tensor and build the header, hashing what the decoder will produce."""
     entries, hashes = {}, {}
     streams, tables, scales = [], [], []
-    for c, step in tqdm(list(zip(coded, steps)), desc="encode", unit="tensor", disable=not progress, leave=False):
-        symbols = _encode(transform, c.chunks, step)
+    for i, (c, step) in enumerate(tqdm(list(zip(coded, steps)), desc="encode", unit="tensor",
+                                       disable=not progress, leave=False)):
+        symbols = _encode(transform, c.chunks, step, i)
         words, stream_tables = entropy.encode_streams(list(symbols.numpy().T), config.table_precision)
-        decoded = from_chunks(_decode(transform, symbols, step), c.layout, c.scales).to(c.dtype)
+        decoded = from_chunks(_decode(transform, symbols, step, i), c.layout, c.scales).to(c.dtype)
         streams.append(words.view(np.uint8))
         tables += [t.counts for t in stream_tables if len(t.counts) > 1]
         scales.append(c.scales.to(torch.float16))
         entries[c.name] = dict(name=c.name, codec=config.transform, shape=list(c.layout.shape),
                                dtype=_dtype_name(c.dtype), step=step, words=len(words),
-                               lo=[t.lo for t in stream_tables], k=[len(t.counts) for t in stream_tables])
+                               lo=[t.lo for t in stream_tables], k=[len(t.counts) for t in stream_tables],
+                               escape=[t.escape for t in stream_tables])
         hashes[c.name] = _sha256(decoded)
     raw: dict[str, list[torch.Tensor]] = {}
     for name, value in stored.items():
@@ -198,14 +200,15 @@ def _assemble(state_dict, coded: list[_Coded], stored: dict, transform, steps: l
         "scales": torch.cat(scales) if scales else torch.zeros(0, dtype=torch.float16),
         **{f"raw.{dtype}": torch.cat(parts) for dtype, parts in raw.items()},
     }
+    transform_spec = dict(kind=config.transform, chunk_size=config.chunk_size, hidden_size=config.hidden_size)
     if isinstance(transform, WeightVAE):
-        tensors.update({f"decoder.{k}": v.to(torch.float16) for k, v in transform.decoder.state_dict().items()})
+        tensors.update({f"decoder.{k}": v.to(torch.float16) for k, v in transform.decoder_state().items()})
+        transform_spec["linear_maps"] = transform.active_maps
     fp32_bytes = len(safetensors.torch.save(
         {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}))
     header = dict(
         format=FORMAT_NAME, format_version=FORMAT_VERSION, config=config.to_dict(),
-        transform=dict(kind=config.transform, chunk_size=config.chunk_size, hidden_size=config.hidden_size),
-        tensors=[entries[n] for n in names], fp32_safetensors_bytes=fp32_bytes,
+        transform=transform_spec, tensors=[entries[n] for n in names], fp32_safetensors_bytes=fp32_bytes,
         library={"hf_vae_compress": _version("hf-vae-compress"), "constriction": _version("constriction")},
     )
     return CompressedModel(header, tensors)
@@ -267,13 +270,14 @@ class CompressedModel:
 
     def _transform(self) -> torch.nn.Module:
         spec = self.header["transform"]
-        transform = build_transform(spec["kind"], spec["chunk_size"], spec["hidden_size"])
+        num_coded = sum(e["codec"] != "raw" for e in self.header["tensors"])
+        transform = build_transform(spec["kind"], spec["chunk_size"], spec["hidden_size"], num_coded)
         if isinstance(transform, WeightVAE):
             prefix = "decoder."
             weights = {k[len(prefix):]: v.float() for k, v in self.tensors.items() if k.startswith(prefix)}
             try:
-                transform.decoder.load_state_dict(weights, strict=True)
-            except RuntimeError as err:
+                transform.load_decoder_state(weights, spec["linear_maps"])
+            except (RuntimeError, ValueError, KeyError) as err:
                 raise ContainerError(f"container decoder weights do not match its header: {err}") from err
         return transform.eval()
 
@@ -290,15 +294,17 @@ class CompressedModel:
         if hashes.shape != (len(entries), 32):
             raise ContainerError("container hash table does not match its header")
         out = {}
+        coded_index = 0
         for entry, digest in tqdm(list(zip(entries, hashes)), desc="decode", unit="tensor",
                                   disable=not progress, leave=False):
-            tensor = self._decode_entry(entry, transform, cursors)
+            tensor = self._decode_entry(entry, transform, cursors, coded_index)
+            coded_index += entry["codec"] != "raw"
             if _sha256(tensor) != bytes(digest.tolist()).hex():
                 raise IntegrityError(f"decoded {entry['name']!r} does not match its SHA-256: the file is corrupt")
             out[entry["name"]] = tensor
         return out
 
-    def _decode_entry(self, entry: dict, transform, cursors: dict[str, _Cursor]) -> torch.Tensor:
+    def _decode_entry(self, entry: dict, transform, cursors: dict[str, _Cursor], index: int) -> torch.Tensor:
         name, dtype, shape = entry["name"], _dtype(entry["dtype"]), entry["shape"]
         if entry["codec"] == "raw":
             key = f"raw.{entry['stored']}"
@@ -309,15 +315,15 @@ class CompressedModel:
         precision = self.header["config"]["table_precision"]
         words = cursors["streams"].take(4 * entry["words"]).numpy().view(np.uint32)
         counts = cursors["tables"].take(sum(k for k in entry["k"] if k > 1)).numpy()
-        tables = entropy.parse_tables(entry["lo"], entry["k"], _with_singletons(counts, entry["k"], precision),
-                                      precision)
+        tables = entropy.parse_tables(entry["lo"], entry["k"], entry["escape"],
+                                      _with_singletons(counts, entry["k"], precision), precision)
         try:
             streams = entropy.decode_streams(words, tables, layout.num_chunks)
         except (ValueError, RuntimeError) as err:
             raise ContainerError(f"bitstream of {name!r} is corrupt: {err}") from err
         symbols = torch.from_numpy(np.stack(streams, axis=1).astype(np.int32))
         scales = cursors["scales"].take(layout.rows).float()
-        return from_chunks(_decode(transform, symbols, entry["step"]), layout, scales).to(dtype)
+        return from_chunks(_decode(transform, symbols, entry["step"], index), layout, scales).to(dtype)
 
     def report(self) -> dict:
         """Bytes per part, bits per weight and per-tensor rates of the container as it is written."""

@@ -2,10 +2,13 @@
 
 The encoder maps a normalised chunk to a latent of the same size (a bottleneck loses accuracy:
 unused latent dimensions fall to zero bits on their own), the latent is quantized with the
-tensor's step, and the decoder maps it back. Both networks are residual MLPs conditioned on the
-log step, with their last layer zero-initialised: before training the transform is the identity
-and the codec is plain scalar quantization, which is exactly the ablation ``transform="identity"``.
-Training can only move away from that point by lowering distortion + beta * rate.
+tensor's step, and the decoder maps it back. Each side is a per-tensor linear map (9x9 for 3x3
+kernels: it learns each layer's decorrelating basis, a KLT-like coding gain) composed with a
+residual MLP shared by all tensors and conditioned on the log step (it learns dead zones and
+reconstruction offsets). The MLPs' last layers start at zero and the linear maps at each layer's KLT, an orthonormal
+basis: before training the codec is scalar quantization in a decorrelated basis, and training
+moves away from that by lowering distortion + beta * rate. ``transform="identity"`` is the
+ablation with no transform at all (plain scalar quantization in the same pipeline).
 
 During training a factorised Laplace prior per (tensor, latent dimension) gives the rate; at
 coding time the entropy coder uses exact integer histograms of the quantized latents instead.
@@ -49,33 +52,80 @@ class ConditionedResidualMLP(nn.Module):
         return x + self.fc2(F.relu(hidden))
 
 
+def _per_tensor_linear(matrices: torch.Tensor, x: torch.Tensor, index: torch.Tensor | int) -> torch.Tensor:
+    """``x @ matrices[index].T`` row by row; one matmul when every row belongs to one tensor."""
+    if isinstance(index, int):
+        return x @ matrices[index].T
+    return torch.einsum("bij,bj->bi", matrices[index], x)
+
+
+class Analysis(nn.Module):
+    """Encoder: a per-tensor linear map (decorrelates each layer's chunks), then the shared MLP."""
+
+    def __init__(self, chunk_size: int, hidden_size: int, num_tensors: int):
+        super().__init__()
+        self.linear = nn.Parameter(torch.eye(chunk_size).repeat(num_tensors, 1, 1))
+        self.mlp = ConditionedResidualMLP(chunk_size, hidden_size)
+
+    def forward(self, x: torch.Tensor, log_step, index) -> torch.Tensor:
+        return self.mlp(_per_tensor_linear(self.linear, x, index), log_step)
+
+
+class Synthesis(nn.Module):
+    """Decoder: the shared MLP, then a per-tensor linear map back to weight space."""
+
+    def __init__(self, chunk_size: int, hidden_size: int, num_tensors: int):
+        super().__init__()
+        self.mlp = ConditionedResidualMLP(chunk_size, hidden_size)
+        self.linear = nn.Parameter(torch.eye(chunk_size).repeat(num_tensors, 1, 1))
+
+    def forward(self, y: torch.Tensor, log_step, index) -> torch.Tensor:
+        return _per_tensor_linear(self.linear, self.mlp(y, log_step), index)
+
+
 class WeightVAE(nn.Module):
     """Encoder, decoder and training prior of the learned transform."""
 
-    def __init__(self, chunk_size: int, hidden_size: int):
+    def __init__(self, chunk_size: int, hidden_size: int, num_tensors: int):
         super().__init__()
-        self.encoder = ConditionedResidualMLP(chunk_size, hidden_size)
-        self.decoder = ConditionedResidualMLP(chunk_size, hidden_size)
+        self.encoder = Analysis(chunk_size, hidden_size, num_tensors)
+        self.decoder = Synthesis(chunk_size, hidden_size, num_tensors)
+        self.active_maps: list[int] = []  # tensors whose linear maps are learned and stored
 
-    def encode(self, chunks: torch.Tensor, step: float) -> torch.Tensor:
-        return quantize(self.encoder(chunks, math.log(step)), step)
+    def decoder_state(self) -> dict[str, torch.Tensor]:
+        """What the container stores: the MLP and the linear maps of the active tensors only."""
+        state = {f"mlp.{k}": v for k, v in self.decoder.mlp.state_dict().items()}
+        state["linear"] = self.decoder.linear.detach()[self.active_maps]
+        return state
 
-    def decode(self, symbols: torch.Tensor, step: float) -> torch.Tensor:
-        return self.decoder(dequantize(symbols, step), math.log(step))
+    def load_decoder_state(self, state: dict[str, torch.Tensor], active_maps: list[int]) -> None:
+        linear = state.pop("linear")
+        if linear.shape != (len(active_maps), *self.decoder.linear.shape[1:]):
+            raise ValueError(f"stored linear maps {tuple(linear.shape)} do not match {len(active_maps)} tensors")
+        self.decoder.mlp.load_state_dict({k.removeprefix("mlp."): v for k, v in state.items()}, strict=True)
+        with torch.no_grad():
+            self.decoder.linear[active_maps] = linear
+        self.active_maps = list(active_maps)
+
+    def encode(self, chunks: torch.Tensor, step: float, index: int) -> torch.Tensor:
+        return quantize(self.encoder(chunks, math.log(step), index), step)
+
+    def decode(self, symbols: torch.Tensor, step: float, index: int) -> torch.Tensor:
+        return self.decoder(dequantize(symbols, step), math.log(step), index)
 
 
 class IdentityTransform(nn.Module):
     """The ablation: the same pipeline with no learned transform (plain scalar quantization)."""
 
-    def encode(self, chunks: torch.Tensor, step: float) -> torch.Tensor:
+    def encode(self, chunks: torch.Tensor, step: float, index: int) -> torch.Tensor:
         return quantize(chunks, step)
 
-    def decode(self, symbols: torch.Tensor, step: float) -> torch.Tensor:
+    def decode(self, symbols: torch.Tensor, step: float, index: int) -> torch.Tensor:
         return dequantize(symbols, step)
 
 
-def build_transform(kind: str, chunk_size: int, hidden_size: int) -> nn.Module:
-    return WeightVAE(chunk_size, hidden_size) if kind == "vae" else IdentityTransform()
+def build_transform(kind: str, chunk_size: int, hidden_size: int, num_tensors: int) -> nn.Module:
+    return WeightVAE(chunk_size, hidden_size, num_tensors) if kind == "vae" else IdentityTransform()
 
 
 def laplace_bits(value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -100,6 +150,7 @@ def fit_vae(vae: WeightVAE, chunks: torch.Tensor, tensor_index: torch.Tensor, lo
     """
     generator = torch.Generator().manual_seed(seed)
     num_tensors, dim = len(log_steps), chunks.shape[1]
+    vae.active_maps = init_klt_(vae, chunks, tensor_index)
     init_scale = torch.stack([chunks[tensor_index == t].abs().mean(0) for t in range(num_tensors)])
     log_prior_scale = nn.Parameter(init_scale.clamp_min(1e-3).log())
     params = [*vae.parameters(), log_prior_scale]
@@ -111,8 +162,8 @@ def fit_vae(vae: WeightVAE, chunks: torch.Tensor, tensor_index: torch.Tensor, lo
         x, t = chunks[idx], tensor_index[idx]
         log_step = log_steps[t] + (torch.rand(batch_size, generator=generator) * 2 - 1) * math.log(2)
         step = log_step.exp()[:, None]
-        latent_in_steps = vae.encoder(x, log_step) / step
-        x_hat = vae.decoder(round_ste(latent_in_steps) * step, log_step)
+        latent_in_steps = vae.encoder(x, log_step, t) / step
+        x_hat = vae.decoder(round_ste(latent_in_steps) * step, log_step, t)
         distortion = ((x - x_hat) / step).pow(2).sum(1)
         bits = laplace_bits(noisy(latent_in_steps), log_prior_scale[t].exp() / step).sum(1)
         loss = (distortion + RATE_WEIGHT * bits).mean() / dim
@@ -125,6 +176,41 @@ def fit_vae(vae: WeightVAE, chunks: torch.Tensor, tensor_index: torch.Tensor, lo
         losses.append(loss.item())
     logger.info("VAE fit: loss %.4f -> %.4f over %d steps", losses[0], losses[-1], steps)
     return losses
+
+
+MAP_COST_BITS = 16  # a stored map entry is fp16
+
+
+@torch.no_grad()
+def init_klt_(vae: WeightVAE, chunks: torch.Tensor, tensor_index: torch.Tensor) -> list[int]:
+    """Start each tensor's linear maps at its KLT (the eigenbasis of its chunk covariance).
+
+    An orthonormal basis keeps squared error unchanged while compacting energy into fewer latent
+    dimensions: the coding gain a linear transform can give, ``numel * 0.5 * log2(AM/GM)`` bits
+    of the covariance eigenvalues at high rate. A tensor keeps a (stored) map only when that gain
+    is at least twice the map's cost; the others keep the identity, untrained and not stored.
+    Returns the indices of the tensors that keep a map.
+    """
+    dim = chunks.shape[1]
+    active = []
+    for t in range(vae.encoder.linear.shape[0]):
+        x = chunks[tensor_index == t]
+        if len(x) <= dim:
+            continue
+        values, vectors = torch.linalg.eigh(x.T @ x / len(x))
+        values = values.clamp_min(1e-12)
+        gain_bits = x.numel() * 0.5 * float(torch.log2(values.mean() / values.log().mean().exp()))
+        if gain_bits < 2 * MAP_COST_BITS * dim * dim:
+            continue
+        basis = vectors.flip(1)  # largest variance first
+        vae.encoder.linear[t] = basis.T
+        vae.decoder.linear[t] = basis
+        active.append(t)
+    mask = torch.zeros(vae.encoder.linear.shape[0], 1, 1)
+    mask[active] = 1
+    for linear in (vae.encoder.linear, vae.decoder.linear):
+        linear.register_hook(lambda grad: grad * mask)
+    return active
 
 
 def round_to_fp16_(module: nn.Module) -> None:

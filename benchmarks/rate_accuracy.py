@@ -1,0 +1,182 @@
+"""Side-by-side rate-accuracy benchmark on the reference models, in one run (``make bench``).
+
+Per model: fp32, fp16, int8 and int4 per-channel, NNCodec at several QPs (run in its own venv,
+since it pins numpy<2, exchanging safetensors files), and ours at several rates, with the
+identity-transform ablation at the same rates. Every size is the real size of the file written.
+Top-1 is measured on the test split with a 95 % bootstrap interval, and on the held-out
+validation split, which alone is used to pick each method's smallest point within 0.5 pt.
+
+Writes ``benchmarks/results/rate_accuracy.json`` (rows of other models already there are kept)
+and copies each model's headline container to ``benchmarks/results/artifacts/<model>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hf_vae_compress import CompressedModel, VAECompressionConfig
+from hf_vae_compress.data import image_transform, load_fashion_mnist
+from hf_vae_compress.evaluate import as_tensors, evaluate
+from hf_vae_compress.models import load_model
+from hf_vae_compress.pipeline import compress_folder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import read_float, read_int, write_float, write_int  # noqa: E402
+
+logger = logging.getLogger("rate_accuracy")
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+WORK = ROOT / "outputs" / "bench"
+NNC_VENV = ROOT / ".venv-nncodec"
+NNC_PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "nncodec==2.1.3", "safetensors"]
+MODELS = ["fmnist-resnet18", "fmnist-mobilenetv3", "fmnist-vit"]
+OURS_BPW = [0.5, 0.7, 1.0, 1.4, 2.0, 3.0]
+NNC_QPS = [-38, -32, -28, -24, -20, -16]
+BUDGET_PT = 0.5
+
+
+def ensure_nncodec_venv() -> Path:
+    """NNCodec's own venv (it pins numpy<2); built once, compiling DeepCABAC takes ~10 minutes."""
+    python = NNC_VENV / "bin" / "python"
+    if not python.exists():
+        logger.info("creating %s for NNCodec (compiles C++, takes minutes)", NNC_VENV)
+        subprocess.run([sys.executable, "-m", "venv", str(NNC_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *NNC_PACKAGES], check=True)
+    return python
+
+
+class Bench:
+    """One model's measurements: loads any state dict into the model and scores it."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.folder = ROOT / "reference_models" / name
+        self.model = load_model(self.folder)
+        self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.num_weights = sum(v.numel() for v in self.state.values() if v.is_floating_point())
+        transform = image_transform(self.model)
+        self.test = as_tensors(load_fashion_mnist("test"), transform)
+        self.validation = as_tensors(load_fashion_mnist("validation"), transform)
+        self.work = WORK / name
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.fp32_path = self.work / "fp32.safetensors"
+        self.fp32_bytes = write_float(self.state, self.fp32_path, torch.float32)
+        self.rows: list[dict] = []
+        self.base = self.score(self.state)
+
+    def score(self, state_dict: dict) -> dict:
+        self.model.load_state_dict(state_dict, strict=True)
+        test = evaluate(self.model, self.test, progress=False)
+        val = evaluate(self.model, self.validation, progress=False)
+        return dict(top1=test["top1"], top1_ci95=test["top1_ci95"], val_top1=val["top1"])
+
+    def add(self, method: str, setting, cli: str, nbytes: int, scores: dict, **extra) -> dict:
+        base = getattr(self, "base", scores)
+        row = dict(model=self.name, method=method, setting=setting, cli=cli, bytes=nbytes,
+                   bits_per_weight=8 * nbytes / self.num_weights, ratio_vs_fp32=self.fp32_bytes / nbytes,
+                   **scores, top1_drop=100 * (base["top1"] - scores["top1"]),
+                   val_drop=100 * (base["val_top1"] - scores["val_top1"]), **extra)
+        logger.info("%s %s %s: %d B (%.2fx), top1 %.4f (drop %.2f pt, val drop %.2f pt)", self.name, method,
+                    setting, nbytes, row["ratio_vs_fp32"], row["top1"], row["top1_drop"], row["val_drop"])
+        self.rows.append(row)
+        return row
+
+    def baselines(self) -> None:
+        self.add("fp32", "float32", "safetensors", self.fp32_bytes, self.base)
+        path = self.work / "fp16.safetensors"
+        nbytes = write_float(self.state, path, torch.float16)
+        self.add("fp16", "float16", "safetensors", nbytes, self.score(read_float(path, self.state)))
+        for bits in (8, 4):
+            path = self.work / f"int{bits}.safetensors"
+            start = time.perf_counter()
+            nbytes = write_int(self.state, path, bits)
+            encode_s = time.perf_counter() - start
+            start = time.perf_counter()
+            decoded = read_int(path, self.state)
+            self.add(f"int{bits}", f"per-channel symmetric int{bits}", "benchmarks/baselines.py", nbytes,
+                     self.score(decoded), encode_s=encode_s, decode_s=time.perf_counter() - start)
+
+    def nncodec(self, qps: list[int], mode: str = "qp") -> None:
+        python = ensure_nncodec_venv()
+        runner = ROOT / "benchmarks" / "nncodec_runner.py"
+        for qp in qps:
+            out = self.work / f"nncodec-{mode}{qp}"
+            args = ["--input", str(self.fp32_path), "--output-dir", str(out), "--mode", mode, "--qp", str(qp)]
+            subprocess.run([str(python), str(runner), *args], check=True, stdout=subprocess.DEVNULL)
+            result = json.loads((out / "result.json").read_text())
+            decoded = read_float(out / "decoded.safetensors", self.state)
+            self.add(f"nncodec-{mode}", qp, "python benchmarks/nncodec_runner.py " + " ".join(args[2:]),
+                     result["bytes"], self.score(decoded), encode_s=result["encode_s"], decode_s=result["decode_s"])
+
+    def ours(self, bpws: list[float], transform: str, seed: int) -> None:
+        method = "ours" if transform == "vae" else "ours-identity-ablation"
+        for bpw in bpws:
+            out = self.work / f"{method}-bpw{bpw}-seed{seed}"
+            config = VAECompressionConfig(target_bits_per_weight=bpw, transform=transform, seed=seed)
+            compressed = compress_folder(str(self.folder), out, config, dataset="fashion_mnist", progress=False)
+            start = time.perf_counter()
+            decoded = CompressedModel.load(out).decode()
+            decode_s = time.perf_counter() - start
+            cli = (f"hf-vae-compress compress reference_models/{self.name} OUT --target-bpw {bpw} "
+                   f"--transform {transform} --seed {seed}")
+            self.add(method, bpw, cli, compressed.report()["total_bytes"], self.score(decoded),
+                     encode_s=compressed.header["encode_seconds"], decode_s=decode_s, seed=seed,
+                     output=str(out.relative_to(ROOT)))
+
+
+def headline(rows: list[dict], method: str) -> dict | None:
+    """The smallest point of a method within the budget, chosen on the validation split."""
+    fits = [r for r in rows if r["method"] == method and r["val_drop"] <= BUDGET_PT]
+    return min(fits, key=lambda r: r["bytes"]) if fits else None
+
+
+def save_artifact(row: dict) -> None:
+    target = RESULTS / "artifacts" / row["model"]
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(ROOT / row["output"], target)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--ours-bpw", nargs="+", type=float, default=OURS_BPW)
+    parser.add_argument("--qps", nargs="+", type=int, default=NNC_QPS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--skip-nncodec", action="store_true")
+    parser.add_argument("--output", type=Path, default=RESULTS / "rate_accuracy.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.manual_seed(0)
+
+    previous = json.loads(args.output.read_text()) if args.output.exists() else {"rows": []}
+    rows = [r for r in previous["rows"] if r["model"] not in args.models]
+    for name in args.models:
+        bench = Bench(name)
+        bench.baselines()
+        if not args.skip_nncodec:
+            bench.nncodec(args.qps)
+        for seed in args.seeds:
+            bench.ours(args.ours_bpw, "vae", seed)
+            bench.ours(args.ours_bpw, "identity", seed)
+        best = headline(bench.rows, "ours")
+        if best:
+            save_artifact(best)
+        rows += bench.rows
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps({"budget_pt": BUDGET_PT, "selection_split": "validation",
+                                           "rows": rows}, indent=1) + "\n")
+    logger.info("wrote %s", args.output)
+
+
+if __name__ == "__main__":
+    main()
