@@ -35,6 +35,8 @@ test: $(STAMP) data
 
 bench: $(STAMP) data
 	$(PY) benchmarks/rate_accuracy.py
+	$(PY) benchmarks/load_speed.py
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import subprocess
 import sys
@@ -40,8 +41,8 @@ WORK = ROOT / "outputs" / "bench"
 NNC_VENV = ROOT / ".venv-nncodec"
 NNC_PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "nncodec==2.1.3", "safetensors"]
 MODELS = ["fmnist-resnet18", "fmnist-mobilenetv3", "fmnist-vit"]
-OURS_BPW = [0.5, 0.7, 1.0, 1.4, 2.0, 3.0]
-NNC_QPS = [-38, -32, -28, -24, -20, -16]
+OURS_BPW = [0.5, 0.7, 1.0, 1.4, 2.0]
+NNC_QPS = [-32, -28, -25, -22, -19]
 BUDGET_PT = 0.5
 
 
@@ -59,8 +60,8 @@ class Bench:
     """One model's measurements: loads any state dict into the model and scores it."""
 
     def __init__(self, name: str):
-        self.name = name
-        self.folder = ROOT / "reference_models" / name
+        self.folder = (Path(name) if Path(name).is_dir() else ROOT / "reference_models" / name).resolve()
+        self.name = self.folder.name
         self.model = load_model(self.folder)
         self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.num_weights = sum(v.numel() for v in self.state.values() if v.is_floating_point())
@@ -106,17 +107,41 @@ class Bench:
             self.add(f"int{bits}", f"per-channel symmetric int{bits}", "benchmarks/baselines.py", nbytes,
                      self.score(decoded), encode_s=encode_s, decode_s=time.perf_counter() - start)
 
-    def nncodec(self, qps: list[int], mode: str = "qp") -> None:
+    def _nncodec_run(self, method: str, setting, out: Path, args: list[str]) -> None:
         python = ensure_nncodec_venv()
         runner = ROOT / "benchmarks" / "nncodec_runner.py"
+        args = ["--input", str(self.fp32_path), "--output-dir", str(out), *args]
+        subprocess.run([str(python), str(runner), *args], check=True, stdout=subprocess.DEVNULL)
+        result = json.loads((out / "result.json").read_text())
+        decoded = read_float(out / "decoded.safetensors", self.state)
+        self.add(method, setting, "python benchmarks/nncodec_runner.py " + " ".join(args[2:]), result["bytes"],
+                 self.score(decoded), encode_s=result["encode_s"], decode_s=result["decode_s"])
+
+    def nncodec(self, qps: list[int], mode: str) -> None:
+        """One QP for every tensor (``qp``), or NNCodec's own per-tensor QP rule (``opt_qp``)."""
         for qp in qps:
-            out = self.work / f"nncodec-{mode}{qp}"
-            args = ["--input", str(self.fp32_path), "--output-dir", str(out), "--mode", mode, "--qp", str(qp)]
-            subprocess.run([str(python), str(runner), *args], check=True, stdout=subprocess.DEVNULL)
-            result = json.loads((out / "result.json").read_text())
-            decoded = read_float(out / "decoded.safetensors", self.state)
-            self.add(f"nncodec-{mode}", qp, "python benchmarks/nncodec_runner.py " + " ".join(args[2:]),
-                     result["bytes"], self.score(decoded), encode_s=result["encode_s"], decode_s=result["decode_s"])
+            self._nncodec_run(f"nncodec-{mode}", qp, self.work / f"nncodec-{mode}{qp}",
+                              ["--mode", mode, "--qp", str(qp)])
+
+    def nncodec_our_allocation(self, bpws: list[float]) -> None:
+        """NNCodec given our per-layer allocation: per-tensor QPs from our Fisher-allocated steps.
+
+        Our step for tensor t is ``step_t`` in units of its per-channel RMS; in weight units that
+        is about ``step_t * rms(W_t)``, and NNCodec's step is ``2**(qp/4)`` (qp_density 2).
+        """
+        for bpw in bpws:
+            config = VAECompressionConfig(target_bits_per_weight=bpw, transform="identity")
+            out = self.work / f"nncodec-alloc-bpw{bpw}"
+            compressed = compress_folder(str(self.folder), out / "ours", config, dataset="fashion_mnist",
+                                         progress=False)
+            qps = {}
+            for entry in compressed.header["tensors"]:
+                if entry["codec"] != "raw":
+                    rms = float(self.state[entry["name"]].float().pow(2).mean().sqrt())
+                    qps[entry["name"]] = max(-128, min(127, round(4 * math.log2(entry["step"] * rms))))
+            (out / "qps.json").write_text(json.dumps(qps))
+            self._nncodec_run("nncodec-our-allocation", bpw, out,
+                              ["--mode", "per_tensor", "--qp-map", str(out / "qps.json")])
 
     def ours(self, bpws: list[float], transform: str, seed: int) -> None:
         method = "ours" if transform == "vae" else "ours-identity-ablation"
@@ -127,7 +152,7 @@ class Bench:
             start = time.perf_counter()
             decoded = CompressedModel.load(out).decode()
             decode_s = time.perf_counter() - start
-            cli = (f"hf-vae-compress compress reference_models/{self.name} OUT --target-bpw {bpw} "
+            cli = (f"hf-vae-compress compress {self.folder.relative_to(ROOT)} OUT --target-bpw {bpw} "
                    f"--transform {transform} --seed {seed}")
             self.add(method, bpw, cli, compressed.report()["total_bytes"], self.score(decoded),
                      encode_s=compressed.header["encode_seconds"], decode_s=decode_s, seed=seed,
@@ -151,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--ours-bpw", nargs="+", type=float, default=OURS_BPW)
     parser.add_argument("--qps", nargs="+", type=int, default=NNC_QPS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--skip-nncodec", action="store_true")
     parser.add_argument("--output", type=Path, default=RESULTS / "rate_accuracy.json")
     args = parser.parse_args(argv)
@@ -159,15 +184,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
 
     previous = json.loads(args.output.read_text()) if args.output.exists() else {"rows": []}
-    rows = [r for r in previous["rows"] if r["model"] not in args.models]
+    names = [Path(m).name for m in args.models]
+    rows = [r for r in previous["rows"] if r["model"] not in names]
     for name in args.models:
         bench = Bench(name)
         bench.baselines()
         if not args.skip_nncodec:
-            bench.nncodec(args.qps)
+            bench.nncodec(args.qps, "qp")
+            bench.nncodec(args.qps, "opt_qp")
+            bench.nncodec_our_allocation(args.ours_bpw)
         for seed in args.seeds:
             bench.ours(args.ours_bpw, "vae", seed)
-            bench.ours(args.ours_bpw, "identity", seed)
+        bench.ours(args.ours_bpw, "identity", 0)  # deterministic: one seed is all there is
         best = headline(bench.rows, "ours")
         if best:
             save_artifact(best)

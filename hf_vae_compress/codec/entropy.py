@@ -50,21 +50,6 @@ def to_tokens(symbols: np.ndarray, escape: int) -> tuple[np.ndarray, np.ndarray,
     return tokens, (m + 1 - (1 << bucket))[has_offset], (1 << bucket)[has_offset]
 
 
-def from_tokens(tokens: np.ndarray, escape: int, offsets: np.ndarray) -> np.ndarray:
-    escaped = np.abs(tokens) > escape
-    bucket = np.abs(tokens[escaped]) - escape - 1
-    extra = np.zeros(len(bucket), dtype=np.int64)
-    extra[bucket > 0] = offsets
-    out = tokens.astype(np.int64).copy()
-    out[escaped] = np.sign(tokens[escaped]) * ((1 << bucket) - 1 + extra + escape + 1)
-    return out
-
-
-def _offset_sizes(tokens: np.ndarray, escape: int) -> np.ndarray:
-    bucket = np.abs(tokens[np.abs(tokens) > escape]) - escape - 1
-    return (1 << bucket[bucket > 0]).astype(np.int32)
-
-
 def quantize_counts(hist: np.ndarray, precision: int) -> np.ndarray:
     """Integer counts >= 1 summing to ``2**precision``, proportional to ``hist``."""
     total = 1 << precision
@@ -135,15 +120,32 @@ def parse_tables(los: list[int], sizes: list[int], escapes: list[int], counts: n
     return tables
 
 
+def _decode_stream(coder, table: Table, length: int) -> np.ndarray:
+    """One stream; lookup tables keep this to a few passes over the symbols (it is the hot path)."""
+    if len(table.counts) == 1:
+        indices = np.zeros(length, dtype=np.int32)
+    else:
+        indices = coder.decode(table.model, length)
+    tokens = np.arange(table.lo, table.lo + len(table.counts), dtype=np.int32)
+    escaped = np.abs(tokens) > table.escape
+    values = tokens[indices]
+    if not escaped.any():
+        return values
+    where = np.flatnonzero(escaped[indices])
+    bucket = np.abs(values[where]) - table.escape - 1
+    extra = np.zeros(len(where), dtype=np.int64)
+    with_offset = bucket > 0
+    if with_offset.any():
+        extra[with_offset] = coder.decode(constriction.stream.model.Uniform(),
+                                          (1 << bucket[with_offset]).astype(np.int32))
+    values[where] = np.sign(values[where]) * ((1 << bucket) + extra + table.escape)
+    return values
+
+
 def decode_streams(words: np.ndarray, tables: list[Table], length: int) -> list[np.ndarray]:
     """Decode ``len(tables)`` streams of ``length`` symbols each."""
-    coder = constriction.stream.stack.AnsCoder(words.astype(np.uint32))
-    out = []
-    for t in tables:
-        tokens = coder.decode(t.model, length) + t.lo if len(t.counts) > 1 else np.full(length, t.lo)
-        sizes = _offset_sizes(tokens, t.escape)
-        offsets = coder.decode(constriction.stream.model.Uniform(), sizes) if len(sizes) else sizes
-        out.append(from_tokens(tokens, t.escape, offsets).astype(np.int32))
+    coder = constriction.stream.stack.AnsCoder(words.astype(np.uint32, copy=False))
+    out = [_decode_stream(coder, t, length) for t in tables]
     if not coder.is_empty():
         raise ValueError("bitstream has data left after decoding: it does not match its tables")
     return out

@@ -140,7 +140,9 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
         _fit(transform, coded, steps_for(lam, sens), config, progress)
         if config.beta is None:
             lam = search_lam(lambda l: total_bits(transform, l), target, sens)
-    compressed = _assemble(state_dict, coded, stored, transform, steps_for(lam, sens), config, progress)
+    steps = steps_for(lam, sens)
+    symbols = [_encode(transform, c.chunks, step, i) for i, (c, step) in enumerate(zip(coded, steps))]
+    compressed = assemble(Latents(state_dict, coded, symbols, steps, stored, transform, config), progress)
     compressed.header["encode_seconds"] = round(time.perf_counter() - start, 3)
     compressed.header["lam"] = lam
     return compressed
@@ -167,32 +169,52 @@ def _fixed_bytes(coded: list[_Coded], stored: dict, config: VAECompressionConfig
             + sum(2 * len(c.scales) for c in coded) + decoder + header)
 
 
-def _assemble(state_dict, coded: list[_Coded], stored: dict, transform, steps: list[float],
-              config: VAECompressionConfig, progress: bool) -> "CompressedModel":
+@dataclass
+class Latents:
+    """Everything a container is built from, on the decode side: what fine-tuning edits.
+
+    ``reference`` is a state dict with the model's names, shapes and dtypes (its values are not
+    used: meta tensors do); ``symbols[i]`` are the integer latents of ``coded[i]``, decoded with
+    ``steps[i]``.
+    """
+
+    reference: dict[str, torch.Tensor]
+    coded: list[_Coded]
+    symbols: list[torch.Tensor]
+    steps: list[float]
+    stored: dict[str, torch.Tensor]
+    transform: torch.nn.Module
+    config: VAECompressionConfig
+    fp32_bytes: int | None = None  # size of the fp32 safetensors of the same weights
+
+    def decode_tensor(self, i: int) -> torch.Tensor:
+        c = self.coded[i]
+        return from_chunks(_decode(self.transform, self.symbols[i], self.steps[i], i), c.layout, c.scales).to(c.dtype)
+
+
+def assemble(latents: Latents, progress: bool = False) -> "CompressedModel":
     """Entropy-code every tensor and build the header, hashing what the decoder will produce."""
+    config, transform = latents.config, latents.transform
     entries, hashes = {}, {}
     streams, tables, scales = [], [], []
-    for i, (c, step) in enumerate(tqdm(list(zip(coded, steps)), desc="encode", unit="tensor",
-                                       disable=not progress, leave=False)):
-        symbols = _encode(transform, c.chunks, step, i)
-        words, stream_tables = entropy.encode_streams(list(symbols.numpy().T), config.table_precision)
-        decoded = from_chunks(_decode(transform, symbols, step, i), c.layout, c.scales).to(c.dtype)
+    for i, c in enumerate(tqdm(latents.coded, desc="encode", unit="tensor", disable=not progress, leave=False)):
+        words, stream_tables = entropy.encode_streams(list(latents.symbols[i].numpy().T), config.table_precision)
         streams.append(words.view(np.uint8))
         tables += [t.counts for t in stream_tables if len(t.counts) > 1]
         scales.append(c.scales.to(torch.float16))
         entries[c.name] = dict(name=c.name, codec=config.transform, shape=list(c.layout.shape),
-                               dtype=_dtype_name(c.dtype), step=step, words=len(words),
+                               dtype=_dtype_name(c.dtype), step=latents.steps[i], words=len(words),
                                lo=[t.lo for t in stream_tables], k=[len(t.counts) for t in stream_tables],
                                escape=[t.escape for t in stream_tables])
-        hashes[c.name] = _sha256(decoded)
+        hashes[c.name] = _sha256(latents.decode_tensor(i))
     raw: dict[str, list[torch.Tensor]] = {}
-    for name, value in stored.items():
+    for name, value in latents.stored.items():
         raw.setdefault(_dtype_name(value.dtype), []).append(value.reshape(-1))
-        original = state_dict[name]
+        original = latents.reference[name]
         entries[name] = dict(name=name, codec="raw", shape=list(original.shape), dtype=_dtype_name(original.dtype),
                              stored=_dtype_name(value.dtype))
         hashes[name] = _sha256(value.to(original.dtype))
-    names = [n for n in state_dict if n in entries]
+    names = [n for n in latents.reference if n in entries]
     tensors = {
         "sha256": torch.tensor([list(bytes.fromhex(hashes[n])) for n in names], dtype=torch.uint8),
         "streams": torch.from_numpy(np.concatenate(streams or [np.zeros(0, np.uint8)]).copy()),
@@ -204,8 +226,8 @@ def _assemble(state_dict, coded: list[_Coded], stored: dict, transform, steps: l
     if isinstance(transform, WeightVAE):
         tensors.update({f"decoder.{k}": v.to(torch.float16) for k, v in transform.decoder_state().items()})
         transform_spec["linear_maps"] = transform.active_maps
-    fp32_bytes = len(safetensors.torch.save(
-        {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}))
+    fp32_bytes = latents.fp32_bytes or len(safetensors.torch.save(
+        {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in latents.reference.items()}))
     header = dict(
         format=FORMAT_NAME, format_version=FORMAT_VERSION, config=config.to_dict(),
         transform=transform_spec, tensors=[entries[n] for n in names], fp32_safetensors_bytes=fp32_bytes,
@@ -281,49 +303,66 @@ class CompressedModel:
                 raise ContainerError(f"container decoder weights do not match its header: {err}") from err
         return transform.eval()
 
-    def decode(self, progress: bool = False) -> dict[str, torch.Tensor]:
-        """The dense state dict, every tensor checked against its SHA-256."""
+    def unpack(self, progress: bool = False) -> Latents:
+        """Entropy-decode the container into editable :class:`Latents` (no hash checks yet)."""
         try:
             transform = self._transform()
             cursors = {k: _Cursor(self.tensors[k]) for k in _PARTS}
             cursors.update({k: _Cursor(v) for k, v in self.tensors.items() if k.startswith("raw.")})
-            hashes = self.tensors["sha256"]
             entries = self.header["tensors"]
+            chunk_size = self.header["transform"]["chunk_size"]
+            precision = self.header["config"]["table_precision"]
         except KeyError as err:
             raise ContainerError(f"container is missing {err}") from err
-        if hashes.shape != (len(entries), 32):
+        reference, coded, symbols, steps, stored = {}, [], [], [], {}
+        for entry in tqdm(entries, desc="decode", unit="tensor", disable=not progress, leave=False):
+            name, dtype, shape = entry["name"], _dtype(entry["dtype"]), entry["shape"]
+            reference[name] = torch.empty(shape, dtype=dtype, device="meta")
+            if entry["codec"] == "raw":
+                key = f"raw.{entry['stored']}"
+                if key not in cursors:
+                    raise ContainerError(f"container is missing {key!r} for {name!r}")
+                stored[name] = cursors[key].take(math.prod(shape)).reshape(shape)
+                continue
+            layout = ChunkLayout.of(tuple(shape), chunk_size)
+            symbols.append(self._entry_symbols(entry, layout, cursors, precision))
+            coded.append(_Coded(name, dtype, layout, cursors["scales"].take(layout.rows).float(), None))
+            steps.append(entry["step"])
+        return Latents(reference, coded, symbols, steps, stored, transform, self.config,
+                       self.header["fp32_safetensors_bytes"])
+
+    def decode(self, progress: bool = False) -> dict[str, torch.Tensor]:
+        """The dense state dict, every tensor checked against its SHA-256."""
+        latents = self.unpack(progress)
+        hashes = self.tensors.get("sha256")
+        if hashes is None or hashes.shape != (len(latents.reference), 32):
             raise ContainerError("container hash table does not match its header")
+        decoded = {c.name: i for i, c in enumerate(latents.coded)}
         out = {}
-        coded_index = 0
-        for entry, digest in tqdm(list(zip(entries, hashes)), desc="decode", unit="tensor",
-                                  disable=not progress, leave=False):
-            tensor = self._decode_entry(entry, transform, cursors, coded_index)
-            coded_index += entry["codec"] != "raw"
+        for (name, ref), digest in zip(latents.reference.items(), hashes):
+            if name in decoded:
+                tensor = latents.decode_tensor(decoded[name])
+            else:
+                tensor = latents.stored[name].to(ref.dtype)
             if _sha256(tensor) != bytes(digest.tolist()).hex():
-                raise IntegrityError(f"decoded {entry['name']!r} does not match its SHA-256: the file is corrupt")
-            out[entry["name"]] = tensor
+                raise IntegrityError(f"decoded {name!r} does not match its SHA-256: the file is corrupt")
+            out[name] = tensor
         return out
 
-    def _decode_entry(self, entry: dict, transform, cursors: dict[str, _Cursor], index: int) -> torch.Tensor:
-        name, dtype, shape = entry["name"], _dtype(entry["dtype"]), entry["shape"]
-        if entry["codec"] == "raw":
-            key = f"raw.{entry['stored']}"
-            if key not in cursors:
-                raise ContainerError(f"container is missing {key!r} for {name!r}")
-            return cursors[key].take(math.prod(shape)).to(dtype).reshape(shape)
-        layout = ChunkLayout.of(tuple(shape), self.header["transform"]["chunk_size"])
-        precision = self.header["config"]["table_precision"]
+    def _entry_symbols(self, entry: dict, layout: ChunkLayout, cursors: dict[str, _Cursor],
+                       precision: int) -> torch.Tensor:
+        name = entry["name"]
+        if layout.num_chunks * layout.chunk_size < math.prod(entry["shape"]):
+            raise ContainerError(f"{name!r}: shape and chunk layout in the header disagree")
         words = cursors["streams"].take(4 * entry["words"]).numpy().view(np.uint32)
         counts = cursors["tables"].take(sum(k for k in entry["k"] if k > 1)).numpy()
-        tables = entropy.parse_tables(entry["lo"], entry["k"], entry["escape"],
-                                      _with_singletons(counts, entry["k"], precision), precision)
         try:
+            tables = entropy.parse_tables(entry["lo"], entry["k"], entry["escape"],
+                                          _with_singletons(counts, entry["k"], precision), precision)
             streams = entropy.decode_streams(words, tables, layout.num_chunks)
-        except (ValueError, RuntimeError) as err:
+        except (ValueError, RuntimeError, OverflowError) as err:
             raise ContainerError(f"bitstream of {name!r} is corrupt: {err}") from err
-        symbols = torch.from_numpy(np.stack(streams, axis=1).astype(np.int32))
-        scales = cursors["scales"].take(layout.rows).float()
-        return from_chunks(_decode(transform, symbols, entry["step"], index), layout, scales).to(dtype)
+        return torch.from_numpy(np.stack(streams, axis=1))
 
     def report(self) -> dict:
         """Bytes per part, bits per weight and per-tensor rates of the container as it is written."""
