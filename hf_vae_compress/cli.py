@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .codec import CompressedModel, ContainerError, VAECompressionConfig
 from .data import DataNotFoundError
+from .finetune import FinetuneConfig
 
 logger = logging.getLogger("hf_vae_compress")
 
@@ -31,6 +33,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> dict:
 
 
 def _cmd_compress(args: argparse.Namespace) -> dict:
+    import torch
+
+    from .finetune import FinetuneConfig
     from .pipeline import compress_folder
 
     fields = dict(transform=args.transform, chunk_size=args.chunk_size, hidden_size=args.hidden_size,
@@ -40,11 +45,22 @@ def _cmd_compress(args: argparse.Namespace) -> dict:
     else:
         fields.update(target_bits_per_weight=args.target_bpw)
     config = VAECompressionConfig(**fields)
-    compressed = compress_folder(args.source, args.out_dir, config, dataset=args.dataset,
-                                 local_files_only=args.local_files_only)
+    tuning = FinetuneConfig(steps=args.finetune_steps, rate_weight=args.rate_weight, seed=args.seed,
+                            checkpoint_every=args.checkpoint_every)
+    accelerator = None
+    if args.finetune_steps or os.environ.get("WORLD_SIZE", "1") != "1":  # under accelerate launch / torchrun
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    compressed = compress_folder(args.source, args.out_dir, config, dataset=args.dataset, finetune_config=tuning,
+                                 accelerator=accelerator, checkpoint_dir=args.checkpoint_dir,
+                                 resume_from=args.resume_from, local_files_only=args.local_files_only)
+    if accelerator is not None and not accelerator.is_main_process:
+        return None
     report = compressed.report()
     report.pop("layers")
-    return dict(out_dir=str(args.out_dir), encode_seconds=compressed.header["encode_seconds"], **report)
+    return dict(out_dir=str(args.out_dir), encode_seconds=compressed.header["encode_seconds"],
+                finetune=compressed.header.get("finetune"), **report)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> dict:
@@ -95,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--train-steps", type=int, default=VAECompressionConfig.train_steps)
     co.add_argument("--calibration-batches", type=int, default=VAECompressionConfig.calibration_batches)
     co.add_argument("--seed", type=int, default=0)
+    co.add_argument("--finetune-steps", type=int, default=0,
+                    help="task fine-tuning steps on the dataset's train split (0: post-hoc only)")
+    co.add_argument("--rate-weight", type=float, default=FinetuneConfig.rate_weight,
+                    help="fine-tuning loss per bit per weight")
+    co.add_argument("--checkpoint-dir", help="save accelerate state here during fine-tuning")
+    co.add_argument("--checkpoint-every", type=int, default=FinetuneConfig.checkpoint_every)
+    co.add_argument("--resume-from", help="an accelerate checkpoint folder (checkpoint-dir/step_N) to resume")
 
     ins = sub.add_parser("inspect", help="size breakdown of a compressed folder")
     ins.add_argument("out_dir")
@@ -120,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ContainerError, DataNotFoundError, FileNotFoundError, ValueError) as err:
         print(f"hf-vae-compress {args.command}: error: {err}", file=sys.stderr)
         return 2
+    if result is None:  # a non-main process of a distributed run
+        return 0
     if args.json:
         print(json.dumps(result, indent=2))
     else:

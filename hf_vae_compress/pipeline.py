@@ -15,13 +15,15 @@ from pathlib import Path
 
 import torch
 
-from .codec import CONTAINER_NAME, CompressedModel, VAECompressionConfig, compress
+from .codec import CONTAINER_NAME, CompressedModel, Shard, VAECompressionConfig, compress
 from .data import collate, image_transform, load_image_dataset, with_transform
+from .evaluate import as_tensors
+from .finetune import FinetuneConfig, finetune
 from .models import WEIGHT_SUFFIXES, build_empty, load_model, resolve_folder
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_SPLIT = "train"  # never the held-out validation split nor test
+CALIBRATION_SPLIT = "train"  # calibration and fine-tuning data: never the held-out validation split nor test
 CALIBRATION_BATCH = 32
 
 
@@ -39,19 +41,46 @@ def calibration_batches(model: torch.nn.Module, dataset_name: str, num_batches: 
     return [batch["pixel_values"] for batch in itertools.islice(loader, num_batches)]
 
 
+def accelerate_shard(accelerator) -> Shard | None:
+    """A codec :class:`Shard` over accelerate's processes (None for a single process)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return None
+
+    def average(tensors: list[torch.Tensor]) -> None:
+        for t in tensors:
+            t.copy_(accelerator.reduce(t, reduction="mean"))
+
+    return Shard(accelerator.process_index, accelerator.num_processes, average)
+
+
 def compress_folder(source: str, out_dir: str | Path, config: VAECompressionConfig,
-                    dataset: str | None = None, progress: bool = True, **hub_kwargs) -> CompressedModel:
-    """Compress a local or Hub model folder into ``out_dir`` and return the compressed model."""
+                    dataset: str | None = None, progress: bool = True,
+                    finetune_config: FinetuneConfig | None = None, accelerator=None,
+                    checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
+                    **hub_kwargs) -> CompressedModel:
+    """Compress a local or Hub model folder into ``out_dir``, optionally fine-tuning on ``dataset``.
+
+    Under ``accelerate launch`` pass the ``accelerator``: the VAE fit is sharded and fine-tuning
+    is data-parallel; every process computes the result and the main process writes it.
+    """
     src = resolve_folder(source, **hub_kwargs)
     model = load_model(src)
     calibration = calibration_batches(model, dataset, config.calibration_batches) if dataset else None
-    compressed = compress(model, config, calibration_data=calibration, progress=progress)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():  # configs and preprocessing travel; weights are replaced by the container
-        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.startswith("."):
-            shutil.copy2(f, out_dir / f.name)
-    compressed.save(out_dir)
+    compressed = compress(model, config, calibration_data=calibration, progress=progress,
+                          shard=accelerate_shard(accelerator))
+    if finetune_config is not None and finetune_config.steps > 0:
+        if not dataset:
+            raise ValueError("fine-tuning needs a dataset")
+        train = as_tensors(load_image_dataset(dataset, CALIBRATION_SPLIT), image_transform(model))
+        compressed = finetune(compressed, model, train, finetune_config, accelerator, checkpoint_dir, resume_from,
+                              progress)
+    if accelerator is None or accelerator.is_main_process:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():  # configs and preprocessing travel; weights are replaced by the container
+            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.startswith("."):
+                shutil.copy2(f, out_dir / f.name)
+        compressed.save(out_dir)
     return compressed
 
 

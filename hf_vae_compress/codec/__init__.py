@@ -2,6 +2,8 @@
 
 from .config import VAECompressionConfig
 from .container import CONTAINER_NAME, ContainerError
-from .model import CompressedModel, IntegrityError, compress
+from .model import CompressedModel, IntegrityError, Latents, assemble, compress
+from .transform import Shard
 
-__all__ = ["CONTAINER_NAME", "CompressedModel", "ContainerError", "IntegrityError", "VAECompressionConfig", "compress"]
+__all__ = ["CONTAINER_NAME", "CompressedModel", "ContainerError", "IntegrityError", "Latents", "Shard",
+           "VAECompressionConfig", "assemble", "compress"]

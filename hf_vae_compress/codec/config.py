@@ -6,12 +6,34 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+class JsonConfig:
+    """Round-trips a dataclass through plain JSON, refusing unknown fields."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+
 TRANSFORMS = ("vae", "identity")
 NORMALIZATIONS = ("channel", "tensor")
 
 
 @dataclass
-class VAECompressionConfig:
+class VAECompressionConfig(JsonConfig):
     """How to compress a model's weights.
 
     Rate is set by exactly one of ``target_bits_per_weight`` (the real container bits divided by
@@ -53,21 +75,3 @@ class VAECompressionConfig:
             raise ValueError("table_precision must be between 8 and 15 bits")
         if self.chunk_size < 1 or self.hidden_size < 1:
             raise ValueError("chunk_size and hidden_size must be positive")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "VAECompressionConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown VAECompressionConfig fields: {sorted(unknown)}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "VAECompressionConfig":
-        return cls.from_dict(json.loads(text))

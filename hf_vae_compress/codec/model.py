@@ -29,7 +29,7 @@ from .container import CONTAINER_NAME, FORMAT_NAME, FORMAT_VERSION, ContainerErr
 from .importance import fisher_diagonal, mean_normalised_fisher
 from .rate import lam_from_beta, search_lam, steps_for
 from .select import select_tensors
-from .transform import WeightVAE, build_transform, fit_vae, round_to_fp16_
+from .transform import Shard, WeightVAE, build_transform, fit_vae, round_to_fp16_
 
 logger = logging.getLogger(__name__)
 
@@ -102,12 +102,14 @@ def _stored(state_dict: dict[str, torch.Tensor], names: list[str], config: VAECo
 
 def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompressionConfig | None = None,
              calibration_data: Iterable | None = None, loss_fn: Callable | None = None,
-             progress: bool = True) -> "CompressedModel":
+             progress: bool = True, shard: Shard | None = None) -> "CompressedModel":
     """Compress a model (or a bare state dict) post-hoc.
 
     ``calibration_data`` yields model inputs; with it, steps are allocated by Fisher sensitivity,
     without it every tensor gets the same relative precision. ``loss_fn(model, batch) ->
     (loss, batch_size)`` replaces the sampled-label classification loss for other tasks.
+    With a ``shard`` the VAE fit is data-parallel over processes; everything else is
+    deterministic and computed identically by each process, which all return the same result.
     """
     config = config or VAECompressionConfig()
     start = time.perf_counter()
@@ -137,7 +139,7 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
         lam = search_lam(lambda l: total_bits(transform, l), target, sens)
     if config.transform == "vae":
         transform = build_transform("vae", config.chunk_size, config.hidden_size, len(coded))
-        _fit(transform, coded, steps_for(lam, sens), config, progress)
+        _fit(transform, coded, steps_for(lam, sens), config, progress, shard)
         if config.beta is None:
             lam = search_lam(lambda l: total_bits(transform, l), target, sens)
     steps = steps_for(lam, sens)
@@ -149,12 +151,12 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
 
 
 def _fit(vae: WeightVAE, coded: list[_Coded], steps: list[float], config: VAECompressionConfig,
-         progress: bool, sync_gradients=None) -> None:
+         progress: bool, shard: Shard | None) -> None:
     chunks = torch.cat([c.chunks for c in coded])
     index = torch.cat([torch.full((len(c.chunks),), i) for i, c in enumerate(coded)])
     log_steps = torch.tensor([math.log(s) for s in steps])
     fit_vae(vae, chunks, index, log_steps, config.train_steps, config.train_batch_chunks,
-            config.learning_rate, config.seed, progress, sync_gradients)
+            config.learning_rate, config.seed, progress, shard)
     round_to_fp16_(vae.decoder)
 
 

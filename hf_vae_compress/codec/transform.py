@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +100,13 @@ class WeightVAE(nn.Module):
         state["linear"] = self.decoder.linear.detach()[self.active_maps]
         return state
 
+    def freeze_inactive_maps(self) -> None:
+        """Keep the identity maps of tensors without a stored map out of training."""
+        mask = torch.zeros(self.decoder.linear.shape[0], 1, 1)
+        mask[self.active_maps] = 1
+        for linear in (self.encoder.linear, self.decoder.linear):
+            linear.register_hook(lambda grad: grad * mask)
+
     def load_decoder_state(self, state: dict[str, torch.Tensor], active_maps: list[int]) -> None:
         linear = state.pop("linear")
         if linear.shape != (len(active_maps), *self.decoder.linear.shape[1:]):
@@ -138,19 +147,33 @@ def laplace_bits(value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return -torch.log2(prob)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a data-parallel fit: it samples chunks ``rank::world_size`` and
+    ``average`` all-reduces a list of gradient tensors in place (mean over processes)."""
+
+    rank: int
+    world_size: int
+    average: Callable[[list[torch.Tensor]], None]
+
+
 def fit_vae(vae: WeightVAE, chunks: torch.Tensor, tensor_index: torch.Tensor, log_steps: torch.Tensor,
             steps: int, batch_size: int, learning_rate: float, seed: int, progress: bool = True,
-            sync_gradients=None) -> list[float]:
+            shard: Shard | None = None) -> list[float]:
     """Train encoder, decoder and prior on distortion (in squared steps) + RATE_WEIGHT * bits.
 
     ``log_steps`` are per-tensor steps at the rate being targeted; each sample's step is jittered
     by up to one octave either way so the step-conditioned networks work across the rate search.
-    ``sync_gradients``, when given, averages gradients across processes (chunks sharded).
+    With a ``shard``, each process draws its batches from its own slice of the chunks and the
+    gradients are averaged, so every process ends with the same networks.
     Returns the loss per step.
     """
-    generator = torch.Generator().manual_seed(seed)
+    rank, world = (shard.rank, shard.world_size) if shard else (0, 1)
+    generator = torch.Generator().manual_seed(seed * 1000 + rank)
+    pool = torch.arange(rank, len(chunks), world)
     num_tensors, dim = len(log_steps), chunks.shape[1]
     vae.active_maps = init_klt_(vae, chunks, tensor_index)
+    vae.freeze_inactive_maps()
     init_scale = torch.stack([chunks[tensor_index == t].abs().mean(0) for t in range(num_tensors)])
     log_prior_scale = nn.Parameter(init_scale.clamp_min(1e-3).log())
     params = [*vae.parameters(), log_prior_scale]
@@ -158,7 +181,7 @@ def fit_vae(vae: WeightVAE, chunks: torch.Tensor, tensor_index: torch.Tensor, lo
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     losses = []
     for _ in tqdm(range(steps), desc="fit VAE", unit="step", disable=not progress, leave=False):
-        idx = torch.randint(0, len(chunks), (batch_size,), generator=generator)
+        idx = pool[torch.randint(0, len(pool), (batch_size,), generator=generator)]
         x, t = chunks[idx], tensor_index[idx]
         log_step = log_steps[t] + (torch.rand(batch_size, generator=generator) * 2 - 1) * math.log(2)
         step = log_step.exp()[:, None]
@@ -169,8 +192,8 @@ def fit_vae(vae: WeightVAE, chunks: torch.Tensor, tensor_index: torch.Tensor, lo
         loss = (distortion + RATE_WEIGHT * bits).mean() / dim
         optimizer.zero_grad()
         loss.backward()
-        if sync_gradients is not None:
-            sync_gradients(params)
+        if shard is not None:
+            shard.average([p.grad for p in params if p.grad is not None])
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
@@ -206,10 +229,6 @@ def init_klt_(vae: WeightVAE, chunks: torch.Tensor, tensor_index: torch.Tensor) 
         vae.encoder.linear[t] = basis.T
         vae.decoder.linear[t] = basis
         active.append(t)
-    mask = torch.zeros(vae.encoder.linear.shape[0], 1, 1)
-    mask[active] = 1
-    for linear in (vae.encoder.linear, vae.decoder.linear):
-        linear.register_hook(lambda grad: grad * mask)
     return active
 
 

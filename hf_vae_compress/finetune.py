@@ -1,0 +1,133 @@
+"""Task-aware fine-tuning of a compressed model, data-parallel under ``accelerate launch``.
+
+Post-hoc codecs stop where weight error starts to cost accuracy. Fine-tuning optimises the
+latents (straight-through rounding), the decoder, the prior and the stored parameters jointly
+on the task loss (cross-entropy + distillation from the original model's logits) plus
+``rate_weight`` times the estimated bits per weight, then re-quantizes and entropy-codes into
+the same container format.
+
+Batches are drawn per step from a generator seeded by (seed, step, process), so a run resumed
+from an ``accelerator.save_state`` checkpoint sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .codec import CompressedModel
+from .codec.config import JsonConfig
+from .codec.model import assemble
+from .codec.reparam import LatentParametrization
+from .evaluate import logits_of
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig(JsonConfig):
+    steps: int = 300
+    batch_size: int = 64  # per process
+    latent_learning_rate: float = 1e-2  # latents are in units of their step
+    learning_rate: float = 1e-3  # decoder, prior and stored parameters
+    rate_weight: float = 0.05  # loss per (bit per weight)
+    distill_weight: float = 1.0
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+class _Student(nn.Module):
+    """The model's forward pass with weights decoded from trainable latents."""
+
+    def __init__(self, param: LatentParametrization, model: nn.Module, fixed: dict[str, torch.Tensor]):
+        super().__init__()
+        self.param = param
+        self.__dict__["model"] = model  # not a submodule: its own weights are never used or trained
+        self.fixed = fixed
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = {**self.fixed, **self.param()}
+        return logits_of(torch.func.functional_call(self.model, weights, (x,))), self.param.rate_bits()
+
+
+class _Progress:
+    """The step counter, saved and restored with the accelerate checkpoint."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def finetune(compressed: CompressedModel, model: nn.Module, train_data: tuple[torch.Tensor, torch.Tensor],
+             config: FinetuneConfig | None = None, accelerator=None, checkpoint_dir: str | Path | None = None,
+             resume_from: str | Path | None = None, progress: bool = True) -> CompressedModel:
+    """Fine-tune ``compressed`` (a compression of ``model``) on ``(pixel_values, labels)`` tensors.
+
+    ``model`` supplies the architecture and, as the teacher, its original logits. Every process
+    returns the same result; only the caller decides who writes it.
+    """
+    from accelerate import Accelerator
+
+    config = config or FinetuneConfig()
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    start = time.perf_counter()
+    latents = compressed.unpack()
+    model.eval().requires_grad_(False)
+    trainable = {n for n, _ in model.named_parameters()}
+    param = LatentParametrization(latents, trainable)
+    fixed = {n: v.to(latents.reference[n].dtype) for n, v in latents.stored.items() if n not in trainable}
+    missing = set(model.state_dict()) - set(fixed) - {c.name for c in latents.coded} - set(param.stored_names)
+    if missing:
+        raise ValueError(f"the container does not cover the model: {sorted(missing)[:5]}")
+    student = _Student(param, model, fixed)
+    groups = [{"params": list(param.latent), "lr": config.latent_learning_rate},
+              {"params": [p for n, p in param.named_parameters() if not n.startswith("latent.")],
+               "lr": config.learning_rate}]
+    optimizer = torch.optim.Adam(groups)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    state = _Progress()
+    accelerator.register_for_checkpointing(state)
+    if resume_from:
+        accelerator.load_state(str(resume_from))
+        logger.info("resumed from %s at step %d", resume_from, state.step)
+    x_all, y_all = train_data
+    num_weights = sum(c.layout.rows * c.layout.row_len for c in latents.coded)
+    bar = tqdm(total=config.steps, initial=state.step, desc="fine-tune", unit="step",
+               disable=not (progress and accelerator.is_main_process), leave=False)
+    while state.step < config.steps:
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + state.step * 7919
+                                                  + accelerator.process_index)
+        idx = torch.randint(len(x_all), (config.batch_size,), generator=generator)
+        x, y = x_all[idx].to(accelerator.device), y_all[idx].to(accelerator.device)
+        with torch.no_grad():
+            teacher = logits_of(model(x))
+        logits, bits = student(x)
+        distill = F.kl_div(logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean")
+        loss = F.cross_entropy(logits, y) + config.distill_weight * distill + config.rate_weight * bits / num_weights
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        state.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", bpw=f"{bits.item() / num_weights:.3f}")
+        if checkpoint_dir and state.step % config.checkpoint_every == 0 and state.step < config.steps:
+            accelerator.save_state(str(Path(checkpoint_dir) / f"step_{state.step}"))
+    bar.close()
+    accelerator.wait_for_everyone()
+    tuned = assemble(accelerator.unwrap_model(student).param.to_latents())
+    tuned.header["finetune"] = dict(config.to_dict(), seconds=round(time.perf_counter() - start, 1),
+                                    processes=accelerator.num_processes, resumed_from=str(resume_from or ""))
+    tuned.header["encode_seconds"] = compressed.header.get("encode_seconds", 0) + tuned.header["finetune"]["seconds"]
+    return tuned

@@ -1,0 +1,109 @@
+"""Fine-tuning and the distributed (accelerate) paths, run as real subprocesses on CPU."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from hf_vae_compress import CompressedModel, VAECompressionConfig, compress
+from hf_vae_compress.finetune import FinetuneConfig, finetune
+from hf_vae_compress.models import load_model
+from tests.conftest import tiny_timm
+
+COMPRESS = ["--target-bpw", "3", "--train-steps", "40", "--json"]
+
+
+def _env() -> dict:
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _relative_error(reference: dict, decoded: dict) -> float:
+    num = sum(((reference[k].float() - decoded[k].float()) ** 2).sum() for k in reference if reference[k].is_floating_point())
+    den = sum((reference[k].float() ** 2).sum() for k in reference if reference[k].is_floating_point())
+    return float(num / den)
+
+
+def test_finetune_lowers_the_task_loss_at_a_rate_cost_it_controls():
+    model = tiny_timm()
+    x = torch.randn(512, 1, 28, 28)
+    with torch.no_grad():
+        y = model(x).argmax(-1)  # labels the original model gets right: fine-tuning should recover them
+    compressed = compress(model, VAECompressionConfig(target_bits_per_weight=0.8, train_steps=40), progress=False)
+
+    def agreement(c: CompressedModel) -> float:
+        student = tiny_timm()
+        student.load_state_dict(c.decode())
+        with torch.no_grad():
+            return float((student(x).argmax(-1) == y).float().mean())
+
+    tuned = finetune(compressed, model, (x, y), FinetuneConfig(steps=60, batch_size=64, rate_weight=0.01),
+                     progress=False)
+    assert agreement(tuned) > agreement(compressed)
+    squeezed = finetune(compressed, model, (x, y), FinetuneConfig(steps=60, batch_size=64, rate_weight=20.0),
+                        progress=False)
+    assert squeezed.report()["total_bytes"] < tuned.report()["total_bytes"]
+
+
+def test_two_cpu_processes_match_one(timm_folder, small_test_set, tmp_path):
+    """The same job under `accelerate launch` with 1 and 2 gloo processes (VAE fit sharded,
+    fine-tuning data-parallel). Tolerance: sizes within 3 %, weight errors within 15 % of each other."""
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"out{n}"
+        launch = ["--num_processes", "1"] if n == 1 else [
+            "--multi_gpu", "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "hf_vae_compress", "compress",
+               str(timm_folder), str(out), "--dataset", str(small_test_set), "--finetune-steps", "6", *COMPRESS]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout[proc.stdout.index("{"):])
+        assert result["finetune"]["processes"] == n
+        outs[n] = (result["total_bytes"], CompressedModel.load(out).decode())
+    original = load_model(timm_folder).state_dict()
+    (bytes1, sd1), (bytes2, sd2) = outs[1], outs[2]
+    assert abs(bytes1 - bytes2) / bytes1 < 0.03
+    err1, err2 = _relative_error(original, sd1), _relative_error(original, sd2)
+    assert abs(err1 - err2) / err1 < 0.15, (err1, err2)
+
+
+def test_killed_run_resumes_to_a_loadable_result(timm_folder, small_test_set, tmp_path):
+    checkpoints, out = tmp_path / "ckpt", tmp_path / "out"
+    cmd = [sys.executable, "-m", "hf_vae_compress", "compress", str(timm_folder), str(out), "--dataset",
+           str(small_test_set), "--finetune-steps", "400", "--checkpoint-every", "5",
+           "--checkpoint-dir", str(checkpoints), *COMPRESS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.time() + 240
+    while not (checkpoints / "step_10").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not out.exists() or not any(out.glob("*.vaec.safetensors"))
+    resumed = subprocess.run([*cmd[:cmd.index("--finetune-steps")], "--finetune-steps", "20", "--resume-from",
+                              str(checkpoints / "step_10"), *COMPRESS], capture_output=True, text=True, env=_env(),
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout)["finetune"]["resumed_from"].endswith("step_10")
+    model = load_model(timm_folder)
+    model.load_state_dict(CompressedModel.load(out).decode(), strict=True)
+
+
+def test_finetuning_without_data_is_refused(timm_folder, tmp_path, capsys):
+    from hf_vae_compress.cli import main
+
+    assert main(["compress", str(timm_folder), str(tmp_path), "--dataset", "none", "--finetune-steps", "3"]) == 2
+    assert "needs a dataset" in capsys.readouterr().err
