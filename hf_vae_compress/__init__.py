@@ -4,11 +4,19 @@ import logging
 
 from .codec import CONTAINER_NAME, CompressedModel, ContainerError, IntegrityError, VAECompressionConfig, compress
 from .evaluate import evaluate
+from .hub import CardInfo, create_model, push_to_hub, save_pretrained
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+try:  # `import hf_vae_compress` is what makes transformers' from_pretrained decode our checkpoints
+    from .integrations import register_transformers as _register_transformers
+
+    _register_transformers()
+except ImportError as _err:  # transformers missing or too different: timm loading and the codec still work
+    logging.getLogger(__name__).warning("hf_vae_compress: transformers integration unavailable: %s", _err)
+
 __all__ = [
-    "CONTAINER_NAME", "CompressedModel", "ContainerError", "IntegrityError", "VAECompressionConfig",
-    "compress", "evaluate",
+    "CONTAINER_NAME", "CardInfo", "CompressedModel", "ContainerError", "IntegrityError", "VAECompressionConfig",
+    "compress", "create_model", "evaluate", "push_to_hub", "save_pretrained",
 ]
 __version__ = "0.1.0"

@@ -70,6 +70,21 @@ def _cmd_inspect(args: argparse.Namespace) -> dict:
     return report
 
 
+def _cmd_push(args: argparse.Namespace) -> dict:
+    from .hub import CardInfo, push_to_hub
+
+    compressed = CompressedModel.load(args.out_dir)
+    info = CardInfo(base_model=args.base_model, license=args.license, dataset=args.dataset, split=args.split,
+                    plot=args.plot, tags=args.tag or [], batch_size=args.batch_size)
+    try:
+        commit = push_to_hub(compressed, args.repo_id, args.base or args.out_dir, info, endpoint=args.endpoint,
+                             token=args.token, private=args.private or None, commit_message=args.commit_message)
+    except OSError as err:  # Hub HTTP errors: report them like the other commands' errors
+        raise ValueError(f"push to {args.repo_id} failed: {err}") from err
+    return dict(repo_id=args.repo_id, commit=commit.oid, commit_url=commit.commit_url,
+                url=f"{commit.commit_url.split('/commit/')[0]}")
+
+
 def _print_human(command: str, result: dict) -> None:
     if command == "inspect":
         print(f"{'part':<12}{'bytes':>12}")
@@ -122,6 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="size breakdown of a compressed folder")
     ins.add_argument("out_dir")
 
+    pu = sub.add_parser("push", help="push a compressed folder to the Hub with loading code and a measured model card")
+    pu.add_argument("out_dir", help="a compressed folder (from `compress`)")
+    pu.add_argument("repo_id")
+    pu.add_argument("--base", help="the uncompressed source folder or Hub id: config, size and accuracy of the base")
+    pu.add_argument("--base-model", help="Hub id recorded as the card's base_model (default: --base when a Hub id)")
+    pu.add_argument("--endpoint", help="Hub endpoint URL (default: HF_ENDPOINT or huggingface.co)")
+    pu.add_argument("--token", help="Hub token (default: the logged-in one)")
+    pu.add_argument("--private", action="store_true", help="create the repository private")
+    pu.add_argument("--dataset", default="fashion_mnist", help="evaluate base and compressed on it ('none' to skip)")
+    pu.add_argument("--split", default="test")
+    pu.add_argument("--batch-size", type=int, default=256)
+    pu.add_argument("--license", help="card license (default: the base model's, when known)")
+    pu.add_argument("--plot", help="a rate-accuracy PNG to put in the repository and the card")
+    pu.add_argument("--tag", action="append", help="extra card tag (repeatable)")
+    pu.add_argument("--commit-message")
+    pu.add_argument("--json", action="store_true", help="print one JSON object")
+
     for p in (ev, co, ins):
         p.add_argument("--json", action="store_true", help="print one JSON object")
     for p in (ev, co):
@@ -129,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"evaluate": _cmd_evaluate, "compress": _cmd_compress, "inspect": _cmd_inspect}
+COMMANDS = {"evaluate": _cmd_evaluate, "compress": _cmd_compress, "inspect": _cmd_inspect, "push": _cmd_push}
 
 
 def main(argv: list[str] | None = None) -> int:

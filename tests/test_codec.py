@@ -79,16 +79,23 @@ def test_rate_control_is_monotone():
     assert betas[0] < betas[1]
 
 
-def test_vae_is_no_worse_than_its_identity_ablation():
-    model = tiny_timm()
-    original = model.state_dict()
+def test_vae_finds_structure_the_identity_ablation_cannot():
+    """Kernels that share a smooth 3x3 pattern (trained convs have such structure): the learned
+    transform must code them with less error than plain scalar quantization at the same rate.
+    On i.i.d. weights it has nothing to find; the benchmark reports what it buys on real models."""
+    generator = torch.Generator().manual_seed(0)
+    pattern = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 6
+    state = {}
+    for i in range(2):
+        amplitude = torch.randn(128, 64, 1, 1, generator=generator)
+        state[f"conv{i}.weight"] = amplitude * pattern + 0.05 * torch.randn(128, 64, 3, 3, generator=generator)
     errors = {}
     for transform in ("identity", "vae"):
-        compressed = compress(model, VAECompressionConfig(target_bits_per_weight=2.0, transform=transform,
+        compressed = compress(state, VAECompressionConfig(target_bits_per_weight=1.0, transform=transform,
                                                           train_steps=300), progress=False)
-        assert abs(compressed.report()["bits_per_weight"] - 2.0) < 0.2
-        errors[transform] = _relative_error(original, compressed.decode())
-    assert errors["vae"] < errors["identity"] * 1.02
+        assert abs(compressed.report()["bits_per_weight"] - 1.0) < 0.1
+        errors[transform] = _relative_error(state, compressed.decode())
+    assert errors["vae"] < 0.8 * errors["identity"], errors
 
 
 def test_fisher_allocation_gives_sensitive_tensors_finer_steps():

@@ -6,6 +6,11 @@ histogram over ``[lo, lo + K)``, quantized so that its counts sum to exactly
 a power of two, the coder's fixed-point model is exactly the stored table, and decoding is
 bit-exact on any machine. All streams of one tensor share one ANS stack, so a tensor is one
 bitstream. Counts are stored as uint16 (precision <= 15); ``lo`` and ``K`` go in the header.
+
+Context: latent dimensions are coded in order, so dimension ``j`` of a chunk can be coded under
+a table chosen by how many of the chunk's earlier dimensions were nonzero (0, 1, 2 or more): a
+kernel that is "on" tends to be on in every dimension. A dimension is split into those context
+sub-streams only where the estimated bits say the extra tables pay for themselves.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 
 TABLE_OVERHEAD_BITS = 56  # lo, K and the escape threshold in the compressed header, roughly
 ESCAPE_THRESHOLDS = (1, 3, 7, 15, 31, 63)
+NUM_CONTEXTS = 3
 
 
 @dataclass(frozen=True)
@@ -86,22 +92,54 @@ def fit_table(symbols: np.ndarray, precision: int) -> tuple[float, Table]:
     return min((_cost(symbols, e, precision) for e in candidates), key=lambda c: c[0])
 
 
-def estimate_bits(symbols: np.ndarray, precision: int) -> float:
-    """Coded bits of a stream (payload, escape offsets and table), without coding it."""
-    return fit_table(symbols, precision)[0]
+def _num_contexts(dim: int) -> int:
+    """Dimension ``dim`` follows ``dim`` earlier ones: at most ``dim + 1`` nonzero counts."""
+    return min(dim + 1, NUM_CONTEXTS)
 
 
-def encode_streams(streams: list[np.ndarray], precision: int) -> tuple[np.ndarray, list[Table]]:
-    """One ANS bitstream (uint32 words) for several symbol streams, and their tables."""
+def _contexts(nonzero_so_far: np.ndarray) -> np.ndarray:
+    return np.minimum(nonzero_so_far, NUM_CONTEXTS - 1)
+
+
+def _plan(symbols: np.ndarray, precision: int) -> tuple[float, list[np.ndarray], list[bool]]:
+    """Per dimension, split by context or not, whichever costs fewer bits: (bits, sub-streams
+    in decode order, split flags)."""
+    total, streams, split = 0.0, [], []
+    nonzero = np.zeros(len(symbols), dtype=np.int64)
+    for j in range(symbols.shape[1]):
+        column = symbols[:, j]
+        whole = fit_table(column, precision)[0]
+        parts = []
+        if j > 0:
+            ctx = _contexts(nonzero)
+            parts = [column[ctx == c] for c in range(_num_contexts(j))]
+        use_split = bool(parts) and all(len(p) for p in parts)
+        split_bits = sum(fit_table(p, precision)[0] for p in parts) if use_split else float("inf")
+        use_split = split_bits < whole
+        total += split_bits if use_split else whole
+        streams += parts if use_split else [column]
+        split.append(use_split)
+        nonzero += column != 0
+    return total, streams, split
+
+
+def estimate_tensor_bits(symbols: np.ndarray, precision: int) -> float:
+    """Coded bits of a tensor's (N, d) symbols, contexts, escapes and tables included."""
+    return _plan(symbols, precision)[0]
+
+
+def encode_tensor(symbols: np.ndarray, precision: int) -> tuple[np.ndarray, list[Table], list[bool]]:
+    """One ANS bitstream (uint32 words) for a tensor's (N, d) symbols: its tables and split flags."""
+    _, streams, split = _plan(symbols, precision)
     tables = [fit_table(s, precision)[1] for s in streams]
     coder = constriction.stream.stack.AnsCoder()
-    for symbols, table in reversed(list(zip(streams, tables))):  # a stack: encode in reverse decode order
-        tokens, offsets, sizes = to_tokens(symbols, table.escape)
+    for stream, table in reversed(list(zip(streams, tables))):  # a stack: encode in reverse decode order
+        tokens, offsets, sizes = to_tokens(stream, table.escape)
         if len(offsets):
             coder.encode_reverse(offsets.astype(np.int32), constriction.stream.model.Uniform(), sizes.astype(np.int32))
         if len(table.counts) > 1:  # a one-symbol stream costs no bits
             coder.encode_reverse((tokens - table.lo).astype(np.int32), table.model)
-    return coder.get_compressed(), tables
+    return coder.get_compressed(), tables, split
 
 
 def parse_tables(los: list[int], sizes: list[int], escapes: list[int], counts: np.ndarray,
@@ -142,10 +180,23 @@ def _decode_stream(coder, table: Table, length: int) -> np.ndarray:
     return values
 
 
-def decode_streams(words: np.ndarray, tables: list[Table], length: int) -> list[np.ndarray]:
-    """Decode ``len(tables)`` streams of ``length`` symbols each."""
+def decode_tensor(words: np.ndarray, tables: list[Table], split: list[bool], length: int) -> np.ndarray:
+    """Decode a tensor's (length, len(split)) symbols."""
+    if len(tables) != sum(_num_contexts(j) if s else 1 for j, s in enumerate(split)):
+        raise ValueError("probability tables do not match the context layout")
     coder = constriction.stream.stack.AnsCoder(words.astype(np.uint32, copy=False))
-    out = [_decode_stream(coder, t, length) for t in tables]
+    out = np.empty((length, len(split)), dtype=np.int32)
+    nonzero = np.zeros(length, dtype=np.int64)
+    tables = iter(tables)
+    for j, use_split in enumerate(split):
+        if use_split:
+            ctx = _contexts(nonzero)
+            for c in range(_num_contexts(j)):
+                where = np.flatnonzero(ctx == c)
+                out[where, j] = _decode_stream(coder, next(tables), len(where))
+        else:
+            out[:, j] = _decode_stream(coder, next(tables), length)
+        nonzero += out[:, j] != 0
     if not coder.is_empty():
         raise ValueError("bitstream has data left after decoding: it does not match its tables")
     return out

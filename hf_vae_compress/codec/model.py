@@ -29,7 +29,7 @@ from .container import CONTAINER_NAME, FORMAT_NAME, FORMAT_VERSION, ContainerErr
 from .importance import fisher_diagonal, mean_normalised_fisher
 from .rate import lam_from_beta, search_lam, steps_for
 from .select import select_tensors
-from .transform import Shard, WeightVAE, build_transform, fit_vae, round_to_fp16_
+from .transform import Shard, WeightVAE, build_transform, fit_vae, refine_decoder, round_to_fp16_
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +127,7 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
         steps = steps_for(lam, sens)
         payload = 0.0
         for i, (c, step) in enumerate(zip(coded, steps)):
-            symbols = _encode(transform, c.chunks, step, i).numpy()
-            payload += sum(entropy.estimate_bits(symbols[:, j], config.table_precision) for j in range(symbols.shape[1]))
+            payload += entropy.estimate_tensor_bits(_encode(transform, c.chunks, step, i).numpy(), config.table_precision)
         return payload + fixed_bits
 
     transform = build_transform("identity", config.chunk_size, config.hidden_size, len(coded))
@@ -144,6 +143,8 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
             lam = search_lam(lambda l: total_bits(transform, l), target, sens)
     steps = steps_for(lam, sens)
     symbols = [_encode(transform, c.chunks, step, i) for i, (c, step) in enumerate(zip(coded, steps))]
+    if isinstance(transform, WeightVAE):
+        _refine(transform, coded, symbols, steps, config, shard)
     compressed = assemble(Latents(state_dict, coded, symbols, steps, stored, transform, config), progress)
     compressed.header["encode_seconds"] = round(time.perf_counter() - start, 3)
     compressed.header["lam"] = lam
@@ -152,11 +153,24 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
 
 def _fit(vae: WeightVAE, coded: list[_Coded], steps: list[float], config: VAECompressionConfig,
          progress: bool, shard: Shard | None) -> None:
-    chunks = torch.cat([c.chunks for c in coded])
-    index = torch.cat([torch.full((len(c.chunks),), i) for i, c in enumerate(coded)])
-    log_steps = torch.tensor([math.log(s) for s in steps])
+    chunks, index, log_steps = _flat(coded, steps)
     fit_vae(vae, chunks, index, log_steps, config.train_steps, config.train_batch_chunks,
             config.learning_rate, config.seed, progress, shard)
+    round_to_fp16_(vae.decoder)
+
+
+def _flat(coded: list[_Coded], steps: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All chunks, their tensor index and the per-tensor log steps: the VAE's training data."""
+    chunks = torch.cat([c.chunks for c in coded])
+    index = torch.cat([torch.full((len(c.chunks),), i) for i, c in enumerate(coded)])
+    return chunks, index, torch.tensor([math.log(s) for s in steps])
+
+
+def _refine(vae: WeightVAE, coded: list[_Coded], symbols: list[torch.Tensor], steps: list[float],
+            config: VAECompressionConfig, shard: Shard | None) -> None:
+    chunks, index, log_steps = _flat(coded, steps)
+    refine_decoder(vae, chunks, torch.cat(symbols), index, log_steps, config.train_steps // 2,
+                   config.train_batch_chunks, config.learning_rate / 3, config.seed, shard)
     round_to_fp16_(vae.decoder)
 
 
@@ -200,14 +214,14 @@ def assemble(latents: Latents, progress: bool = False) -> "CompressedModel":
     entries, hashes = {}, {}
     streams, tables, scales = [], [], []
     for i, c in enumerate(tqdm(latents.coded, desc="encode", unit="tensor", disable=not progress, leave=False)):
-        words, stream_tables = entropy.encode_streams(list(latents.symbols[i].numpy().T), config.table_precision)
+        words, stream_tables, split = entropy.encode_tensor(latents.symbols[i].numpy(), config.table_precision)
         streams.append(words.view(np.uint8))
         tables += [t.counts for t in stream_tables if len(t.counts) > 1]
         scales.append(c.scales.to(torch.float16))
         entries[c.name] = dict(name=c.name, codec=config.transform, shape=list(c.layout.shape),
                                dtype=_dtype_name(c.dtype), step=latents.steps[i], words=len(words),
                                lo=[t.lo for t in stream_tables], k=[len(t.counts) for t in stream_tables],
-                               escape=[t.escape for t in stream_tables])
+                               escape=[t.escape for t in stream_tables], split=split)
         hashes[c.name] = _sha256(latents.decode_tensor(i))
     raw: dict[str, list[torch.Tensor]] = {}
     for name, value in latents.stored.items():
@@ -361,10 +375,10 @@ class CompressedModel:
         try:
             tables = entropy.parse_tables(entry["lo"], entry["k"], entry["escape"],
                                           _with_singletons(counts, entry["k"], precision), precision)
-            streams = entropy.decode_streams(words, tables, layout.num_chunks)
+            symbols = entropy.decode_tensor(words, tables, entry["split"], layout.num_chunks)
         except (ValueError, RuntimeError, OverflowError) as err:
             raise ContainerError(f"bitstream of {name!r} is corrupt: {err}") from err
-        return torch.from_numpy(np.stack(streams, axis=1))
+        return torch.from_numpy(symbols)
 
     def report(self) -> dict:
         """Bytes per part, bits per weight and per-tensor rates of the container as it is written."""

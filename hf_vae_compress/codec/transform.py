@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .quantize import dequantize, noisy, quantize, round_ste
+from .quantize import dequantize, noisy, quantize, quantize_rdo, round_ste
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +88,9 @@ class Synthesis(nn.Module):
 class WeightVAE(nn.Module):
     """Encoder, decoder and training prior of the learned transform."""
 
-    def __init__(self, chunk_size: int, hidden_size: int, num_tensors: int):
+    def __init__(self, chunk_size: int, hidden_size: int, num_tensors: int, rdo: bool = True):
         super().__init__()
+        self.rdo = rdo
         self.encoder = Analysis(chunk_size, hidden_size, num_tensors)
         self.decoder = Synthesis(chunk_size, hidden_size, num_tensors)
         self.active_maps: list[int] = []  # tensors whose linear maps are learned and stored
@@ -117,7 +118,8 @@ class WeightVAE(nn.Module):
         self.active_maps = list(active_maps)
 
     def encode(self, chunks: torch.Tensor, step: float, index: int) -> torch.Tensor:
-        return quantize(self.encoder(chunks, math.log(step), index), step)
+        latent = self.encoder(chunks, math.log(step), index)
+        return quantize_rdo(latent / step, RATE_WEIGHT) if self.rdo else quantize(latent, step)
 
     def decode(self, symbols: torch.Tensor, step: float, index: int) -> torch.Tensor:
         return self.decoder(dequantize(symbols, step), math.log(step), index)
@@ -126,15 +128,19 @@ class WeightVAE(nn.Module):
 class IdentityTransform(nn.Module):
     """The ablation: the same pipeline with no learned transform (plain scalar quantization)."""
 
+    def __init__(self, rdo: bool = True):
+        super().__init__()
+        self.rdo = rdo
+
     def encode(self, chunks: torch.Tensor, step: float, index: int) -> torch.Tensor:
-        return quantize(chunks, step)
+        return quantize_rdo(chunks / step, RATE_WEIGHT) if self.rdo else quantize(chunks, step)
 
     def decode(self, symbols: torch.Tensor, step: float, index: int) -> torch.Tensor:
         return dequantize(symbols, step)
 
 
-def build_transform(kind: str, chunk_size: int, hidden_size: int, num_tensors: int) -> nn.Module:
-    return WeightVAE(chunk_size, hidden_size, num_tensors) if kind == "vae" else IdentityTransform()
+def build_transform(kind: str, chunk_size: int, hidden_size: int, num_tensors: int, rdo: bool = True) -> nn.Module:
+    return WeightVAE(chunk_size, hidden_size, num_tensors, rdo) if kind == "vae" else IdentityTransform(rdo)
 
 
 def laplace_bits(value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -199,6 +205,33 @@ def fit_vae(vae: WeightVAE, chunks: torch.Tensor, tensor_index: torch.Tensor, lo
         losses.append(loss.item())
     logger.info("VAE fit: loss %.4f -> %.4f over %d steps", losses[0], losses[-1], steps)
     return losses
+
+
+def refine_decoder(vae: WeightVAE, chunks: torch.Tensor, symbols: torch.Tensor, tensor_index: torch.Tensor,
+                   log_steps: torch.Tensor, steps: int, batch_size: int, learning_rate: float, seed: int,
+                   shard: Shard | None = None) -> None:
+    """Fit the decoder to the symbols the encoder actually produced (rate-optimised rounding moves
+    values across cells): a regression of chunks on symbols, in squared steps. The rate is fixed,
+    so this only lowers distortion: reconstruction points move to where their cells' weights are.
+    """
+    rank, world = (shard.rank, shard.world_size) if shard else (0, 1)
+    generator = torch.Generator().manual_seed(seed * 1000 + rank + 7)
+    pool = torch.arange(rank, len(chunks), world)
+    params = list(vae.decoder.parameters())
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for _ in range(steps):
+        idx = pool[torch.randint(0, len(pool), (batch_size,), generator=generator)]
+        t = tensor_index[idx]
+        step = log_steps[t].exp()[:, None]
+        x_hat = vae.decoder(symbols[idx].float() * step, log_steps[t], t)
+        loss = ((chunks[idx] - x_hat) / step).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        if shard is not None:
+            shard.average([p.grad for p in params if p.grad is not None])
+        optimizer.step()
+        schedule.step()
 
 
 MAP_COST_BITS = 16  # a stored map entry is fp16

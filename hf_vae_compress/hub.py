@@ -1,0 +1,382 @@
+"""Hugging Face Hub round trip: ``save_pretrained`` / ``push_to_hub`` a compressed model, ``create_model`` it back.
+
+A saved folder (and a pushed repository) holds::
+
+    config.json                  the base model's config + quantization_config (+ auto_map)
+    model.vaec.safetensors       the container (never named model.safetensors: stock loaders must fail)
+    modeling_hf_vae_compress.py  the remote-code shim for trust_remote_code=True
+    README.md                    the model card, rendered from model_cards/model_card.md
+    preprocessor_config.json ... every other non-weight file of the base folder, unchanged
+    rate_accuracy_<model>.png    the rate-accuracy plot, when one is given
+
+Loading it back:
+
+* transformers: ``import hf_vae_compress`` registers the quantizer of
+  :mod:`hf_vae_compress.integrations.transformers_quantizer`, then
+  ``AutoModelForImageClassification.from_pretrained(repo)`` decodes (also a timm-format repo, through
+  ``TimmWrapper``); ``trust_remote_code=True`` does the import through the shim;
+* timm: :func:`create_model` (``"hf-hub:org/name"`` or ``"local-dir:/path"``).
+
+``save_pretrained`` and ``push_to_hub`` are also methods of :class:`~hf_vae_compress.CompressedModel`
+(attached below): the codec core stays free of Hub code, and the methods exist as soon as
+``hf_vae_compress`` is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .codec import CONTAINER_NAME, CompressedModel
+from .integrations import REMOTE_CODE_AUTO_MAP, REMOTE_CODE_DIR, REMOTE_CODE_MODULE
+from .models import WEIGHT_SUFFIXES, model_format, read_config, resolve_folder, weights_bytes
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "hf_vae_compress"
+CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "model_card.md"
+CARD_TAGS = ["hf-vae-compress", "vae-codec", "compressed", "image-classification"]
+PIPELINE_TAG = "image-classification"
+_DATASET_IDS = {"fashion_mnist": "zalando-datasets/fashion_mnist"}
+
+
+@dataclass
+class CardInfo:
+    """What the model card says that the files cannot: provenance, license, and what to evaluate on.
+
+    Accuracy is never given here: with ``dataset`` set, :func:`save_pretrained` measures it, for the
+    base model and the compressed one, with :func:`hf_vae_compress.evaluate`.
+    """
+
+    base_model: str | None = None  # Hub id of the uncompressed model (card `base_model`); inferred when possible
+    license: str | None = None  # inferred from the base folder's card or timm pretrained_cfg when not set
+    dataset: str | None = None  # `fashion_mnist`, a save_to_disk folder or a Hub dataset: evaluate on it
+    split: str = "test"
+    dataset_id: str | None = None  # Hub id to record in the card; default: derived from `dataset`
+    plot: str | Path | None = None  # a rate-accuracy PNG, copied into the repo
+    tags: list[str] = field(default_factory=list)
+    model_name: str | None = None  # card title and model-index name; push_to_hub uses the repo id
+    batch_size: int = 256
+
+
+def _as_card_info(card_info: CardInfo | dict | None) -> CardInfo:
+    if card_info is None:
+        return CardInfo()
+    if isinstance(card_info, dict):
+        return CardInfo(**card_info)
+    return card_info
+
+
+def canonical_container_bytes(data: bytes) -> bytes:
+    """The container's bytes with its safetensors ``__metadata__`` keys in sorted order.
+
+    ``safetensors.torch.save`` writes the metadata map in hash order, which varies between calls, so
+    two saves of the same model can differ in the order of ``format`` and ``format_version``. Same
+    keys, same values and same length, so the file reads back identically; sorting them makes a
+    re-push of the same model byte-identical (and thus a no-op on the Hub).
+    """
+    n = struct.unpack("<Q", data[:8])[0]
+    header = data[8:8 + n].decode("utf-8")
+    start = header.find('"__metadata__":{')
+    if start < 0:
+        return data
+    start += len('"__metadata__":')
+    end = header.index("}", start) + 1
+    metadata = json.loads(header[start:end])
+    canonical = json.dumps(dict(sorted(metadata.items())), separators=(",", ":"), ensure_ascii=False)
+    if len(canonical.encode()) != len(header[start:end].encode()) or json.loads(canonical) != metadata:
+        return data  # not the plain string map we expect: leave it alone
+    return data[:8] + (header[:start] + canonical + header[end:]).encode("utf-8") + data[8 + n:]
+
+
+def _config_with_quantization(config: dict, compressed: CompressedModel, bits_per_weight: float) -> dict:
+    config = json.loads(json.dumps(config))  # deep copy
+    header = compressed.header
+    float_dtypes = [e["dtype"] for e in header["tensors"] if e["dtype"].startswith(("float", "bfloat"))]
+    dtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else "float32"
+    config["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "container": CONTAINER_NAME,
+        "dtype": dtype,
+        "format_version": header.get("format_version", 1),
+        "bits_per_weight": round(bits_per_weight, 4),
+        "codec_version": header.get("library", {}).get("hf_vae_compress", "unknown"),
+    }
+    auto_map = dict(config.get("auto_map") or {})
+    clash = {k: v for k, v in auto_map.items() if k in REMOTE_CODE_AUTO_MAP and v != REMOTE_CODE_AUTO_MAP[k]}
+    if clash:
+        logger.warning("the base model uses its own remote code %s; trust_remote_code loading of the compressed "
+                       "model is left to it (import hf_vae_compress before from_pretrained)", clash)
+    else:
+        auto_map.update(REMOTE_CODE_AUTO_MAP)
+        config["auto_map"] = auto_map
+    if model_format(config) == "timm":  # timm 1.0.31 writes it and TimmWrapper would then pass it twice
+        config.get("model_args", {}).pop("num_classes", None)
+    return config
+
+
+def _base_card_metadata(src: Path) -> dict:
+    card = src / "README.md"
+    if not card.exists():
+        return {}
+    try:
+        from huggingface_hub import ModelCard
+
+        return ModelCard.load(card).data.to_dict()
+    except Exception as err:  # noqa: BLE001 - a broken base card only loses metadata we can do without
+        logger.warning("could not read the base model card %s: %s", card, err)
+        return {}
+
+
+def _infer_base_model(source: str, src: Path, config: dict) -> str | None:
+    if not Path(source).is_dir():
+        return source.split("@")[0]  # a Hub id
+    hub_id = config.get("pretrained_cfg", {}).get("hf_hub_id")
+    return hub_id or None
+
+
+def _measure(src: Path, out: Path, info: CardInfo, has_base_weights: bool) -> dict:
+    """Top-1 of the base and the compressed model on one dataset split, measured now."""
+    from .data import load_image_dataset
+    from .evaluate import evaluate
+    from .models import load_model
+    from .pipeline import load_compressed
+
+    data = load_image_dataset(info.dataset, info.split)
+    result = {"compressed": evaluate(load_compressed(out), data, batch_size=info.batch_size, progress=False)}
+    if has_base_weights:
+        result["base"] = evaluate(load_model(src), data, batch_size=info.batch_size, progress=False)
+    return result
+
+
+def _pct(metrics: dict | None) -> str:
+    if not metrics:
+        return "not measured"
+    lo, hi = metrics["top1_ci95"]
+    return f"{100 * metrics['top1']:.2f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _settings_table(compressed: CompressedModel) -> str:
+    config = compressed.config.to_dict()
+    keys = ["target_bits_per_weight", "beta", "transform", "chunk_size", "hidden_size", "normalization",
+            "min_numel", "raw_dtype", "train_steps", "calibration_batches", "seed"]
+    lines = ["| setting | value |", "|---|---|"]
+    lines += [f"| `{k}` | `{config[k]}` |" for k in keys if k in config and config[k] is not None]
+    return "\n".join(lines)
+
+
+def render_card(compressed: CompressedModel, config: dict, info: CardInfo, *, base_bytes: int | None,
+                base_files: list[str], container_bytes: int, metrics: dict | None, repo_id: str, plot: str | None):
+    """The model card (a ``huggingface_hub.ModelCard``) from the template in ``model_cards/``."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    if not CARD_TEMPLATE.exists():
+        raise FileNotFoundError(f"the model card template {CARD_TEMPLATE} is missing")
+    fmt = model_format(config)
+    report = compressed.report()
+    num_weights = report["num_weights"]
+    dataset_id = info.dataset_id or (_DATASET_IDS.get(info.dataset) or Path(info.dataset).name if info.dataset else None)
+    model_name = info.model_name or repo_id
+    eval_results = None
+    if metrics:
+        eval_results = [EvalResult(
+            task_type=PIPELINE_TAG, task_name="Image Classification", dataset_type=dataset_id, dataset_name=dataset_id,
+            dataset_split=info.split, metric_type="accuracy", metric_name="top-1 accuracy",
+            metric_value=round(metrics["compressed"]["top1"], 6))]
+    extra = {"base_model_relation": "quantized"} if info.base_model else {}
+    card_data = ModelCardData(
+        base_model=info.base_model, library_name=fmt, pipeline_tag=PIPELINE_TAG, license=info.license,
+        tags=list(dict.fromkeys([*CARD_TAGS, *info.tags])), datasets=[dataset_id] if metrics else None,
+        model_name=model_name, eval_results=eval_results, **extra)
+    rows = []
+    if base_bytes:
+        rows.append(dict(label=f"base{f' ({info.base_model})' if info.base_model else ''}",
+                         file=", ".join(base_files), bytes=f"{base_bytes:,}",
+                         bits_per_weight=f"{8 * base_bytes / num_weights:.2f}", size="1x",
+                         top1=_pct((metrics or {}).get("base"))))
+    rows.append(dict(label="hf-vae-compress", file=CONTAINER_NAME, bytes=f"{container_bytes:,}",
+                     bits_per_weight=f"{8 * container_bytes / num_weights:.2f}",
+                     size=f"{base_bytes / container_bytes:.1f}x smaller" if base_bytes else "",
+                     top1=_pct((metrics or {}).get("compressed"))))
+    compressed_metrics = (metrics or {}).get("compressed") or {}
+    architecture = config.get("architecture") or ", ".join(config.get("architectures") or [])
+    return ModelCard.from_template(
+        card_data, template_path=str(CARD_TEMPLATE),
+        title=model_name.split("/")[-1], base_model=info.base_model, library_name=fmt, repo_id=repo_id,
+        bits_per_weight=f"{8 * container_bytes / num_weights:.2f}",
+        ratio_vs_fp32=f"{report['fp32_safetensors_bytes'] / container_bytes:.1f}",
+        dtype=config["quantization_config"]["dtype"], architecture=architecture, rows=rows,
+        evaluated=bool(metrics), split=info.split, dataset=dataset_id,
+        num_examples=compressed_metrics.get("num_examples"), plot=plot, container=CONTAINER_NAME,
+        remote_code_file=f"{REMOTE_CODE_MODULE}.py", settings=_settings_table(compressed),
+        codec_version=config["quantization_config"]["codec_version"])
+
+
+def save_pretrained(compressed: CompressedModel, source_folder: str | Path, out_dir: str | Path,
+                    card_info: CardInfo | dict | None = None, **hub_kwargs) -> Path:
+    """Write a loadable, documented folder: config, container, remote-code shim, model card.
+
+    ``source_folder`` is the uncompressed base model (folder or Hub id): its config and
+    preprocessing files are copied, its weights measured for the size table and, when
+    ``card_info.dataset`` is set, evaluated next to the compressed model. A compressed folder (as
+    written by ``hf-vae-compress compress``) also works, without the base row of the table.
+    """
+    info = _as_card_info(card_info)
+    src = resolve_folder(str(source_folder), **hub_kwargs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = read_config(src)
+    fmt = model_format(config)
+    base_meta = _base_card_metadata(src)
+    info = dataclasses.replace(
+        info,
+        base_model=info.base_model or _infer_base_model(str(source_folder), src, config),
+        license=info.license or base_meta.get("license") or config.get("pretrained_cfg", {}).get("license"),
+    )
+    base_files = sorted(p.name for p in src.iterdir() if p.name.endswith(WEIGHT_SUFFIXES) and p.name != CONTAINER_NAME)
+    base_bytes = weights_bytes(src) - ((src / CONTAINER_NAME).stat().st_size if (src / CONTAINER_NAME).exists() else 0)
+
+    same = src.resolve() == out.resolve()
+    if not same:
+        for f in src.iterdir():  # configs and preprocessing travel; weights are replaced by the container
+            if (f.is_file() and not f.name.endswith((*WEIGHT_SUFFIXES, ".index.json")) and not f.name.startswith(".")
+                    and f.name not in ("config.json", "README.md")):
+                shutil.copy2(f, out / f.name)
+    container = out / CONTAINER_NAME
+    container.write_bytes(canonical_container_bytes(compressed.to_bytes()))
+    container_bytes = container.stat().st_size
+    bits_per_weight = 8 * container_bytes / compressed.report()["num_weights"]
+    config = _config_with_quantization(config, compressed, bits_per_weight)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for shim in sorted(REMOTE_CODE_DIR.glob("modeling_*.py")):
+        shutil.copyfile(shim, out / shim.name)
+    plot = None
+    if info.plot:
+        plot = Path(info.plot).name
+        if Path(info.plot).resolve() != (out / plot).resolve():
+            shutil.copyfile(info.plot, out / plot)
+
+    metrics = _measure(src, out, info, base_bytes > 0) if info.dataset else None
+    repo_id = info.model_name or out.name
+    card = render_card(compressed, config, info, base_bytes=base_bytes or None, base_files=base_files,
+                       container_bytes=container_bytes, metrics=metrics, repo_id=repo_id, plot=plot)
+    text = str(card)
+    (out / "README.md").write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    logger.info("saved %s model (%s, %.2f bits/weight) to %s", fmt, CONTAINER_NAME, bits_per_weight, out)
+    return out
+
+
+def push_to_hub(compressed: CompressedModel, repo_id: str, source_folder: str | Path,
+                card_info: CardInfo | dict | None = None, *, endpoint: str | None = None, token: str | bool | None = None,
+                private: bool | None = None, revision: str | None = None, commit_message: str | None = None):
+    """``save_pretrained`` into a temporary folder, then upload it as **one** commit.
+
+    Files whose content is already on the Hub are dropped by the client, so pushing the same
+    content again creates no commit (the returned ``CommitInfo`` then names the existing head).
+    Weight files left on the Hub by an earlier upload (``*.safetensors``, ``*.bin``, ... other than
+    the container) are deleted in the same commit: a stale ``model.safetensors`` would let a stock
+    loader load the wrong weights.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    info = _as_card_info(card_info)
+    info = dataclasses.replace(info, model_name=info.model_name or repo_id)
+    api = HfApi(endpoint=endpoint, token=token)
+    with tempfile.TemporaryDirectory(prefix="hf-vae-compress-push-") as tmp:
+        folder = save_pretrained(compressed, source_folder, Path(tmp) / repo_id.split("/")[-1], info)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        remote = set(api.list_repo_files(repo_id, revision=revision))
+        stale = sorted(p for p in remote - set(files) if p.endswith(WEIGHT_SUFFIXES))
+        operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
+        operations += [CommitOperationDelete(path_in_repo=p) for p in stale]
+        bpw = json.loads((folder / "config.json").read_text())["quantization_config"]["bits_per_weight"]
+        return api.create_commit(
+            repo_id, operations=operations, revision=revision,
+            commit_message=commit_message or f"Upload model compressed with hf-vae-compress ({bpw:.2f} bits/weight)")
+
+
+def _save_pretrained_method(self: CompressedModel, save_directory: str | Path, source_folder: str | Path,
+                            card_info: CardInfo | dict | None = None, **hub_kwargs) -> Path:
+    """Write a loadable folder with config, container, loading code and model card: see :func:`hub.save_pretrained`."""
+    return save_pretrained(self, source_folder, save_directory, card_info, **hub_kwargs)
+
+
+def _push_to_hub_method(self: CompressedModel, repo_id: str, source_folder: str | Path,
+                        card_info: CardInfo | dict | None = None, **kwargs):
+    """Push as one commit to the Hub: see :func:`hub.push_to_hub`."""
+    return push_to_hub(self, repo_id, source_folder, card_info, **kwargs)
+
+
+for _name, _method in (("save_pretrained", _save_pretrained_method), ("push_to_hub", _push_to_hub_method)):
+    if _name not in vars(CompressedModel):  # never shadow a method the codec core defines itself
+        _method.__name__ = _method.__qualname__ = _name
+        setattr(CompressedModel, _name, _method)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading with timm
+
+
+def _timm_source(model_name: str) -> tuple[str, str, str | None] | None:
+    """``("hf-hub", repo_id, revision)`` or ``("local-dir", path, None)``; ``None`` for other names."""
+    if model_name.startswith("hf-hub:"):
+        repo, _, revision = model_name[len("hf-hub:"):].partition("@")
+        return "hf-hub", repo, revision or None
+    if model_name.startswith("local-dir:"):
+        return "local-dir", model_name[len("local-dir:"):], None
+    return None
+
+
+def _fetch(kind: str, ref: str, revision: str | None, filename: str, cache_dir=None) -> Path:
+    if kind == "local-dir":
+        path = Path(ref) / filename
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(ref, filename, revision=revision, cache_dir=cache_dir))
+
+
+def is_compressed_config(config: dict) -> bool:
+    return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+
+
+def create_model(model_name: str, pretrained: bool = True, **kwargs) -> torch.nn.Module:
+    """``timm.create_model`` that also loads hf-vae-compress checkpoints.
+
+    ``"hf-hub:org/name[@revision]"`` or ``"local-dir:/path"`` naming a compressed timm checkpoint:
+    the architecture is built by timm from the repo's ``config.json`` (``pretrained=False``), and the
+    decoded weights (SHA-256 checked) are loaded with ``load_state_dict(strict=True)``: a missing or
+    unexpected key raises. Any other name (or an uncompressed repo) goes to ``timm.create_model``
+    unchanged. Like timm, the model is returned in training mode; call ``.eval()``.
+    """
+    import timm
+
+    source = _timm_source(model_name) if pretrained else None
+    if source is None:
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    kind, ref, revision = source
+    cache_dir = kwargs.get("cache_dir")
+    config = json.loads(_fetch(kind, ref, revision, "config.json", cache_dir).read_text())
+    if not is_compressed_config(config):
+        return timm.create_model(model_name, pretrained=True, **kwargs)
+    if model_format(config) != "timm":
+        raise ValueError(f"{model_name} is a compressed transformers checkpoint, not a timm one: load it with "
+                         "`import hf_vae_compress` and transformers' AutoModelForImageClassification.from_pretrained")
+    container_name = config["quantization_config"].get("container", CONTAINER_NAME)
+    container = _fetch(kind, ref, revision, container_name, cache_dir)
+    model = timm.create_model(model_name, pretrained=False, **kwargs)
+    state_dict = CompressedModel.load(container).decode()
+    model.load_state_dict(state_dict, strict=True)  # raises on any missing or unexpected key
+    return model
