@@ -27,9 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import shutil
-import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,28 +72,6 @@ def _as_card_info(card_info: CardInfo | dict | None) -> CardInfo:
     if isinstance(card_info, dict):
         return CardInfo(**card_info)
     return card_info
-
-
-def canonical_container_bytes(data: bytes) -> bytes:
-    """The container's bytes with its safetensors ``__metadata__`` keys in sorted order.
-
-    ``safetensors.torch.save`` writes the metadata map in hash order, which varies between calls, so
-    two saves of the same model can differ in the order of ``format`` and ``format_version``. Same
-    keys, same values and same length, so the file reads back identically; sorting them makes a
-    re-push of the same model byte-identical (and thus a no-op on the Hub).
-    """
-    n = struct.unpack("<Q", data[:8])[0]
-    header = data[8:8 + n].decode("utf-8")
-    start = header.find('"__metadata__":{')
-    if start < 0:
-        return data
-    start += len('"__metadata__":')
-    end = header.index("}", start) + 1
-    metadata = json.loads(header[start:end])
-    canonical = json.dumps(dict(sorted(metadata.items())), separators=(",", ":"), ensure_ascii=False)
-    if len(canonical.encode()) != len(header[start:end].encode()) or json.loads(canonical) != metadata:
-        return data  # not the plain string map we expect: leave it alone
-    return data[:8] + (header[:start] + canonical + header[end:]).encode("utf-8") + data[8 + n:]
 
 
 def _config_with_quantization(config: dict, compressed: CompressedModel, bits_per_weight: float) -> dict:
@@ -184,7 +160,9 @@ def render_card(compressed: CompressedModel, config: dict, info: CardInfo, *, ba
     fmt = model_format(config)
     report = compressed.report()
     num_weights = report["num_weights"]
-    dataset_id = info.dataset_id or (_DATASET_IDS.get(info.dataset) or Path(info.dataset).name if info.dataset else None)
+    dataset_id = info.dataset_id
+    if dataset_id is None and info.dataset:
+        dataset_id = _DATASET_IDS.get(info.dataset) or Path(info.dataset).name
     model_name = info.model_name or repo_id
     eval_results = None
     if metrics:
@@ -252,7 +230,7 @@ def save_pretrained(compressed: CompressedModel, source_folder: str | Path, out_
                     and f.name not in ("config.json", "README.md")):
                 shutil.copy2(f, out / f.name)
     container = out / CONTAINER_NAME
-    container.write_bytes(canonical_container_bytes(compressed.to_bytes()))
+    container.write_bytes(compressed.to_bytes())
     container_bytes = container.stat().st_size
     bits_per_weight = 8 * container_bytes / compressed.report()["num_weights"]
     config = _config_with_quantization(config, compressed, bits_per_weight)
@@ -276,8 +254,9 @@ def save_pretrained(compressed: CompressedModel, source_folder: str | Path, out_
 
 
 def push_to_hub(compressed: CompressedModel, repo_id: str, source_folder: str | Path,
-                card_info: CardInfo | dict | None = None, *, endpoint: str | None = None, token: str | bool | None = None,
-                private: bool | None = None, revision: str | None = None, commit_message: str | None = None):
+                card_info: CardInfo | dict | None = None, *, endpoint: str | None = None,
+                token: str | bool | None = None, private: bool | None = None, revision: str | None = None,
+                commit_message: str | None = None):
     """``save_pretrained`` into a temporary folder, then upload it as **one** commit.
 
     Files whose content is already on the Hub are dropped by the client, so pushing the same

@@ -150,6 +150,6 @@ def test_corrupt_truncated_and_foreign_files_are_refused(timm_container, tmp_pat
 
     path = tmp_path / "future.safetensors"
     path.write_bytes(save({"header": torch.zeros(1, dtype=torch.uint8)},
-                          metadata={"format": "hf-vae-compress", "format_version": str(FORMAT_VERSION + 1)}))
+                          metadata={"format": f"hf-vae-compress/{FORMAT_VERSION + 1}"}))
     with pytest.raises(ContainerError, match="format version"):
         CompressedModel.load(path)

@@ -5,7 +5,9 @@ finds no weights and fails loudly instead of loading something wrong. Nothing in
 
 Layout (every part is counted in the reported bytes):
 
-* safetensors metadata: ``format`` and ``format_version``, so foreign files are told apart at once;
+* safetensors metadata: one key, ``format = "hf-vae-compress/<version>"``, so foreign files are
+  told apart at once (one key, because safetensors writes its metadata map in hash order and
+  several keys would make two saves of the same model differ byte for byte);
 * ``header``: the JSON header (codec config, transform, tensor table), zlib-compressed;
 * ``sha256``: one 32-byte SHA-256 per tensor-table entry, of the decoded tensor;
 * ``streams`` (uint8), ``tables`` (uint16 counts), ``scales`` (fp16): all coded tensors'
@@ -41,7 +43,7 @@ def serialize(header: dict, tensors: dict[str, torch.Tensor]) -> bytes:
     """The exact bytes of a container file."""
     packed = np.frombuffer(zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9), dtype=np.uint8)
     everything = {"header": torch.from_numpy(packed.copy()), **{k: v.contiguous() for k, v in tensors.items()}}
-    return save(everything, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+    return save(everything, metadata={"format": f"{FORMAT_NAME}/{FORMAT_VERSION}"})
 
 
 def read_container(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -63,9 +65,9 @@ def read_container(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _check_format(path: Path, metadata: dict) -> None:
-    if metadata.get("format") != FORMAT_NAME:
+    name, _, version = str(metadata.get("format", "")).partition("/")
+    if name != FORMAT_NAME:
         raise ContainerError(f"{path} is not an {FORMAT_NAME} container (format={metadata.get('format')!r})")
-    version = metadata.get("format_version", "")
     if not version.isdigit() or not 1 <= int(version) <= FORMAT_VERSION:
         raise ContainerError(
             f"{path} has format version {version!r}; this library reads versions 1..{FORMAT_VERSION}. "

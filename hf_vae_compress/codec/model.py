@@ -145,6 +145,7 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
     symbols = [_encode(transform, c.chunks, step, i) for i, (c, step) in enumerate(zip(coded, steps))]
     if isinstance(transform, WeightVAE):
         _refine(transform, coded, symbols, steps, config, shard)
+
     compressed = assemble(Latents(state_dict, coded, symbols, steps, stored, transform, config), progress)
     compressed.header["encode_seconds"] = round(time.perf_counter() - start, 3)
     compressed.header["lam"] = lam

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .quantize import dequantize, noisy, quantize, quantize_rdo, round_ste
+from .quantize import dequantize, noisy, quantize, round_ste
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +88,8 @@ class Synthesis(nn.Module):
 class WeightVAE(nn.Module):
     """Encoder, decoder and training prior of the learned transform."""
 
-    def __init__(self, chunk_size: int, hidden_size: int, num_tensors: int, rdo: bool = True):
+    def __init__(self, chunk_size: int, hidden_size: int, num_tensors: int):
         super().__init__()
-        self.rdo = rdo
         self.encoder = Analysis(chunk_size, hidden_size, num_tensors)
         self.decoder = Synthesis(chunk_size, hidden_size, num_tensors)
         self.active_maps: list[int] = []  # tensors whose linear maps are learned and stored
@@ -118,8 +117,7 @@ class WeightVAE(nn.Module):
         self.active_maps = list(active_maps)
 
     def encode(self, chunks: torch.Tensor, step: float, index: int) -> torch.Tensor:
-        latent = self.encoder(chunks, math.log(step), index)
-        return quantize_rdo(latent / step, RATE_WEIGHT) if self.rdo else quantize(latent, step)
+        return quantize(self.encoder(chunks, math.log(step), index), step)
 
     def decode(self, symbols: torch.Tensor, step: float, index: int) -> torch.Tensor:
         return self.decoder(dequantize(symbols, step), math.log(step), index)
@@ -128,19 +126,15 @@ class WeightVAE(nn.Module):
 class IdentityTransform(nn.Module):
     """The ablation: the same pipeline with no learned transform (plain scalar quantization)."""
 
-    def __init__(self, rdo: bool = True):
-        super().__init__()
-        self.rdo = rdo
-
     def encode(self, chunks: torch.Tensor, step: float, index: int) -> torch.Tensor:
-        return quantize_rdo(chunks / step, RATE_WEIGHT) if self.rdo else quantize(chunks, step)
+        return quantize(chunks, step)
 
     def decode(self, symbols: torch.Tensor, step: float, index: int) -> torch.Tensor:
         return dequantize(symbols, step)
 
 
-def build_transform(kind: str, chunk_size: int, hidden_size: int, num_tensors: int, rdo: bool = True) -> nn.Module:
-    return WeightVAE(chunk_size, hidden_size, num_tensors, rdo) if kind == "vae" else IdentityTransform(rdo)
+def build_transform(kind: str, chunk_size: int, hidden_size: int, num_tensors: int) -> nn.Module:
+    return WeightVAE(chunk_size, hidden_size, num_tensors) if kind == "vae" else IdentityTransform()
 
 
 def laplace_bits(value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

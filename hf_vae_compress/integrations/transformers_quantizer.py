@@ -36,12 +36,19 @@ How the container reaches the loader (transformers 5.24, ``modeling_utils.PreTra
 4. ``postprocess_model`` -> ``_process_model_after_weight_loading``: we check that the op ran and
    loaded every key, so no path ends with randomly initialised weights.
 
+One hole is left open, and only by an explicit request: without this plugin,
+``from_pretrained(repo, variant="vaec")`` asks transformers for ``model.vaec.safetensors`` by name,
+reads the container as a plain checkpoint, and returns a randomly initialised model after its
+MISSING / UNEXPECTED load report (a warning, not an error). Closing it needs the container itself to
+break stock loading, a codec-core change.
+
 The hook names and signatures used here are listed in :data:`API_SURFACE` and checked by
 :func:`check_transformers_api` (run by the tests), so an upgrade that moves them fails loudly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
@@ -58,6 +65,18 @@ from ..codec import CONTAINER_NAME, CompressedModel
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "hf_vae_compress"
+
+
+@contextlib.contextmanager
+def _plain_torch():
+    """CPU tensors and float32 by default, whatever device / default dtype the caller's context set."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device("cpu"):
+            yield
+    finally:
+        torch.set_default_dtype(dtype)
 
 
 class HfVaeCompressConfig(QuantizationConfigMixin):
@@ -93,7 +112,8 @@ class VaecDecode(ConversionOps):
 
     def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None,
                 **kwargs):
-        return self.hf_quantizer.take_decoded(first_key=full_layer_name, received=[p for p, v in input_dict.items() if v])
+        received = [pattern for pattern, tensors in input_dict.items() if tensors]
+        return self.hf_quantizer.take_decoded(first_key=full_layer_name, received=received)
 
     @property
     def reverse_op(self) -> ConversionOps:
@@ -145,7 +165,7 @@ class HfVaeCompressQuantizer(HfQuantizer):
         with safe_open(self.container_path, framework="pt") as f:
             self.container_keys = list(f.keys())
         start = time.perf_counter()
-        with torch.device("cpu"):  # from_pretrained runs this hook inside its meta-device init context
+        with _plain_torch():  # from_pretrained runs this hook inside its init context (meta device, model dtype)
             decoded = CompressedModel.load(self.container_path).decode()  # ContainerError, IntegrityError propagate
         self.decode_seconds = time.perf_counter() - start
         renamings = [c for c in get_model_conversion_mapping(model) if isinstance(c, WeightRenaming)]
@@ -176,7 +196,8 @@ class HfVaeCompressQuantizer(HfQuantizer):
         for key, ref in expected.items():
             tensor = renamed[key]
             if tuple(tensor.shape) != tuple(ref.shape):
-                raise RuntimeError(f"decoded {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(ref.shape)}")
+                raise RuntimeError(
+                    f"decoded {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(ref.shape)}")
             if tensor.is_floating_point() and ref.is_floating_point() and tensor.dtype != ref.dtype:
                 tensor = tensor.to(ref.dtype)  # only when from_pretrained(dtype=...) asked for another dtype
             out[key] = tensor
