@@ -27,6 +27,7 @@ import torch
 from hf_vae_compress import CompressedModel, VAECompressionConfig
 from hf_vae_compress.data import image_transform, load_fashion_mnist
 from hf_vae_compress.evaluate import as_tensors, evaluate
+from hf_vae_compress.finetune import FinetuneConfig
 from hf_vae_compress.models import load_model
 from hf_vae_compress.pipeline import compress_folder
 
@@ -159,14 +160,43 @@ class Bench:
                      output=str(out.relative_to(ROOT)))
 
 
+    def finetuned(self, bpws: list[float], transform: str, tuning: FinetuneConfig) -> None:
+        """Post-hoc compression, then task fine-tuning (CE + distillation + rate) on the train split."""
+        method = ("ours" if transform == "vae" else "ours-identity-ablation") + "+finetune"
+        for bpw in bpws:
+            out = self.work / f"{method}-bpw{bpw}-rw{tuning.rate_weight}-seed{tuning.seed}"
+            config = VAECompressionConfig(target_bits_per_weight=bpw, transform=transform, seed=tuning.seed)
+            compressed = compress_folder(str(self.folder), out, config, dataset="fashion_mnist", progress=False,
+                                         finetune_config=tuning)
+            start = time.perf_counter()
+            decoded = CompressedModel.load(out).decode()
+            decode_s = time.perf_counter() - start
+            cli = (f"hf-vae-compress compress {self.folder.relative_to(ROOT)} OUT --target-bpw {bpw} "
+                   f"--transform {transform} --seed {tuning.seed} --finetune-steps {tuning.steps} "
+                   f"--rate-weight {tuning.rate_weight}")
+            info = compressed.header["finetune"]
+            self.add(method, dict(start_bpw=bpw, rate_weight=tuning.rate_weight), cli,
+                     compressed.report()["total_bytes"], self.score(decoded), encode_s=compressed.header["encode_seconds"],
+                     decode_s=decode_s, seed=tuning.seed, train_steps=info["steps"], train_seconds=info["seconds"],
+                     train_processes=info["processes"], output=str(out.relative_to(ROOT)))
+
+
+METHOD_GROUPS = {
+    "baselines": ("fp32", "fp16", "int8", "int4"),
+    "nncodec": ("nncodec-qp", "nncodec-opt_qp", "nncodec-our-allocation"),
+    "ours": ("ours", "ours-identity-ablation"),
+    "finetune": ("ours+finetune", "ours-identity-ablation+finetune"),
+}
+
+
 def headline(rows: list[dict], method: str) -> dict | None:
     """The smallest point of a method within the budget, chosen on the validation split."""
     fits = [r for r in rows if r["method"] == method and r["val_drop"] <= BUDGET_PT]
     return min(fits, key=lambda r: r["bytes"]) if fits else None
 
 
-def save_artifact(row: dict) -> None:
-    target = RESULTS / "artifacts" / row["model"]
+def save_artifact(row: dict, name: str) -> None:
+    target = RESULTS / "artifacts" / name
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(ROOT / row["output"], target)
 
@@ -174,10 +204,13 @@ def save_artifact(row: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--methods", nargs="+", choices=list(METHOD_GROUPS), default=["baselines", "nncodec", "ours"])
     parser.add_argument("--ours-bpw", nargs="+", type=float, default=OURS_BPW)
     parser.add_argument("--qps", nargs="+", type=int, default=NNC_QPS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--skip-nncodec", action="store_true")
+    parser.add_argument("--finetune-bpw", nargs="+", type=float, default=[0.3, 0.5])
+    parser.add_argument("--finetune-steps", type=int, default=FinetuneConfig.steps)
+    parser.add_argument("--rate-weight", type=float, default=FinetuneConfig.rate_weight)
     parser.add_argument("--output", type=Path, default=RESULTS / "rate_accuracy.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -185,21 +218,29 @@ def main(argv: list[str] | None = None) -> None:
 
     previous = json.loads(args.output.read_text()) if args.output.exists() else {"rows": []}
     names = [Path(m).name for m in args.models]
-    rows = [r for r in previous["rows"] if r["model"] not in names]
+    replaced = {m for group in args.methods for m in METHOD_GROUPS[group]}
+    rows = [r for r in previous["rows"] if not (r["model"] in names and r["method"] in replaced)]
     for name in args.models:
         bench = Bench(name)
-        bench.baselines()
-        if not args.skip_nncodec:
+        if "baselines" in args.methods:
+            bench.baselines()
+        if "nncodec" in args.methods:
             bench.nncodec(args.qps, "qp")
             bench.nncodec(args.qps, "opt_qp")
             bench.nncodec_our_allocation(args.ours_bpw)
-        for seed in args.seeds:
-            bench.ours(args.ours_bpw, "vae", seed)
-        bench.ours(args.ours_bpw, "identity", 0)  # deterministic: one seed is all there is
-        best = headline(bench.rows, "ours")
-        if best:
-            save_artifact(best)
-        rows += bench.rows
+        if "ours" in args.methods:
+            for seed in args.seeds:
+                bench.ours(args.ours_bpw, "vae", seed)
+            bench.ours(args.ours_bpw, "identity", 0)  # deterministic: one seed is all there is
+        if "finetune" in args.methods:
+            for transform in ("vae", "identity"):
+                tuning = FinetuneConfig(steps=args.finetune_steps, rate_weight=args.rate_weight)
+                bench.finetuned(args.finetune_bpw, transform, tuning)
+        for method, suffix in (("ours", ""), ("ours+finetune", "-finetuned")):
+            best = headline(bench.rows, method)
+            if best:
+                save_artifact(best, bench.name + suffix)
+        rows += [r for r in bench.rows if r["method"] in replaced]
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps({"budget_pt": BUDGET_PT, "selection_split": "validation",
                                            "rows": rows}, indent=1) + "\n")

@@ -4,6 +4,7 @@ import logging
 
 from .codec import CONTAINER_NAME, CompressedModel, ContainerError, IntegrityError, VAECompressionConfig, compress
 from .evaluate import evaluate
+from .finetune import FinetuneConfig, finetune
 from .hub import CardInfo, create_model, push_to_hub, save_pretrained
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -16,7 +17,7 @@ except ImportError as _err:  # transformers missing or too different: timm loadi
     logging.getLogger(__name__).warning("hf_vae_compress: transformers integration unavailable: %s", _err)
 
 __all__ = [
-    "CONTAINER_NAME", "CardInfo", "CompressedModel", "ContainerError", "IntegrityError", "VAECompressionConfig",
-    "compress", "create_model", "evaluate", "push_to_hub", "save_pretrained",
+    "CONTAINER_NAME", "CardInfo", "CompressedModel", "ContainerError", "FinetuneConfig", "IntegrityError",
+    "VAECompressionConfig", "compress", "create_model", "evaluate", "finetune", "push_to_hub", "save_pretrained",
 ]
 __version__ = "0.1.0"

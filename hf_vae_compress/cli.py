@@ -36,7 +36,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict:
     import torch
 
     from .finetune import FinetuneConfig
-    from .pipeline import compress_folder
+    from .pipeline import compress_folder, search_smallest
 
     fields = dict(transform=args.transform, chunk_size=args.chunk_size, hidden_size=args.hidden_size,
                   train_steps=args.train_steps, seed=args.seed, calibration_batches=args.calibration_batches)
@@ -52,15 +52,24 @@ def _cmd_compress(args: argparse.Namespace) -> dict:
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    compressed = compress_folder(args.source, args.out_dir, config, dataset=args.dataset, finetune_config=tuning,
-                                 accelerator=accelerator, checkpoint_dir=args.checkpoint_dir,
-                                 resume_from=args.resume_from, local_files_only=args.local_files_only)
+    probes = None
+    if args.max_accuracy_drop is not None:
+        if not args.dataset:
+            raise ValueError("--max-accuracy-drop needs a dataset with a validation split")
+        compressed, probes = search_smallest(args.source, args.out_dir, args.max_accuracy_drop, args.dataset, config,
+                                             tuning, accelerator=accelerator)
+        if compressed is None:
+            raise ValueError(f"no rate tried kept the validation drop within {args.max_accuracy_drop} pt: {probes}")
+    else:
+        compressed = compress_folder(args.source, args.out_dir, config, dataset=args.dataset, finetune_config=tuning,
+                                     accelerator=accelerator, checkpoint_dir=args.checkpoint_dir,
+                                     resume_from=args.resume_from, local_files_only=args.local_files_only)
     if accelerator is not None and not accelerator.is_main_process:
         return None
     report = compressed.report()
     report.pop("layers")
     return dict(out_dir=str(args.out_dir), encode_seconds=compressed.header["encode_seconds"],
-                finetune=compressed.header.get("finetune"), **report)
+                finetune=compressed.header.get("finetune"), rate_search=probes, **report)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> dict:
@@ -118,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("--target-bpw", type=float, default=VAECompressionConfig.target_bits_per_weight,
                       help="target bits per weight, all side information included (searched)")
     rate.add_argument("--beta", type=float, help="fixed rate-distortion trade-off instead of a target rate")
+    rate.add_argument("--max-accuracy-drop", type=float, metavar="PT",
+                      help="search the smallest container whose top-1 drop on the validation split is at most PT")
     co.add_argument("--dataset", default="fashion_mnist",
                     help="calibration data for Fisher bit allocation ('none' for data-free)")
     co.add_argument("--transform", choices=["vae", "identity"], default="vae")

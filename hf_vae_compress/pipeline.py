@@ -7,9 +7,12 @@ model formats of :mod:`hf_vae_compress.models` and the data of :mod:`hf_vae_comp
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import math
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import torch
 
 from .codec import CONTAINER_NAME, CompressedModel, Shard, VAECompressionConfig, compress
 from .data import collate, image_transform, load_image_dataset, with_transform
-from .evaluate import as_tensors
+from .evaluate import as_tensors, evaluate
 from .finetune import FinetuneConfig, finetune
 from .models import WEIGHT_SUFFIXES, build_empty, load_model, resolve_folder
 
@@ -75,13 +78,59 @@ def compress_folder(source: str, out_dir: str | Path, config: VAECompressionConf
         compressed = finetune(compressed, model, train, finetune_config, accelerator, checkpoint_dir, resume_from,
                               progress)
     if accelerator is None or accelerator.is_main_process:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for f in src.iterdir():  # configs and preprocessing travel; weights are replaced by the container
-            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.startswith("."):
-                shutil.copy2(f, out_dir / f.name)
-        compressed.save(out_dir)
+        _write_folder(src, out_dir, compressed)
     return compressed
+
+
+def _write_folder(src: Path, out_dir: str | Path, compressed: CompressedModel) -> None:
+    """Configs and preprocessing travel from the source; its weights are replaced by the container."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.startswith("."):
+            shutil.copy2(f, out_dir / f.name)
+    compressed.save(out_dir)
+
+
+SELECTION_SPLIT = "validation"  # rate search judges accuracy here, never on test
+
+
+def search_smallest(source: str, out_dir: str | Path, max_drop_pt: float, dataset: str,
+                    config: VAECompressionConfig, finetune_config: FinetuneConfig | None = None,
+                    bpw_range: tuple[float, float] = (0.15, 4.0), probes: int = 6, accelerator=None,
+                    progress: bool = True) -> tuple[CompressedModel | None, list[dict]]:
+    """The smallest container whose top-1 drop on the held-out split is at most ``max_drop_pt``.
+
+    Bisects the target bits per weight on a log scale; each probe is a full compression (and
+    fine-tuning, when configured) judged on ``validation``. The best container is saved to
+    ``out_dir``; returns it (None if no probe fits) and the probe log.
+    """
+    base_model = load_model(resolve_folder(source))
+    held_out = as_tensors(load_image_dataset(dataset, SELECTION_SPLIT), image_transform(base_model))
+    base = evaluate(base_model, held_out, progress=False)["top1"]
+    lo, hi = math.log(bpw_range[0]), math.log(bpw_range[1])
+    best, log = None, []
+    for _ in range(probes):
+        bpw = math.exp((lo + hi) / 2)
+        with tempfile.TemporaryDirectory() as tmp:
+            probe = compress_folder(source, tmp, dataclasses.replace(config, target_bits_per_weight=bpw, beta=None),
+                                    dataset, progress, finetune_config, accelerator)
+            model = load_compressed(tmp) if accelerator is None or accelerator.is_main_process else None
+        drop = 100 * (base - evaluate(model, held_out, progress=False)["top1"]) if model is not None else 0.0
+        if accelerator is not None:
+            drop = float(accelerator.reduce(torch.tensor(drop), reduction="sum"))  # main process decides
+        size = probe.report()["total_bytes"]
+        log.append(dict(target_bits_per_weight=bpw, bytes=size, validation_drop_pt=drop))
+        logger.info("rate search: %.3f bpw -> %d bytes, validation drop %.2f pt", bpw, size, drop)
+        if drop <= max_drop_pt:
+            hi = math.log(bpw)
+            if best is None or size < best.report()["total_bytes"]:
+                best = probe
+        else:
+            lo = math.log(bpw)
+    if best is not None and (accelerator is None or accelerator.is_main_process):
+        _write_folder(resolve_folder(source), out_dir, best)
+    return best, log
 
 
 def load_compressed(folder: str | Path, progress: bool = False) -> torch.nn.Module:

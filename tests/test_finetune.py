@@ -107,3 +107,19 @@ def test_finetuning_without_data_is_refused(timm_folder, tmp_path, capsys):
 
     assert main(["compress", str(timm_folder), str(tmp_path), "--dataset", "none", "--finetune-steps", "3"]) == 2
     assert "needs a dataset" in capsys.readouterr().err
+
+
+def test_rate_search_keeps_the_smallest_container_within_the_budget(timm_folder, small_test_set, tmp_path):
+    from hf_vae_compress.pipeline import search_smallest
+
+    config = VAECompressionConfig(train_steps=20, transform="identity")
+    best, log = search_smallest(str(timm_folder), tmp_path / "any", 100.0, str(small_test_set), config,
+                                probes=3, progress=False)
+    assert len(log) == 3 and all(p["validation_drop_pt"] <= 100 for p in log)
+    assert best.report()["total_bytes"] == min(p["bytes"] for p in log)
+    assert log[0]["target_bits_per_weight"] > log[1]["target_bits_per_weight"] > log[2]["target_bits_per_weight"]
+    assert CompressedModel.load(tmp_path / "any").report()["total_bytes"] == best.report()["total_bytes"]
+    none, log = search_smallest(str(timm_folder), tmp_path / "none", -100.0, str(small_test_set), config,
+                                probes=2, progress=False)
+    assert none is None and log[0]["target_bits_per_weight"] < log[1]["target_bits_per_weight"]
+    assert not (tmp_path / "none").exists()

@@ -157,6 +157,27 @@ class Shard:
     average: Callable[[list[torch.Tensor]], None]
 
 
+def _optimise(params: list[torch.Tensor], loss_of: Callable[[torch.Tensor], torch.Tensor], num_chunks: int,
+              steps: int, batch_size: int, learning_rate: float, generator: torch.Generator,
+              shard: Shard | None, progress: bool, desc: str) -> list[float]:
+    """Adam with a cosine schedule over random batches of chunk indices (this process's shard)."""
+    rank, world = (shard.rank, shard.world_size) if shard else (0, 1)
+    pool = torch.arange(rank, num_chunks, world)
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    losses = []
+    for _ in tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False):
+        loss = loss_of(pool[torch.randint(0, len(pool), (batch_size,), generator=generator)])
+        optimizer.zero_grad()
+        loss.backward()
+        if shard is not None:
+            shard.average([p.grad for p in params if p.grad is not None])
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    return losses
+
+
 def fit_vae(vae: WeightVAE, chunks: torch.Tensor, tensor_index: torch.Tensor, log_steps: torch.Tensor,
             steps: int, batch_size: int, learning_rate: float, seed: int, progress: bool = True,
             shard: Shard | None = None) -> list[float]:
@@ -168,35 +189,25 @@ def fit_vae(vae: WeightVAE, chunks: torch.Tensor, tensor_index: torch.Tensor, lo
     gradients are averaged, so every process ends with the same networks.
     Returns the loss per step.
     """
-    rank, world = (shard.rank, shard.world_size) if shard else (0, 1)
-    generator = torch.Generator().manual_seed(seed * 1000 + rank)
-    pool = torch.arange(rank, len(chunks), world)
+    generator = torch.Generator().manual_seed(seed * 1000 + (shard.rank if shard else 0))
     num_tensors, dim = len(log_steps), chunks.shape[1]
     vae.active_maps = init_klt_(vae, chunks, tensor_index)
     vae.freeze_inactive_maps()
     init_scale = torch.stack([chunks[tensor_index == t].abs().mean(0) for t in range(num_tensors)])
     log_prior_scale = nn.Parameter(init_scale.clamp_min(1e-3).log())
-    params = [*vae.parameters(), log_prior_scale]
-    optimizer = torch.optim.Adam(params, lr=learning_rate)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    losses = []
-    for _ in tqdm(range(steps), desc="fit VAE", unit="step", disable=not progress, leave=False):
-        idx = pool[torch.randint(0, len(pool), (batch_size,), generator=generator)]
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
         x, t = chunks[idx], tensor_index[idx]
-        log_step = log_steps[t] + (torch.rand(batch_size, generator=generator) * 2 - 1) * math.log(2)
+        log_step = log_steps[t] + (torch.rand(len(idx), generator=generator) * 2 - 1) * math.log(2)
         step = log_step.exp()[:, None]
         latent_in_steps = vae.encoder(x, log_step, t) / step
         x_hat = vae.decoder(round_ste(latent_in_steps) * step, log_step, t)
         distortion = ((x - x_hat) / step).pow(2).sum(1)
         bits = laplace_bits(noisy(latent_in_steps), log_prior_scale[t].exp() / step).sum(1)
-        loss = (distortion + RATE_WEIGHT * bits).mean() / dim
-        optimizer.zero_grad()
-        loss.backward()
-        if shard is not None:
-            shard.average([p.grad for p in params if p.grad is not None])
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+        return (distortion + RATE_WEIGHT * bits).mean() / dim
+
+    losses = _optimise([*vae.parameters(), log_prior_scale], loss_of, len(chunks), steps, batch_size,
+                       learning_rate, generator, shard, progress, "fit VAE")
     logger.info("VAE fit: loss %.4f -> %.4f over %d steps", losses[0], losses[-1], steps)
     return losses
 
@@ -204,28 +215,20 @@ def fit_vae(vae: WeightVAE, chunks: torch.Tensor, tensor_index: torch.Tensor, lo
 def refine_decoder(vae: WeightVAE, chunks: torch.Tensor, symbols: torch.Tensor, tensor_index: torch.Tensor,
                    log_steps: torch.Tensor, steps: int, batch_size: int, learning_rate: float, seed: int,
                    shard: Shard | None = None) -> None:
-    """Fit the decoder to the symbols the encoder actually produced (rate-optimised rounding moves
-    values across cells): a regression of chunks on symbols, in squared steps. The rate is fixed,
-    so this only lowers distortion: reconstruction points move to where their cells' weights are.
+    """Fit the decoder to the symbols the encoder actually produced: training saw uniform noise
+    and jittered steps, coding sees hard rounding at one step per tensor. A regression of chunks on
+    symbols, in squared steps; the rate is fixed, so this only lowers distortion.
     """
-    rank, world = (shard.rank, shard.world_size) if shard else (0, 1)
-    generator = torch.Generator().manual_seed(seed * 1000 + rank + 7)
-    pool = torch.arange(rank, len(chunks), world)
-    params = list(vae.decoder.parameters())
-    optimizer = torch.optim.Adam(params, lr=learning_rate)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    for _ in range(steps):
-        idx = pool[torch.randint(0, len(pool), (batch_size,), generator=generator)]
+    generator = torch.Generator().manual_seed(seed * 1000 + (shard.rank if shard else 0) + 7)
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
         t = tensor_index[idx]
         step = log_steps[t].exp()[:, None]
         x_hat = vae.decoder(symbols[idx].float() * step, log_steps[t], t)
-        loss = ((chunks[idx] - x_hat) / step).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        if shard is not None:
-            shard.average([p.grad for p in params if p.grad is not None])
-        optimizer.step()
-        schedule.step()
+        return ((chunks[idx] - x_hat) / step).pow(2).mean()
+
+    _optimise(list(vae.decoder.parameters()), loss_of, len(chunks), steps, batch_size, learning_rate, generator,
+              shard, False, "refine decoder")
 
 
 MAP_COST_BITS = 16  # a stored map entry is fp16
