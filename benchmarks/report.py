@@ -100,12 +100,17 @@ def plot(model: str, rows: list[dict], budget: float, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     base = next(r for r in rows if r["method"] == "fp32")["top1"]
-    for method in [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]:
-        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["bits_per_weight"])
+    series = [(m, seed) for m in METHOD_ORDER
+              for seed in sorted({r.get("seed", 0) for r in rows if r["method"] == m})]
+    for method, seed in series:
+        pts = sorted((r for r in rows if r["method"] == method and r.get("seed", 0) == seed),
+                     key=lambda r: r["bits_per_weight"])
+        seeds = {r.get("seed", 0) for r in rows if r["method"] == method}
+        label = LABELS.get(method, method) + (f", seed {seed}" if len(seeds) > 1 else "")
         x = [r["bits_per_weight"] for r in pts]
         y = [100 * r["top1"] for r in pts]
         err = [[100 * (r["top1"] - r["top1_ci95"][0]) for r in pts], [100 * (r["top1_ci95"][1] - r["top1"]) for r in pts]]
-        ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, lw=1, label=LABELS.get(method, method),
+        ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, lw=1, label=label,
                     linestyle="-" if len(pts) > 1 else "none")
     ax.axhline(100 * base - 100 * budget / 100, color="grey", ls="--", lw=0.8, label=f"fp32 - {budget} pt")
     ax.set_xscale("log")

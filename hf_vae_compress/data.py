@@ -176,16 +176,16 @@ def image_transform(model: torch.nn.Module) -> Callable:
     """
     import torchvision.transforms as T
 
-    if hasattr(model, "pretrained_cfg"):
-        import timm.data
+    import timm.data
 
+    if hasattr(model, "pretrained_cfg"):
         cfg = timm.data.resolve_data_config({}, model=model)
-        mode = "L" if cfg["input_size"][0] == 1 else "RGB"
-        return T.Compose([T.Lambda(lambda im: im.convert(mode)), timm.data.create_transform(**cfg)])
-    timm_model = getattr(model, "timm_model", None)
-    if timm_model is not None:
-        return image_transform(timm_model)
-    return _transformers_transform(model)
+    elif hasattr(model, "timm_model"):  # transformers' TimmWrapper: the checkpoint's cfg is in its config
+        cfg = timm.data.resolve_data_config({}, pretrained_cfg=model.config.pretrained_cfg)
+    else:
+        return _transformers_transform(model)
+    mode = "L" if cfg["input_size"][0] == 1 else "RGB"
+    return T.Compose([T.Lambda(lambda im: im.convert(mode)), timm.data.create_transform(**cfg)])
 
 
 def _transformers_transform(model: torch.nn.Module) -> Callable:
