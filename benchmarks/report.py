@@ -18,14 +18,21 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 METHOD_ORDER = ["fp32", "fp16", "int8", "int4", "nncodec-qp", "nncodec-opt_qp", "nncodec-our-allocation",
-                "ours-identity-ablation", "ours", "ours+finetune"]
+                "ours-identity-ablation", "ours", "ours-identity-ablation+finetune", "ours+finetune"]
 LABELS = {
     "fp32": "fp32 safetensors", "fp16": "fp16 safetensors", "int8": "int8 per-channel", "int4": "int4 per-channel",
     "nncodec-qp": "NNCodec, one QP", "nncodec-opt_qp": "NNCodec, its own per-tensor QPs (opt_qp)",
     "nncodec-our-allocation": "NNCodec, per-tensor QPs from our allocation",
     "ours-identity-ablation": "ours, identity transform (ablation)", "ours": "ours (VAE)",
     "ours+finetune": "ours (VAE) + fine-tuning",
+    "ours-identity-ablation+finetune": "ours, identity transform (ablation) + fine-tuning",
 }
+
+
+def _setting(setting) -> str:
+    if isinstance(setting, dict):
+        return f"from {setting['start_bpw']} bits/weight, rate weight {setting['rate_weight']}"
+    return str(setting)
 
 
 def headlines(rows: list[dict], budget: float) -> dict[str, dict]:
@@ -60,7 +67,7 @@ def model_table(model: str, rows: list[dict], budget: float) -> list[str]:
         tops = "; ".join(f"{_pct(s['top1'])} [{_pct(s['top1_ci95'][0])}, {_pct(s['top1_ci95'][1])}]"
                          + (f" (seed {s['seed']})" if len(seeds) > 1 else "") for s in seeds)
         drops = "; ".join(f"{s['top1_drop']:+.2f}" for s in seeds)
-        lines.append(f"| {LABELS.get(method, method)} | {r['setting']} | {r['bytes']:,} | {r['ratio_vs_fp32']:.1f}x "
+        lines.append(f"| {LABELS.get(method, method)} | {_setting(r['setting'])} | {r['bytes']:,} | {r['ratio_vs_fp32']:.1f}x "
                      f"| {r['bits_per_weight']:.3f} | {tops} | {drops} |")
     missing = [LABELS.get(m, m) for m in METHOD_ORDER if m not in best and any(r["method"] == m for r in rows)]
     if missing:
@@ -152,6 +159,22 @@ def load_speed_lines(path: Path) -> list[str]:
             f"Decoding alone runs at {r['decode_weights_per_s'] / 1e6:.0f} M weights/s.", ""]
 
 
+def hub_lines(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    lines = ["#### Hub round trip", "",
+             "`benchmarks/hub_roundtrip.py`: each headline container is pushed with its model card to a loopback "
+             "Hub server (the real `huggingface_hub` client), then loaded in a fresh process with the user's call "
+             "and evaluated on the test split; the fp32 model is pushed and loaded the same way in the same run.", "",
+             "| model | loader | top-1 equals local decode | logits bit-identical | load s (ours / fp32) |",
+             "|---|---|---|---|---|"]
+    for row in json.loads(path.read_text())["rows"]:
+        for p in row["paths"]:
+            lines.append(f"| {row['model']} | {p['loader']} | {p['top1_equal']} | {p['logits_bit_identical']} "
+                         f"| {p['load_s']:.2f} / {p['fp32_load_s']:.2f} ({p['load_ratio']:.2f}x) |")
+    return lines + [""]
+
+
 def render(data: dict) -> str:
     budget = data["budget_pt"]
     by_model: dict[str, list[dict]] = defaultdict(list)
@@ -165,6 +188,7 @@ def render(data: dict) -> str:
         plot(model, rows, budget, RESULTS / f"rate_accuracy_{model}.png")
         lines += model_table(model, rows, budget)
     lines += load_speed_lines(RESULTS / "load_speed.json")
+    lines += hub_lines(RESULTS / "hub_roundtrip.json")
     lines.append(END)
     return "\n".join(lines)
 
