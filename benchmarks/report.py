@@ -99,19 +99,17 @@ def verdict(model: str, best: dict[str, dict]) -> str:
             parts.append(f"{when}, " + _compare("the VAE transform's headline", ours["bytes"],
                                                  "the identity ablation's", ablation["bytes"]))
     nnc = [m for m in best if m.startswith("nncodec")]
-    ours_best = min((best[m] for m in ("ours", "ours-identity-ablation", "ours+finetune",
-                                       "ours-identity-ablation+finetune") if m in best),
-                    key=lambda r: r["bytes"], default=None)
     own = [m for m in ("nncodec-qp", "nncodec-opt_qp") if m in best]
-    if ours_best and own:
-        strongest_own = min(own, key=lambda m: best[m]["bytes"])
-        parts.append(_compare("our pipeline's smallest headline", ours_best["bytes"],
-                              f"NNCodec's best with its own rate control ({LABELS[strongest_own]})",
-                              best[strongest_own]["bytes"]))
-    if ours_best and nnc:
-        strongest = min(nnc, key=lambda m: best[m]["bytes"])
-        parts.append(_compare("our pipeline's smallest headline", ours_best["bytes"],
-                              f"the strongest NNCodec configuration's ({LABELS[strongest]})", best[strongest]["bytes"]))
+    for when, ours_methods in (("post-hoc", ("ours", "ours-identity-ablation")),
+                               ("with fine-tuning", ("ours+finetune", "ours-identity-ablation+finetune"))):
+        ours_best = min((best[m] for m in ours_methods if m in best), key=lambda r: r["bytes"], default=None)
+        if ours_best is None:
+            continue
+        for label, pool in (("NNCodec's best with its own rate control", own), ("the strongest NNCodec configuration", nnc)):
+            if pool:
+                m = min(pool, key=lambda k: best[k]["bytes"])
+                parts.append(f"{when}, " + _compare("our pipeline's smallest headline", ours_best["bytes"],
+                                                    f"{label} ({LABELS[m]}, post-hoc)", best[m]["bytes"]))
     return (f"On {model}: " + "; ".join(parts) + ".") if parts else ""
 
 
