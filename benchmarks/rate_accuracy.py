@@ -195,6 +195,11 @@ def headline(rows: list[dict], method: str) -> dict | None:
     return min(fits, key=lambda r: r["bytes"]) if fits else None
 
 
+def _key(row: dict) -> tuple:
+    """A measurement's identity: re-running it replaces it, other rows are kept."""
+    return row["model"], row["method"], json.dumps(row["setting"], sort_keys=True), row.get("seed", 0)
+
+
 def save_artifact(row: dict, name: str) -> None:
     target = RESULTS / "artifacts" / name
     shutil.rmtree(target, ignore_errors=True)
@@ -216,10 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(0)
 
-    previous = json.loads(args.output.read_text()) if args.output.exists() else {"rows": []}
-    names = [Path(m).name for m in args.models]
+    rows = json.loads(args.output.read_text())["rows"] if args.output.exists() else []
     replaced = {m for group in args.methods for m in METHOD_GROUPS[group]}
-    rows = [r for r in previous["rows"] if not (r["model"] in names and r["method"] in replaced)]
     for name in args.models:
         bench = Bench(name)
         if "baselines" in args.methods:
@@ -233,14 +236,16 @@ def main(argv: list[str] | None = None) -> None:
                 bench.ours(args.ours_bpw, "vae", seed)
             bench.ours(args.ours_bpw, "identity", 0)  # deterministic: one seed is all there is
         if "finetune" in args.methods:
-            for transform in ("vae", "identity"):
-                tuning = FinetuneConfig(steps=args.finetune_steps, rate_weight=args.rate_weight)
-                bench.finetuned(args.finetune_bpw, transform, tuning)
+            for seed in args.seeds:  # fine-tuning samples its batches: stochastic for both transforms
+                for transform in ("vae", "identity"):
+                    tuning = FinetuneConfig(steps=args.finetune_steps, rate_weight=args.rate_weight, seed=seed)
+                    bench.finetuned(args.finetune_bpw, transform, tuning)
+        fresh = [r for r in bench.rows if r["method"] in replaced]
+        rows = [r for r in rows if _key(r) not in {_key(f) for f in fresh}] + fresh
         for method, suffix in (("ours", ""), ("ours+finetune", "-finetuned")):
-            best = headline(bench.rows, method)
-            if best:
+            best = headline([r for r in rows if r["model"] == bench.name], method)
+            if best and method in replaced:
                 save_artifact(best, bench.name + suffix)
-        rows += [r for r in bench.rows if r["method"] in replaced]
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps({"budget_pt": BUDGET_PT, "selection_split": "validation",
                                            "rows": rows}, indent=1) + "\n")
