@@ -186,8 +186,13 @@ def test_push_is_one_commit_and_snapshot_download_matches(hub, published, tmp_pa
         # the same files load with timm's local-dir naming too
         if kind == "timm":
             model = create_model(f"local-dir:{snapshot}").eval()
-            with torch.no_grad():
-                assert torch.allclose(model(torch.load(published["x"])), published["reference"]["timm"])
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # the reference logits were computed on one thread: same summation order
+            try:
+                with torch.no_grad():
+                    assert torch.equal(model(torch.load(published["x"], weights_only=True)), published["reference"]["timm"])
+            finally:
+                torch.set_num_threads(threads)
     assert hub.unhandled == []
 
 
@@ -257,7 +262,7 @@ def test_timm_create_model_from_hub(hub, published, tmp_path):
     out = tmp_path / "logits.pt"
     result = _run(f"""
         import hf_vae_compress, timm
-        x = torch.load({str(published["x"])!r})
+        x = torch.load({str(published["x"])!r}, weights_only=True)
         fp32 = lambda: timm.create_model("hf-hub:{FP32_REPOS["timm"]}", pretrained=True)
         compressed = lambda: hf_vae_compress.create_model("hf-hub:{REPOS["timm"]}")
         _, fp32_first = timed(fp32)
@@ -267,7 +272,7 @@ def test_timm_create_model_from_hub(hub, published, tmp_path):
                           "cached": compare_load_times(fp32, compressed)}}))
     """, _env(hub.url, tmp_path / "home"), "timm create_model")
     assert result["type"] == "ResNet"
-    assert torch.equal(torch.load(out), published["reference"]["timm"])
+    assert torch.equal(torch.load(out, weights_only=True), published["reference"]["timm"])
     _record("timm: timm.create_model vs hf_vae_compress.create_model", result)
 
 
@@ -276,7 +281,7 @@ def test_transformers_quantizer_from_hub(hub, published, tmp_path):
     result = _run(f"""
         import hf_vae_compress
         from transformers import AutoModelForImageClassification as Auto
-        x = torch.load({str(published["x"])!r})
+        x = torch.load({str(published["x"])!r}, weights_only=True)
         fp32 = lambda: Auto.from_pretrained({FP32_REPOS["vit"]!r})
         compressed = lambda: Auto.from_pretrained({REPOS["vit"]!r})
         _, fp32_first = timed(fp32)
@@ -290,7 +295,7 @@ def test_transformers_quantizer_from_hub(hub, published, tmp_path):
     assert result["type"] == "ViTForImageClassification" and result["quant"] == "hf_vae_compress"
     assert result["dtype"] == "torch.float32"
     assert all(not v for v in result["info"].values()), result["info"]  # no missing / unexpected / mismatched
-    assert torch.equal(torch.load(out), published["reference"]["vit"])
+    assert torch.equal(torch.load(out, weights_only=True), published["reference"]["vit"])
     _record("ViT: AutoModelForImageClassification.from_pretrained", result)
     TIMINGS["ViT: decode inside the first compressed from_pretrained"] = result["decode_s"]
 
@@ -300,7 +305,7 @@ def test_timm_repo_through_transformers_timm_wrapper(hub, published, tmp_path):
     result = _run(f"""
         import hf_vae_compress
         from transformers import AutoModelForImageClassification as Auto
-        x = torch.load({str(published["x"])!r})
+        x = torch.load({str(published["x"])!r}, weights_only=True)
         fp32 = lambda: Auto.from_pretrained({FP32_REPOS["timm"]!r})
         compressed = lambda: Auto.from_pretrained({REPOS["timm"]!r})
         _, fp32_first = timed(fp32)
@@ -311,7 +316,7 @@ def test_timm_repo_through_transformers_timm_wrapper(hub, published, tmp_path):
     """, _env(hub.url, tmp_path / "home"), "TimmWrapper")
     assert result["type"] == "TimmWrapperForImageClassification"
     assert all(not v for v in result["info"].values()), result["info"]
-    assert torch.equal(torch.load(out), published["reference"]["timm"])
+    assert torch.equal(torch.load(out, weights_only=True), published["reference"]["timm"])
     _record("timm repo: TimmWrapper from_pretrained", result)
 
 
@@ -320,13 +325,13 @@ def test_remote_code_without_importing_the_plugin(hub, published, tmp_path, kind
     out = tmp_path / "logits.pt"
     result = _run(f"""
         from transformers import AutoModelForImageClassification as Auto
-        x = torch.load({str(published["x"])!r})
+        x = torch.load({str(published["x"])!r}, weights_only=True)
         model = Auto.from_pretrained({REPOS[kind]!r}, trust_remote_code=True)
         torch.save(logits(model, x), {str(out)!r})
         print(json.dumps({{"type": type(model).__name__, "plugin": "hf_vae_compress" in sys.modules}}))
     """, _env(hub.url, tmp_path / "home"), f"remote code {kind}")
     assert result["plugin"]  # imported by the shim, not by us
-    assert torch.equal(torch.load(out), published["reference"][kind])
+    assert torch.equal(torch.load(out, weights_only=True), published["reference"][kind])
 
 
 def test_offline_load_from_cache(hub, published, tmp_path):
@@ -340,14 +345,14 @@ def test_offline_load_from_cache(hub, published, tmp_path):
     _run(f"""
         import hf_vae_compress
         from transformers import AutoModelForImageClassification as Auto
-        x = torch.load({str(published["x"])!r})
+        x = torch.load({str(published["x"])!r}, weights_only=True)
         torch.save(logits(Auto.from_pretrained({REPOS["vit"]!r}), x), {str(out["vit"])!r})
         torch.save(logits(hf_vae_compress.create_model("hf-hub:{REPOS["timm"]}"), x), {str(out["timm"])!r})
         print("{{}}")
     """, _env(hub.url, home, HF_HUB_OFFLINE="1"), "offline")
     assert len(hub.requests) == n_requests  # offline really made no request
     for kind, path in out.items():
-        assert torch.equal(torch.load(path), published["reference"][kind])
+        assert torch.equal(torch.load(path, weights_only=True), published["reference"][kind])
 
 
 BLOCK_PLUGIN = """
