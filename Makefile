@@ -36,6 +36,7 @@ test: $(STAMP) data
 bench: $(STAMP) data
 	$(PY) benchmarks/rate_accuracy.py
 	$(PY) benchmarks/load_speed.py
+	$(PY) benchmarks/hub_roundtrip.py
 	$(PY) benchmarks/report.py
 
 clean:

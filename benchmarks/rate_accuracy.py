@@ -209,7 +209,7 @@ def save_artifact(row: dict, name: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=MODELS)
-    parser.add_argument("--methods", nargs="+", choices=list(METHOD_GROUPS), default=["baselines", "nncodec", "ours"])
+    parser.add_argument("--methods", nargs="+", choices=list(METHOD_GROUPS), default=list(METHOD_GROUPS))
     parser.add_argument("--ours-bpw", nargs="+", type=float, default=OURS_BPW)
     parser.add_argument("--qps", nargs="+", type=int, default=NNC_QPS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])

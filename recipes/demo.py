@@ -50,7 +50,7 @@ def main() -> None:
 
     fp32 = report["fp32_safetensors_bytes"]
     rows = [
-        ("fp32 safetensors", fp32, 32.0, 1.0, before["top1"]),
+        ("fp32 safetensors", fp32, 8 * fp32 / report["num_weights"], 1.0, before["top1"]),
         ("hf-vae-compress", report["total_bytes"], report["bits_per_weight"], fp32 / report["total_bytes"],
          after["top1"]),
     ]
