@@ -33,6 +33,7 @@ from hf_vae_compress.pipeline import compress_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import read_float, read_int, write_float, write_int  # noqa: E402
+from report import headlines  # noqa: E402
 
 logger = logging.getLogger("rate_accuracy")
 
@@ -189,21 +190,21 @@ METHOD_GROUPS = {
 }
 
 
-def headline(rows: list[dict], method: str) -> dict | None:
-    """The smallest point of a method within the budget, chosen on the validation split."""
-    fits = [r for r in rows if r["method"] == method and r["val_drop"] <= BUDGET_PT]
-    return min(fits, key=lambda r: r["bytes"]) if fits else None
-
-
 def _key(row: dict) -> tuple:
     """A measurement's identity: re-running it replaces it, other rows are kept."""
     return row["model"], row["method"], json.dumps(row["setting"], sort_keys=True), row.get("seed", 0)
 
 
-def save_artifact(row: dict, name: str) -> None:
-    target = RESULTS / "artifacts" / name
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(ROOT / row["output"], target)
+def save_headline_artifacts(rows: list[dict], methods: set[str]) -> None:
+    """Copy the containers the README quotes (report.py's headlines: every seed within budget on
+    validation; the largest seed's container) to ``results/artifacts/<model>[-finetuned]/``."""
+    best = headlines(rows, BUDGET_PT)
+    for method, suffix in (("ours", ""), ("ours+finetune", "-finetuned")):
+        if method in best and method in methods:
+            row = max(best[method]["seeds"], key=lambda r: r["bytes"])
+            target = RESULTS / "artifacts" / (row["model"] + suffix)
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(ROOT / row["output"], target)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -242,10 +243,7 @@ def main(argv: list[str] | None = None) -> None:
                     bench.finetuned(args.finetune_bpw, transform, tuning)
         fresh = [r for r in bench.rows if r["method"] in replaced]
         rows = [r for r in rows if _key(r) not in {_key(f) for f in fresh}] + fresh
-        for method, suffix in (("ours", ""), ("ours+finetune", "-finetuned")):
-            best = headline([r for r in rows if r["model"] == bench.name], method)
-            if best and method in replaced:
-                save_artifact(best, bench.name + suffix)
+        save_headline_artifacts([r for r in rows if r["model"] == bench.name], replaced)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps({"budget_pt": BUDGET_PT, "selection_split": "validation",
                                            "rows": rows}, indent=1) + "\n")
