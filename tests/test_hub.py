@@ -276,48 +276,31 @@ def test_timm_create_model_from_hub(hub, published, tmp_path):
     _record("timm: timm.create_model vs hf_vae_compress.create_model", result)
 
 
-def test_transformers_quantizer_from_hub(hub, published, tmp_path):
+@pytest.mark.parametrize("kind, model_type", [("vit", "ViTForImageClassification"),
+                                              ("timm", "TimmWrapperForImageClassification")])
+def test_transformers_from_pretrained_decodes_through_the_quantizer(hub, published, tmp_path, kind, model_type):
+    """A transformers ViT repo, and a timm repo through TimmWrapper: the quantizer decodes both."""
     out = tmp_path / "logits.pt"
     result = _run(f"""
         import hf_vae_compress
         from transformers import AutoModelForImageClassification as Auto
         x = torch.load({str(published["x"])!r}, weights_only=True)
-        fp32 = lambda: Auto.from_pretrained({FP32_REPOS["vit"]!r})
-        compressed = lambda: Auto.from_pretrained({REPOS["vit"]!r})
+        fp32 = lambda: Auto.from_pretrained({FP32_REPOS[kind]!r})
+        compressed = lambda: Auto.from_pretrained({REPOS[kind]!r})
         _, fp32_first = timed(fp32)
-        (model, info), compressed_first = timed(lambda: Auto.from_pretrained({REPOS["vit"]!r}, output_loading_info=True))
+        (model, info), compressed_first = timed(lambda: Auto.from_pretrained({REPOS[kind]!r}, output_loading_info=True))
         torch.save(logits(model, x), {str(out)!r})
         print(json.dumps({{"type": type(model).__name__, "info": {{k: sorted(map(str, v)) for k, v in info.items()}},
                           "quant": model.config.quantization_config.quant_method, "dtype": str(model.dtype),
                           "decode_s": model.hf_quantizer.decode_seconds, "first": [fp32_first, compressed_first],
                           "cached": compare_load_times(fp32, compressed)}}))
-    """, _env(hub.url, tmp_path / "home"), "transformers quantizer")
-    assert result["type"] == "ViTForImageClassification" and result["quant"] == "hf_vae_compress"
+    """, _env(hub.url, tmp_path / "home"), f"transformers {kind}")
+    assert result["type"] == model_type and result["quant"] == "hf_vae_compress"
     assert result["dtype"] == "torch.float32"
     assert all(not v for v in result["info"].values()), result["info"]  # no missing / unexpected / mismatched
-    assert torch.equal(torch.load(out, weights_only=True), published["reference"]["vit"])
-    _record("ViT: AutoModelForImageClassification.from_pretrained", result)
-    TIMINGS["ViT: decode inside the first compressed from_pretrained"] = result["decode_s"]
-
-
-def test_timm_repo_through_transformers_timm_wrapper(hub, published, tmp_path):
-    out = tmp_path / "logits.pt"
-    result = _run(f"""
-        import hf_vae_compress
-        from transformers import AutoModelForImageClassification as Auto
-        x = torch.load({str(published["x"])!r}, weights_only=True)
-        fp32 = lambda: Auto.from_pretrained({FP32_REPOS["timm"]!r})
-        compressed = lambda: Auto.from_pretrained({REPOS["timm"]!r})
-        _, fp32_first = timed(fp32)
-        (model, info), compressed_first = timed(lambda: Auto.from_pretrained({REPOS["timm"]!r}, output_loading_info=True))
-        torch.save(logits(model, x), {str(out)!r})
-        print(json.dumps({{"type": type(model).__name__, "info": {{k: sorted(map(str, v)) for k, v in info.items()}},
-                          "first": [fp32_first, compressed_first], "cached": compare_load_times(fp32, compressed)}}))
-    """, _env(hub.url, tmp_path / "home"), "TimmWrapper")
-    assert result["type"] == "TimmWrapperForImageClassification"
-    assert all(not v for v in result["info"].values()), result["info"]
-    assert torch.equal(torch.load(out, weights_only=True), published["reference"]["timm"])
-    _record("timm repo: TimmWrapper from_pretrained", result)
+    assert torch.equal(torch.load(out, weights_only=True), published["reference"][kind])
+    _record(f"{kind}: AutoModelForImageClassification.from_pretrained", result)
+    TIMINGS[f"{kind}: decode inside the first compressed from_pretrained"] = result["decode_s"]
 
 
 @pytest.mark.parametrize("kind", ["vit", "timm"])
