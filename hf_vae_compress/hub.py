@@ -36,7 +36,7 @@ import torch
 
 from .codec import CONTAINER_NAME, CompressedModel
 from .integrations import REMOTE_CODE_AUTO_MAP, REMOTE_CODE_DIR, REMOTE_CODE_MODULE
-from .models import WEIGHT_SUFFIXES, model_format, read_config, resolve_folder, weights_bytes
+from .models import WEIGHT_SUFFIXES, copy_side_files, model_format, read_config, resolve_folder, weights_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -224,11 +224,8 @@ def save_pretrained(compressed: CompressedModel, source_folder: str | Path, out_
     base_bytes = weights_bytes(src) - ((src / CONTAINER_NAME).stat().st_size if (src / CONTAINER_NAME).exists() else 0)
 
     same = src.resolve() == out.resolve()
-    if not same:
-        for f in src.iterdir():  # configs and preprocessing travel; weights are replaced by the container
-            if (f.is_file() and not f.name.endswith((*WEIGHT_SUFFIXES, ".index.json")) and not f.name.startswith(".")
-                    and f.name not in ("config.json", "README.md")):
-                shutil.copy2(f, out / f.name)
+    if not same:  # configs and preprocessing travel; weights are replaced by the container
+        copy_side_files(src, out, skip=("config.json", "README.md"))
     container = out / CONTAINER_NAME
     container.write_bytes(compressed.to_bytes())
     container_bytes = container.stat().st_size

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -49,6 +50,18 @@ def resolve_folder(source: str, **hub_kwargs) -> Path:
 def weights_bytes(folder: str | Path) -> int:
     """Bytes of every weight file in a folder: what a download of the weights costs."""
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def copy_side_files(src: str | Path, out: str | Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy a model folder's configs and preprocessing files, never its weights.
+
+    Weight files, shard indexes (they would point at weights that are not there), hidden files
+    and the names in ``skip`` are left behind.
+    """
+    for f in Path(src).iterdir():
+        if (f.is_file() and not f.name.endswith((*WEIGHT_SUFFIXES, ".index.json")) and not f.name.startswith(".")
+                and f.name not in skip):
+            shutil.copy2(f, Path(out) / f.name)
 
 
 def build_empty(folder: str | Path) -> torch.nn.Module:

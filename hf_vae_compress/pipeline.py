@@ -11,7 +11,6 @@ import dataclasses
 import itertools
 import logging
 import math
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from .codec import CONTAINER_NAME, CompressedModel, Shard, VAECompressionConfig,
 from .data import collate, image_transform, load_image_dataset, with_transform
 from .evaluate import as_tensors, evaluate
 from .finetune import FinetuneConfig, finetune
-from .models import WEIGHT_SUFFIXES, build_empty, load_model, resolve_folder
+from .models import build_empty, copy_side_files, load_model, resolve_folder
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +85,7 @@ def _write_folder(src: Path, out_dir: str | Path, compressed: CompressedModel) -
     """Configs and preprocessing travel from the source; its weights are replaced by the container."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.startswith("."):
-            shutil.copy2(f, out_dir / f.name)
+    copy_side_files(src, out_dir, skip=("README.md",))  # the base model's card does not describe this one
     compressed.save(out_dir)
 
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from hf_vae_compress import CompressedModel, VAECompressionConfig, compress
