@@ -15,19 +15,20 @@ import sys
 from .codec import CompressedModel, ContainerError, VAECompressionConfig
 from .data import DataNotFoundError
 from .finetune import FinetuneConfig
+from .tasks import DEFAULT_DATASET
 
 logger = logging.getLogger("hf_vae_compress")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> dict:
-    from .data import load_image_dataset
-    from .evaluate import evaluate
     from .models import weights_bytes
     from .pipeline import load_any
+    from .tasks import task_for
 
     model, folder, load_seconds = load_any(args.model, local_files_only=args.local_files_only)
-    result = evaluate(model, load_image_dataset(args.dataset, args.split), batch_size=args.batch_size)
-    result.update(model=str(args.model), dataset=args.dataset, split=args.split,
+    task = task_for(model, args.dataset)  # top-1 for classifiers, COCO mAP for detectors
+    result = task.score(model, task.load(args.split), batch_size=args.batch_size, progress=True)
+    result.update(model=str(args.model), dataset=task.dataset, split=args.split,
                   weights_bytes=weights_bytes(folder), load_seconds=round(load_seconds, 3))
     return result
 
@@ -114,9 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ev = sub.add_parser("evaluate", help="top-1 of a plain or compressed model folder (or Hub id)")
+    ev = sub.add_parser("evaluate", help="top-1 (classifiers) or COCO mAP (detectors) of a plain or compressed "
+                                         "model folder (or Hub id)")
     ev.add_argument("model")
-    ev.add_argument("--dataset", default="fashion_mnist")
+    ev.add_argument("--dataset", default=DEFAULT_DATASET,
+                    help="'default': fashion_mnist, or fashion_mnist_scenes for a detector")
     ev.add_argument("--split", default="test")
     ev.add_argument("--batch-size", type=int, default=256)
 
@@ -129,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("--beta", type=float, help="fixed rate-distortion trade-off instead of a target rate")
     rate.add_argument("--max-accuracy-drop", type=float, metavar="PT",
                       help="search the smallest container whose top-1 drop on the validation split is at most PT")
-    co.add_argument("--dataset", default="fashion_mnist",
-                    help="calibration data for Fisher bit allocation ('none' for data-free)")
+    co.add_argument("--dataset", default=DEFAULT_DATASET,
+                    help="calibration data for Fisher bit allocation: 'default' is the task's own (fashion_mnist, "
+                         "or fashion_mnist_scenes for a detector), 'none' is data-free")
     co.add_argument("--transform", choices=["vae", "identity"], default="vae")
     co.add_argument("--chunk-size", type=int, default=VAECompressionConfig.chunk_size)
     co.add_argument("--hidden-size", type=int, default=VAECompressionConfig.hidden_size)

@@ -8,7 +8,6 @@ model formats of :mod:`hf_vae_compress.models` and the data of :mod:`hf_vae_comp
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
 import tempfile
@@ -18,29 +17,15 @@ from pathlib import Path
 import torch
 
 from .codec import CONTAINER_NAME, CompressedModel, Shard, VAECompressionConfig, compress
-from .data import collate, image_transform, load_image_dataset, with_transform
-from .evaluate import as_tensors, evaluate
 from .finetune import FinetuneConfig, finetune
 from .models import build_empty, copy_side_files, load_model, resolve_folder
+from .tasks import CALIBRATION_SPLIT, Classification, task_for
 
 logger = logging.getLogger(__name__)
-
-CALIBRATION_SPLIT = "train"  # calibration and fine-tuning data: never the held-out validation split nor test
-CALIBRATION_BATCH = 32
 
 
 def is_compressed(folder: str | Path) -> bool:
     return (Path(folder) / CONTAINER_NAME).exists()
-
-
-def calibration_batches(model: torch.nn.Module, dataset_name: str, num_batches: int, seed: int = 0):
-    """Preprocessed input batches from the training split, a fixed random subset."""
-    dataset = load_image_dataset(dataset_name, CALIBRATION_SPLIT)
-    take = min(len(dataset), num_batches * CALIBRATION_BATCH)
-    subset = dataset.shuffle(seed=seed).select(range(take))
-    loader = torch.utils.data.DataLoader(with_transform(subset, image_transform(model)),
-                                         batch_size=CALIBRATION_BATCH, collate_fn=collate)
-    return [batch["pixel_values"] for batch in itertools.islice(loader, num_batches)]
 
 
 def accelerate_shard(accelerator) -> Shard | None:
@@ -67,13 +52,19 @@ def compress_folder(source: str, out_dir: str | Path, config: VAECompressionConf
     """
     src = resolve_folder(source, **hub_kwargs)
     model = load_model(src)
-    calibration = calibration_batches(model, dataset, config.calibration_batches) if dataset else None
-    compressed = compress(model, config, calibration_data=calibration, progress=progress,
+    calibration, loss_fn = None, None
+    if dataset:
+        task = task_for(model, dataset)
+        calibration, loss_fn = task.calibration(model, config.calibration_batches)
+    compressed = compress(model, config, calibration_data=calibration, loss_fn=loss_fn, progress=progress,
                           shard=accelerate_shard(accelerator))
     if finetune_config is not None and finetune_config.steps > 0:
         if not dataset:
             raise ValueError("fine-tuning needs a dataset")
-        train = as_tensors(load_image_dataset(dataset, CALIBRATION_SPLIT), image_transform(model))
+        if not isinstance(task, Classification):
+            raise ValueError("fine-tuning is implemented for image classifiers only; "
+                                      "compress detectors post-hoc (without --finetune-steps)")
+        train = task.prepare(model, task.load(CALIBRATION_SPLIT))
         compressed = finetune(compressed, model, train, finetune_config, accelerator, checkpoint_dir, resume_from,
                               progress)
     if accelerator is None or accelerator.is_main_process:
@@ -96,15 +87,17 @@ def search_smallest(source: str, out_dir: str | Path, max_drop_pt: float, datase
                     config: VAECompressionConfig, finetune_config: FinetuneConfig | None = None,
                     bpw_range: tuple[float, float] = (0.15, 4.0), probes: int = 6, accelerator=None,
                     progress: bool = True) -> tuple[CompressedModel | None, list[dict]]:
-    """The smallest container whose top-1 drop on the held-out split is at most ``max_drop_pt``.
+    """The smallest container whose task-metric drop (top-1 or mAP, in points) on the held-out
+    split is at most ``max_drop_pt``.
 
     Bisects the target bits per weight on a log scale; each probe is a full compression (and
     fine-tuning, when configured) judged on ``validation``. The best container is saved to
     ``out_dir``; returns it (None if no probe fits) and the probe log.
     """
     base_model = load_model(resolve_folder(source))
-    held_out = as_tensors(load_image_dataset(dataset, SELECTION_SPLIT), image_transform(base_model))
-    base = evaluate(base_model, held_out, progress=False)["top1"]
+    task = task_for(base_model, dataset)
+    held_out = task.prepare(base_model, task.load(SELECTION_SPLIT))
+    base = task.score(base_model, held_out)[task.metric]
     lo, hi = math.log(bpw_range[0]), math.log(bpw_range[1])
     best, log = None, []
     for _ in range(probes):
@@ -113,7 +106,7 @@ def search_smallest(source: str, out_dir: str | Path, max_drop_pt: float, datase
             probe = compress_folder(source, tmp, dataclasses.replace(config, target_bits_per_weight=bpw, beta=None),
                                     dataset, progress, finetune_config, accelerator)
             model = load_compressed(tmp) if accelerator is None or accelerator.is_main_process else None
-        drop = 100 * (base - evaluate(model, held_out, progress=False)["top1"]) if model is not None else 0.0
+        drop = 100 * (base - task.score(model, held_out)[task.metric]) if model is not None else 0.0
         if accelerator is not None:
             drop = float(accelerator.reduce(torch.tensor(drop), reduction="sum"))  # main process decides
         size = probe.report()["total_bytes"]

@@ -1,0 +1,102 @@
+"""What "accuracy" means for a model: its metric, its data, and the loss that ranks its weights.
+
+The codec core is task-agnostic; the rate search, the CLI and the benchmarks need three things
+from the task a model was trained for, and get them here:
+
+* ``load(split)`` and ``prepare(model, dataset)``: the held-out data, preprocessed once so that
+  many candidate weights can be scored on it;
+* ``score(model, data)``: a dict whose ``metric`` entry (``top1`` or COCO ``map``) is the number
+  budgets are written against;
+* ``calibration(model, num_batches)``: training-split batches, and the loss whose gradients
+  measure each tensor's sensitivity (None: the codec's sampled-label classification Fisher).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .data import FASHION_MNIST, collate, image_transform, load_image_dataset, with_transform
+from .detection import (
+    FASHION_MNIST_SCENES, detection_collate, evaluate_detection, image_mode, is_detection_model,
+    load_detection_dataset, load_image_processor,
+)
+from .evaluate import as_tensors, evaluate
+
+DEFAULT_DATASET = "default"  # the task's own data: Fashion-MNIST items, or scenes of them for a detector
+CALIBRATION_SPLIT = "train"  # calibration and fine-tuning data: never the held-out validation split nor test
+CALIBRATION_BATCH = 32
+
+
+@dataclass(frozen=True)
+class Classification:
+    """Top-1 accuracy of an image classifier."""
+
+    dataset: str = FASHION_MNIST
+    metric: str = "top1"
+    budget_pt: float = 0.5  # the drop a "no meaningful loss" claim is held to
+
+    def load(self, split: str):
+        return load_image_dataset(self.dataset, split)
+
+    def prepare(self, model: torch.nn.Module, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        return as_tensors(dataset, image_transform(model))
+
+    def score(self, model: torch.nn.Module, data, batch_size: int = 256, progress: bool = False) -> dict:
+        return evaluate(model, data, batch_size=batch_size, progress=progress)
+
+    def calibration(self, model: torch.nn.Module, num_batches: int, seed: int = 0) -> tuple[list, Callable | None]:
+        subset = _subset(self.load(CALIBRATION_SPLIT), num_batches, seed)
+        loader = torch.utils.data.DataLoader(with_transform(subset, image_transform(model)),
+                                             batch_size=CALIBRATION_BATCH, collate_fn=collate)
+        return [batch["pixel_values"] for batch in itertools.islice(loader, num_batches)], None
+
+
+@dataclass(frozen=True)
+class Detection:
+    """COCO box mAP@[.5:.95] of a transformers object detector."""
+
+    dataset: str = FASHION_MNIST_SCENES
+    metric: str = "map"
+    budget_pt: float = 1.0  # detectors are scored on a coarser metric; the detection issue's budget
+
+    def load(self, split: str, num_scenes: int | None = None):
+        return load_detection_dataset(self.dataset, split, num_scenes)
+
+    def prepare(self, model: torch.nn.Module, dataset):
+        return dataset  # scenes are preprocessed per batch by the model's image processor
+
+    def score(self, model: torch.nn.Module, data, batch_size: int = 64, progress: bool = False) -> dict:
+        return evaluate_detection(model, data, batch_size=batch_size, progress=progress)
+
+    def calibration(self, model: torch.nn.Module, num_batches: int, seed: int = 0) -> tuple[list, Callable]:
+        """Labelled scenes and the detector's own loss (classification + box terms): the
+        sampled-label Fisher has no box term, and box regression is where detectors are fragile."""
+        subset = _subset(self.load(CALIBRATION_SPLIT, num_batches * CALIBRATION_BATCH), num_batches, seed)
+        collate_fn = detection_collate(load_image_processor(model), image_mode(model.config))
+        rows = [subset[i] for i in range(len(subset))]
+        return [collate_fn(rows[i: i + CALIBRATION_BATCH]) for i in range(0, len(rows), CALIBRATION_BATCH)], \
+            _detection_loss
+
+
+def _detection_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    output = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
+    return output.loss * len(batch["labels"]), len(batch["labels"])  # summed, as the Fisher estimate expects
+
+
+def _subset(dataset, num_batches: int, seed: int):
+    """A fixed random subset of ``num_batches`` calibration batches."""
+    take = min(len(dataset), num_batches * CALIBRATION_BATCH)
+    return dataset.shuffle(seed=seed).select(range(take))
+
+
+Task = Classification | Detection
+
+
+def task_for(model: torch.nn.Module, dataset: str | None = None) -> Task:
+    """The task a model was trained for, on ``dataset`` (or that task's default dataset)."""
+    kind = Detection if is_detection_model(model) else Classification
+    return kind(dataset) if dataset and dataset != DEFAULT_DATASET else kind()
