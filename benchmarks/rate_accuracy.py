@@ -3,8 +3,9 @@
 Per model: fp32, fp16, int8 and int4 per-channel, NNCodec at several QPs (run in its own venv,
 since it pins numpy<2, exchanging safetensors files), and ours at several rates, with the
 identity-transform ablation at the same rates. Every size is the real size of the file written.
-Top-1 is measured on the test split with a 95 % bootstrap interval, and on the held-out
-validation split, which alone is used to pick each method's smallest point within 0.5 pt.
+The task metric (top-1 with a 95 % bootstrap interval for classifiers, COCO mAP for the
+detector) is measured on the test split, and on the held-out validation split, which alone is
+used to pick each method's smallest point within the task's budget (0.5 pt top-1, 1 pt mAP).
 
 Writes ``benchmarks/results/rate_accuracy.json`` (rows of other models already there are kept)
 and copies each model's headline container to ``benchmarks/results/artifacts/<model>/``.
@@ -25,11 +26,10 @@ from pathlib import Path
 import torch
 
 from hf_vae_compress import CompressedModel, VAECompressionConfig
-from hf_vae_compress.data import image_transform, load_fashion_mnist
-from hf_vae_compress.evaluate import as_tensors, evaluate
 from hf_vae_compress.finetune import FinetuneConfig
 from hf_vae_compress.models import load_model
 from hf_vae_compress.pipeline import compress_folder
+from hf_vae_compress.tasks import Classification, Detection, task_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import read_float, read_int, write_float, write_int  # noqa: E402
@@ -42,10 +42,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "outputs" / "bench"
 NNC_VENV = ROOT / ".venv-nncodec"
 NNC_PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "nncodec==2.1.3", "safetensors"]
-MODELS = ["fmnist-resnet18"]  # the compact CNN and the ViT join once they meet their accuracy bars
+MODELS = ["fmnist-resnet18", "fmnist-rtdetr"]  # the compact CNN and the ViT join once they meet their bars
 OURS_BPW = [0.5, 0.7, 1.0, 1.4, 2.0]
 NNC_QPS = [-32, -28, -25, -22, -19]
-BUDGET_PT = 0.5
+BUDGETS_PT = {task.metric: task.budget_pt for task in (Classification(), Detection())}
 
 
 def ensure_nncodec_venv() -> Path:
@@ -67,9 +67,9 @@ class Bench:
         self.model = load_model(self.folder)
         self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.num_weights = sum(v.numel() for v in self.state.values() if v.is_floating_point())
-        transform = image_transform(self.model)
-        self.test = as_tensors(load_fashion_mnist("test"), transform)
-        self.validation = as_tensors(load_fashion_mnist("validation"), transform)
+        self.task = task_for(self.model)
+        self.test = self.task.prepare(self.model, self.task.load("test"))
+        self.validation = self.task.prepare(self.model, self.task.load("validation"))
         self.work = WORK / name
         self.work.mkdir(parents=True, exist_ok=True)
         self.fp32_path = self.work / "fp32.safetensors"
@@ -78,19 +78,22 @@ class Bench:
         self.base = self.score(self.state)
 
     def score(self, state_dict: dict) -> dict:
+        """The task's test scores (top-1 and its interval, or the COCO mAPs) and its validation metric."""
         self.model.load_state_dict(state_dict, strict=True)
-        test = evaluate(self.model, self.test, progress=False)
-        val = evaluate(self.model, self.validation, progress=False)
-        return dict(top1=test["top1"], top1_ci95=test["top1_ci95"], val_top1=val["top1"])
+        test = self.task.score(self.model, self.test)
+        val = self.task.score(self.model, self.validation)
+        scores = {k: v for k, v in test.items() if k not in ("num_examples", "num_params")}
+        return dict(scores, **{f"val_{self.task.metric}": val[self.task.metric]})
 
     def add(self, method: str, setting, cli: str, nbytes: int, scores: dict, **extra) -> dict:
         base = getattr(self, "base", scores)
+        m = self.task.metric
         row = dict(model=self.name, method=method, setting=setting, cli=cli, bytes=nbytes,
                    bits_per_weight=8 * nbytes / self.num_weights, ratio_vs_fp32=self.fp32_bytes / nbytes,
-                   **scores, top1_drop=100 * (base["top1"] - scores["top1"]),
-                   val_drop=100 * (base["val_top1"] - scores["val_top1"]), **extra)
-        logger.info("%s %s %s: %d B (%.2fx), top1 %.4f (drop %.2f pt, val drop %.2f pt)", self.name, method,
-                    setting, nbytes, row["ratio_vs_fp32"], row["top1"], row["top1_drop"], row["val_drop"])
+                   metric=m, **scores, **{f"{m}_drop": 100 * (base[m] - scores[m])},
+                   val_drop=100 * (base[f"val_{m}"] - scores[f"val_{m}"]), **extra)
+        logger.info("%s %s %s: %d B (%.2fx), %s %.4f (drop %.2f pt, val drop %.2f pt)", self.name, method,
+                    setting, nbytes, row["ratio_vs_fp32"], m, row[m], row[f"{m}_drop"], row["val_drop"])
         self.rows.append(row)
         return row
 
@@ -134,13 +137,14 @@ class Bench:
         for bpw in bpws:
             config = VAECompressionConfig(target_bits_per_weight=bpw, transform="identity")
             out = self.work / f"nncodec-alloc-bpw{bpw}"
-            compressed = compress_folder(str(self.folder), out / "ours", config, dataset="fashion_mnist",
+            compressed = compress_folder(str(self.folder), out / "ours", config, dataset=self.task.dataset,
                                          progress=False)
             qps = {}
             for entry in compressed.header["tensors"]:
                 if entry["codec"] != "raw":
                     rms = float(self.state[entry["name"]].float().pow(2).mean().sqrt())
-                    qps[entry["name"]] = max(-128, min(127, round(4 * math.log2(entry["step"] * rms))))
+                    qp = round(4 * math.log2(entry["step"] * rms)) if rms > 0 else 127  # all zeros: any step
+                    qps[entry["name"]] = max(-128, min(127, qp))
             (out / "qps.json").write_text(json.dumps(qps))
             self._nncodec_run("nncodec-our-allocation", bpw, out,
                               ["--mode", "per_tensor", "--qp-map", str(out / "qps.json")])
@@ -150,7 +154,7 @@ class Bench:
         for bpw in bpws:
             out = self.work / f"{method}-bpw{bpw}-seed{seed}"
             config = VAECompressionConfig(target_bits_per_weight=bpw, transform=transform, seed=seed)
-            compressed = compress_folder(str(self.folder), out, config, dataset="fashion_mnist", progress=False)
+            compressed = compress_folder(str(self.folder), out, config, dataset=self.task.dataset, progress=False)
             start = time.perf_counter()
             decoded = CompressedModel.load(out).decode()
             decode_s = time.perf_counter() - start
@@ -167,7 +171,7 @@ class Bench:
         for bpw in bpws:
             out = self.work / f"{method}-bpw{bpw}-rw{tuning.rate_weight}-seed{tuning.seed}"
             config = VAECompressionConfig(target_bits_per_weight=bpw, transform=transform, seed=tuning.seed)
-            compressed = compress_folder(str(self.folder), out, config, dataset="fashion_mnist", progress=False,
+            compressed = compress_folder(str(self.folder), out, config, dataset=self.task.dataset, progress=False,
                                          finetune_config=tuning)
             start = time.perf_counter()
             decoded = CompressedModel.load(out).decode()
@@ -198,7 +202,7 @@ def _key(row: dict) -> tuple:
 def save_headline_artifacts(rows: list[dict], methods: set[str]) -> None:
     """Copy the containers the README quotes (report.py's headlines: every seed within budget on
     validation; the largest seed's container) to ``results/artifacts/<model>[-finetuned]/``."""
-    best = headlines(rows, BUDGET_PT)
+    best = headlines(rows, BUDGETS_PT[rows[0]["metric"]])
     for method, suffix in (("ours", ""), ("ours+finetune", "-finetuned")):
         if method in best and method in methods:
             row = max(best[method]["seeds"], key=lambda r: r["bytes"])
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
             for seed in args.seeds:
                 bench.ours(args.ours_bpw, "vae", seed)
             bench.ours(args.ours_bpw, "identity", 0)  # deterministic: one seed is all there is
-        if "finetune" in args.methods:
+        if "finetune" in args.methods and isinstance(bench.task, Classification):  # detectors: post-hoc only
             for seed in args.seeds:  # fine-tuning samples its batches: stochastic for both transforms
                 for transform in ("vae", "identity"):
                     tuning = FinetuneConfig(steps=args.finetune_steps, rate_weight=args.rate_weight, seed=seed)
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = [r for r in rows if _key(r) not in {_key(f) for f in fresh}] + fresh
         save_headline_artifacts([r for r in rows if r["model"] == bench.name], replaced)
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"budget_pt": BUDGET_PT, "selection_split": "validation",
+        args.output.write_text(json.dumps({"budget_pt": BUDGETS_PT, "selection_split": "validation",
                                            "rows": rows}, indent=1) + "\n")
     logger.info("wrote %s", args.output)
 

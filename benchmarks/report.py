@@ -1,9 +1,9 @@
 """Turn ``benchmarks/results/rate_accuracy.json`` into plots and the README's results section.
 
 Nothing here measures anything: every number comes from the JSON that the benchmark scripts
-wrote. Each method's headline is its smallest setting whose top-1 drop on the held-out
-validation split is within the budget for every seed; its test-split drop and 95 % interval
-are then reported as measured.
+wrote. Each method's headline is its smallest setting whose task-metric drop (top-1 for
+classifiers, COCO mAP@[.5:.95] for the detector) on the held-out validation split is within the
+task's budget for every seed; its test-split numbers are then reported as measured.
 """
 
 from __future__ import annotations
@@ -53,22 +53,33 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+METRIC_NAMES = {"top1": "top-1", "map": "mAP@[.5:.95]"}
+
+
+def _score(r: dict) -> str:
+    """A row's test score as the table prints it: top-1 with its interval, or mAP with mAP@0.5."""
+    if r["metric"] == "top1":
+        return f"{_pct(r['top1'])} [{_pct(r['top1_ci95'][0])}, {_pct(r['top1_ci95'][1])}]"
+    return f"{_pct(r['map'])} ({_pct(r['map_50'])})"
+
+
 def model_table(model: str, rows: list[dict], budget: float) -> list[str]:
     best = headlines(rows, budget)
     fp32 = next(r for r in rows if r["method"] == "fp32")
+    metric = fp32["metric"]
+    header = ("test top-1 % [95 % interval]" if metric == "top1" else "test mAP@[.5:.95] % (mAP@0.5 %)")
     lines = [f"#### {model}", "",
-             f"fp32: {fp32['bytes']:,} bytes, test top-1 {_pct(fp32['top1'])} % "
-             f"(95 % interval {_pct(fp32['top1_ci95'][0])}-{_pct(fp32['top1_ci95'][1])}).", "",
-             "| method | setting | bytes | ratio vs fp32 | bits/weight | test top-1 % [95 % interval] | test drop (pt) |",
+             f"fp32: {fp32['bytes']:,} bytes, test {METRIC_NAMES[metric]} {_score(fp32)} %. "
+             f"Budget: {budget} pt of {METRIC_NAMES[metric]} on validation.", "",
+             f"| method | setting | bytes | ratio vs fp32 | bits/weight | {header} | test drop (pt) |",
              "|---|---|---:|---:|---:|---|---:|"]
     for method in [m for m in METHOD_ORDER if m in best]:
         seeds = best[method]["seeds"]
         r = max(seeds, key=lambda x: x["bytes"])
-        tops = "; ".join(f"{_pct(s['top1'])} [{_pct(s['top1_ci95'][0])}, {_pct(s['top1_ci95'][1])}]"
-                         + (f" (seed {s['seed']})" if len(seeds) > 1 else "") for s in seeds)
-        drops = "; ".join(f"{s['top1_drop']:+.2f}" for s in seeds)
+        scores = "; ".join(_score(s) + (f" (seed {s['seed']})" if len(seeds) > 1 else "") for s in seeds)
+        drops = "; ".join(f"{s[metric + '_drop']:+.2f}" for s in seeds)
         lines.append(f"| {LABELS.get(method, method)} | {_setting(r['setting'])} | {r['bytes']:,} | {r['ratio_vs_fp32']:.1f}x "
-                     f"| {r['bits_per_weight']:.3f} | {tops} | {drops} |")
+                     f"| {r['bits_per_weight']:.3f} | {scores} | {drops} |")
     missing = [LABELS.get(m, m) for m in METHOD_ORDER if m not in best and any(r["method"] == m for r in rows)]
     if missing:
         lines += ["", f"No setting within {budget} pt on validation: {', '.join(missing)}."]
@@ -120,7 +131,8 @@ def plot(model: str, rows: list[dict], budget: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    base = next(r for r in rows if r["method"] == "fp32")["top1"]
+    fp32 = next(r for r in rows if r["method"] == "fp32")
+    metric, base = fp32["metric"], fp32[fp32["metric"]]
     series = [(m, seed) for m in METHOD_ORDER
               for seed in sorted({r.get("seed", 0) for r in rows if r["method"] == m})]
     for method, seed in series:
@@ -129,14 +141,16 @@ def plot(model: str, rows: list[dict], budget: float, path: Path) -> None:
         seeds = {r.get("seed", 0) for r in rows if r["method"] == method}
         label = LABELS.get(method, method) + (f", seed {seed}" if len(seeds) > 1 else "")
         x = [r["bits_per_weight"] for r in pts]
-        y = [100 * r["top1"] for r in pts]
-        err = [[100 * (r["top1"] - r["top1_ci95"][0]) for r in pts], [100 * (r["top1_ci95"][1] - r["top1"]) for r in pts]]
+        y = [100 * r[metric] for r in pts]
+        err = None  # mAP has no bootstrap interval: scoring a detector thousands of times is not affordable
+        if metric == "top1":
+            err = [[100 * (r["top1"] - r["top1_ci95"][0]) for r in pts], [100 * (r["top1_ci95"][1] - r["top1"]) for r in pts]]
         ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, lw=1, label=label,
                     linestyle="-" if len(pts) > 1 else "none")
     ax.axhline(100 * base - 100 * budget / 100, color="grey", ls="--", lw=0.8, label=f"fp32 - {budget} pt")
     ax.set_xscale("log")
     ax.set_xlabel("bits per weight (all side information included)")
-    ax.set_ylabel("test top-1 (%) with 95 % bootstrap interval")
+    ax.set_ylabel("test top-1 (%) with 95 % bootstrap interval" if metric == "top1" else f"test {METRIC_NAMES[metric]} (%)")
     ax.set_ylim(100 * base - 4, 100 * base + 0.8)
     ax.set_title(f"{model}: rate vs accuracy")
     ax.legend(fontsize=7, loc="lower right")
@@ -174,15 +188,17 @@ def hub_lines(path: Path) -> list[str]:
 
 
 def render(data: dict) -> str:
-    budget = data["budget_pt"]
+    budgets = data["budget_pt"]
     by_model: dict[str, list[dict]] = defaultdict(list)
     for r in data["rows"]:
         by_model[r["model"]].append(r)
     lines = [START, "",
              f"Generated by `benchmarks/report.py` from `benchmarks/results/rate_accuracy.json`. Each method's row is "
-             f"its smallest setting whose top-1 drop on the held-out validation split is at most {budget} pt "
-             "(for every seed); bytes and accuracy are then measured on the test split.", ""]
+             f"its smallest setting whose drop on the held-out validation split is within the task's budget "
+             f"({budgets['top1']} pt of top-1 for classifiers, {budgets['map']} pt of mAP@[.5:.95] for the detector) "
+             "for every seed; bytes and accuracy are then measured on the test split.", ""]
     for model, rows in by_model.items():
+        budget = budgets[rows[0]["metric"]]
         plot(model, rows, budget, RESULTS / f"rate_accuracy_{model}.png")
         lines += model_table(model, rows, budget)
     lines += load_speed_lines(RESULTS / "load_speed.json")
