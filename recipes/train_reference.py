@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shlex
 import sys
 import time
@@ -86,6 +87,27 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     return padded[torch.arange(b, device=x.device)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
+TIMED_STEPS = 30  # steps timed before a --max-minutes run first fits its schedule
+WARMUP = 0.15
+
+
+def one_cycle(step: int, total: int) -> float:
+    """LR factor: linear warm-up over the first 15 % of ``total`` steps, then cosine to zero."""
+    warmup = max(1, int(WARMUP * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def fit_to_budget(planned: int, done: int, seconds: float, max_minutes: float, accelerator) -> int:
+    """The steps that fit the budget at the pace measured so far (5 % kept for the tail), agreed by
+    every process (they must stop at the same step), and never more than planned."""
+    pace = accelerator.reduce(torch.tensor(seconds / done), reduction="sum") / accelerator.num_processes
+    fits = int(0.95 * 60 * max_minutes / float(pace))
+    logger.info("%.3f s/step: %d of %d planned steps fit %.0f minutes", float(pace), fits, planned, max_minutes)
+    return max(done, min(planned, fits))
+
+
 def to_batches(split: str) -> torch.utils.data.TensorDataset:
     images, labels = fashion_mnist_arrays(split)
     x = (torch.from_numpy(images).float().div(255).unsqueeze(1) - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
@@ -101,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-minutes", type=float,
+                        help="fit the run to this wall-clock budget: after a few timed steps the LR schedule is "
+                             "set to the steps that fit (never more than --epochs)")
     args = parser.parse_args(argv)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -112,19 +137,28 @@ def main(argv: list[str] | None = None) -> None:
                                          drop_last=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr,
-                                                    total_steps=args.epochs * len(loader), pct_start=0.15)
+    plan = {"steps": args.epochs * len(loader)}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: one_cycle(step, plan["steps"]))
     start = time.perf_counter()
+    step = 0
     for epoch in range(args.epochs):
         model.train()
-        for step, (x, y) in enumerate(loader):
+        for x, y in loader:
             loss = F.cross_entropy(logits_of(model(augment(x))), y, label_smoothing=0.1)
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
+            step += 1
+            if args.max_minutes and step in (TIMED_STEPS, 10 * TIMED_STEPS):  # re-fit once the pace has settled
+                plan["steps"] = fit_to_budget(plan["steps"], step, time.perf_counter() - start, args.max_minutes,
+                                              accelerator)
             if step % 100 == 0:
-                logger.info("epoch %d step %d/%d loss %.4f", epoch, step, len(loader), loss.item())
+                logger.info("epoch %d step %d/%d loss %.4f", epoch, step, plan["steps"], loss.item())
+            if step >= plan["steps"]:
+                break
+        if step >= plan["steps"]:
+            break
     train_seconds = time.perf_counter() - start
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
@@ -134,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     result = evaluate(load_model(args.output), load_fashion_mnist("test"))
     result.update(
         model=args.model, split="test", weights_bytes=weights_bytes(args.output), storage_dtype="float16",
-        train_seconds=round(train_seconds, 1), num_processes=accelerator.num_processes,
+        train_seconds=round(train_seconds, 1), steps=step, num_processes=accelerator.num_processes,
         command="accelerate launch recipes/train_reference.py " + shlex.join(sys.argv[1:]),
     )
     (args.output / "train_result.json").write_text(json.dumps(result, indent=2) + "\n")
