@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
             for seed in args.seeds:
                 bench.ours(args.ours_bpw, "vae", seed)
             bench.ours(args.ours_bpw, "identity", 0)  # deterministic: one seed is all there is
-        if "finetune" in args.methods and isinstance(bench.task, Classification):  # detectors: post-hoc only
+        if "finetune" in args.methods:
             for seed in args.seeds:  # fine-tuning samples its batches: stochastic for both transforms
                 for transform in ("vae", "identity"):
                     tuning = FinetuneConfig(steps=args.finetune_steps, rate_weight=args.rate_weight, seed=seed)

@@ -2,9 +2,10 @@
 
 Post-hoc codecs stop where weight error starts to cost accuracy. Fine-tuning optimises the
 latents (straight-through rounding), the decoder, the prior and the stored parameters jointly
-on the task loss (cross-entropy + distillation from the original model's logits) plus
-``rate_weight`` times the estimated bits per weight, then re-quantizes and entropy-codes into
-the same container format.
+on the task loss plus ``rate_weight`` times the estimated bits per weight, then re-quantizes and
+entropy-codes into the same container format. The task (:mod:`hf_vae_compress.tasks`) says what
+the loss is: cross-entropy + distillation from the original model's logits for a classifier, the
+detector's own matching loss (classes and boxes) for a detector.
 
 Batches are drawn per step from a generator seeded by (seed, step, process), so a run resumed
 from an ``accelerator.save_state`` checkpoint sees exactly the batches it would have seen.
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -26,7 +27,7 @@ from .codec import CompressedModel
 from .codec.config import JsonConfig
 from .codec.model import assemble
 from .codec.reparam import LatentParametrization
-from .evaluate import logits_of
+from .tasks import Classification, Task
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +53,10 @@ class _Student(nn.Module):
         self.__dict__["model"] = model  # not a submodule: its own weights are never used or trained
         self.fixed = fixed
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, *args, **kwargs):
+        """The model's output with the decoded weights, and the latents' estimated bits."""
         weights = {**self.fixed, **self.param()}
-        return logits_of(torch.func.functional_call(self.model, weights, (x,))), self.param.rate_bits()
+        return torch.func.functional_call(self.model, weights, args, kwargs), self.param.rate_bits()
 
 
 class _Progress:
@@ -70,17 +72,19 @@ class _Progress:
         self.step = int(state["step"])
 
 
-def finetune(compressed: CompressedModel, model: nn.Module, train_data: tuple[torch.Tensor, torch.Tensor],
-             config: FinetuneConfig | None = None, accelerator=None, checkpoint_dir: str | Path | None = None,
-             resume_from: str | Path | None = None, progress: bool = True) -> CompressedModel:
-    """Fine-tune ``compressed`` (a compression of ``model``) on ``(pixel_values, labels)`` tensors.
+def finetune(compressed: CompressedModel, model: nn.Module, train_data, config: FinetuneConfig | None = None,
+             accelerator=None, checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
+             progress: bool = True, task: Task | None = None) -> CompressedModel:
+    """Fine-tune ``compressed`` (a compression of ``model``) on ``train_data``, from ``task.train_data``
+    (for the default classification task: ``(pixel_values, labels)`` tensors).
 
-    ``model`` supplies the architecture and, as the teacher, its original logits. Every process
+    ``model`` supplies the architecture and, for a classifier, the teacher's logits. Every process
     returns the same result; only the caller decides who writes it.
     """
     from accelerate import Accelerator
 
     config = config or FinetuneConfig()
+    task = task or Classification()
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     start = time.perf_counter()
     latents = compressed.unpack()
@@ -102,20 +106,19 @@ def finetune(compressed: CompressedModel, model: nn.Module, train_data: tuple[to
     if resume_from:
         accelerator.load_state(str(resume_from))
         logger.info("resumed from %s at step %d", resume_from, state.step)
-    x_all, y_all = train_data
+    num_examples = task.num_examples(train_data)
     num_weights = sum(c.layout.rows * c.layout.row_len for c in latents.coded)
     bar = tqdm(total=config.steps, initial=state.step, desc="fine-tune", unit="step",
                disable=not (progress and accelerator.is_main_process), leave=False)
     while state.step < config.steps:
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + state.step * 7919
                                                   + accelerator.process_index)
-        idx = torch.randint(len(x_all), (config.batch_size,), generator=generator)
-        x, y = x_all[idx].to(accelerator.device), y_all[idx].to(accelerator.device)
-        with torch.no_grad():
-            teacher = logits_of(model(x))
-        logits, bits = student(x)
-        distill = F.kl_div(logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean")
-        loss = F.cross_entropy(logits, y) + config.distill_weight * distill + config.rate_weight * bits / num_weights
+        idx = torch.randint(num_examples, (config.batch_size,), generator=generator)
+        batch = send_to_device(task.sample(train_data, idx), accelerator.device)
+        args, kwargs = task.model_inputs(batch)
+        output, bits = student(*args, **kwargs)
+        loss = (task.finetune_loss(output, batch, model, config.distill_weight)
+                + config.rate_weight * bits / num_weights)
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()

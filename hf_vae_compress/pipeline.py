@@ -19,7 +19,7 @@ import torch
 from .codec import CONTAINER_NAME, CompressedModel, Shard, VAECompressionConfig, compress
 from .finetune import FinetuneConfig, finetune
 from .models import build_empty, copy_side_files, load_model, resolve_folder
-from .tasks import CALIBRATION_SPLIT, Classification, task_for
+from .tasks import task_for
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +61,8 @@ def compress_folder(source: str, out_dir: str | Path, config: VAECompressionConf
     if finetune_config is not None and finetune_config.steps > 0:
         if not dataset:
             raise ValueError("fine-tuning needs a dataset")
-        if not isinstance(task, Classification):
-            raise ValueError("fine-tuning is implemented for image classifiers only; "
-                                      "compress detectors post-hoc (without --finetune-steps)")
-        train = task.prepare(model, task.load(CALIBRATION_SPLIT))
-        compressed = finetune(compressed, model, train, finetune_config, accelerator, checkpoint_dir, resume_from,
-                              progress)
+        compressed = finetune(compressed, model, task.train_data(model), finetune_config, accelerator, checkpoint_dir,
+                              resume_from, progress, task)
     if accelerator is None or accelerator.is_main_process:
         _write_folder(src, out_dir, compressed)
     return compressed

@@ -8,7 +8,8 @@ from the task a model was trained for, and get them here:
 * ``score(model, data)``: a dict whose ``metric`` entry (``top1`` or COCO ``map``) is the number
   budgets are written against;
 * ``calibration(model, num_batches)``: training-split batches, and the loss whose gradients
-  measure each tensor's sensitivity (None: the codec's sampled-label classification Fisher).
+  measure each tensor's sensitivity (None: the codec's sampled-label classification Fisher);
+* ``train_data``, ``sample``, ``model_inputs`` and ``finetune_loss``: what fine-tuning trains on.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .data import FASHION_MNIST, collate, image_transform, load_image_dataset, with_transform
 from .detection import (
     FASHION_MNIST_SCENES, detection_collate, evaluate_detection, image_mode, is_detection_model,
     load_detection_dataset, load_image_processor,
 )
-from .evaluate import as_tensors, evaluate
+from .evaluate import as_tensors, evaluate, logits_of
 
 DEFAULT_DATASET = "default"  # the task's own data: Fashion-MNIST items, or scenes of them for a detector
 CALIBRATION_SPLIT = "train"  # calibration and fine-tuning data: never the held-out validation split nor test
@@ -54,6 +56,26 @@ class Classification:
                                              batch_size=CALIBRATION_BATCH, collate_fn=collate)
         return [batch["pixel_values"] for batch in itertools.islice(loader, num_batches)], None
 
+    def train_data(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.prepare(model, self.load(CALIBRATION_SPLIT))
+
+    def num_examples(self, data: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return len(data[1])
+
+    def sample(self, data: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor) -> dict:
+        return {"pixel_values": data[0][index], "labels": data[1][index]}
+
+    def model_inputs(self, batch: dict) -> tuple[tuple, dict]:
+        return (batch["pixel_values"],), {}  # timm models take the image positionally
+
+    def finetune_loss(self, output, batch: dict, model: torch.nn.Module, distill_weight: float) -> torch.Tensor:
+        """Cross-entropy on the labels + KL to the original model's logits."""
+        with torch.no_grad():
+            teacher = logits_of(model(batch["pixel_values"]))
+        logits = logits_of(output)
+        distill = F.kl_div(logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean")
+        return F.cross_entropy(logits, batch["labels"]) + distill_weight * distill
+
 
 @dataclass(frozen=True)
 class Detection:
@@ -80,6 +102,28 @@ class Detection:
         rows = [subset[i] for i in range(len(subset))]
         return [collate_fn(rows[i: i + CALIBRATION_BATCH]) for i in range(0, len(rows), CALIBRATION_BATCH)], \
             _detection_loss
+
+    def train_data(self, model: torch.nn.Module) -> tuple[object, Callable]:
+        """The training scenes and the collate that labels them for the detector's loss."""
+        return self.load(CALIBRATION_SPLIT), detection_collate(load_image_processor(model), image_mode(model.config))
+
+    def num_examples(self, data) -> int:
+        return len(data[0])
+
+    def sample(self, data, index: torch.Tensor) -> dict:
+        scenes, collate_fn = data
+        return collate_fn([scenes[int(i)] for i in index])
+
+    def model_inputs(self, batch: dict) -> tuple[tuple, dict]:
+        return (), {"pixel_values": batch["pixel_values"], "labels": batch["labels"]}
+
+    def finetune_loss(self, output, batch: dict, model: torch.nn.Module, distill_weight: float) -> torch.Tensor:
+        """The detector's own loss against the labels (Hungarian-matched classes and boxes).
+
+        Not distillation: RT-DETR-style detectors pick their queries from the encoder's scores, so
+        the student's and the teacher's query ``i`` need not be the same object.
+        """
+        return output.loss
 
 
 def _detection_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:

@@ -183,3 +183,27 @@ def test_cli_compresses_a_detector_and_evaluates_the_container(capsys, tmp_path,
     result = json.loads(capsys.readouterr().out)
     assert result["weights_bytes"] == report["total_bytes"] and result["num_examples"] == 16
     assert 0.0 <= result["map"] <= result["map_50"] <= 1.0
+
+
+def test_finetuning_a_detector_lowers_its_own_loss(tmp_path, scenes):
+    from hf_vae_compress import VAECompressionConfig, compress
+    from hf_vae_compress.finetune import FinetuneConfig, finetune
+    from hf_vae_compress.tasks import Detection
+
+    scenes.save_to_disk(str(tmp_path / "scenes"))
+    processor().save_pretrained(tmp_path / "proc")
+    model = tiny_detector()
+    model.name_or_path = str(tmp_path / "proc")
+    task = Detection(str(tmp_path / "scenes"))
+    data = task.train_data(model)
+    compressed = compress(model, VAECompressionConfig(target_bits_per_weight=4, transform="identity"), progress=False)
+
+    def loss(c) -> float:
+        student = tiny_detector()
+        student.load_state_dict(c.decode())
+        with torch.no_grad():
+            return float(student.eval()(**task.sample(data, torch.arange(16))).loss)
+
+    tuned = finetune(compressed, model, data, FinetuneConfig(steps=15, batch_size=8, rate_weight=0.0),
+                     progress=False, task=task)
+    assert loss(tuned) < loss(compressed)
