@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--endpoint", help="Hub endpoint URL (default: HF_ENDPOINT or huggingface.co)")
     pu.add_argument("--token", help="Hub token (default: the logged-in one)")
     pu.add_argument("--private", action="store_true", help="create the repository private")
-    pu.add_argument("--dataset", default="fashion_mnist", help="evaluate base and compressed on it ('none' to skip)")
+    pu.add_argument("--dataset", default=DEFAULT_DATASET,
+                    help="evaluate base and compressed on it: 'default' is the task's own, 'none' skips it")
     pu.add_argument("--split", default="test")
     pu.add_argument("--batch-size", type=int, default=256)
     pu.add_argument("--license", help="card license (default: the base model's, when known)")

@@ -14,7 +14,8 @@ Loading it back:
 * transformers: ``import hf_vae_compress`` registers the quantizer of
   :mod:`hf_vae_compress.integrations.transformers_quantizer`, then
   ``AutoModelForImageClassification.from_pretrained(repo)`` decodes (also a timm-format repo, through
-  ``TimmWrapper``); ``trust_remote_code=True`` does the import through the shim;
+  ``TimmWrapper``; ``AutoModelForObjectDetection`` for a detector); ``trust_remote_code=True`` does
+  the import through the shim;
 * timm: :func:`create_model` (``"hf-hub:org/name"`` or ``"local-dir:/path"``).
 
 ``save_pretrained`` and ``push_to_hub`` are also methods of :class:`~hf_vae_compress.CompressedModel`
@@ -37,13 +38,13 @@ import torch
 from .codec import CONTAINER_NAME, CompressedModel
 from .integrations import REMOTE_CODE_AUTO_MAP, REMOTE_CODE_DIR, REMOTE_CODE_MODULE
 from .models import WEIGHT_SUFFIXES, copy_side_files, model_format, read_config, resolve_folder, weights_bytes
+from .tasks import DEFAULT_DATASET, Task, task_for
 
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "hf_vae_compress"
 CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "model_card.md"
-CARD_TAGS = ["hf-vae-compress", "vae-codec", "compressed", "image-classification"]
-PIPELINE_TAG = "image-classification"
+CARD_TAGS = ["hf-vae-compress", "vae-codec", "compressed"]  # + the task's pipeline tag
 _DATASET_IDS = {"fashion_mnist": "zalando-datasets/fashion_mnist"}
 
 
@@ -57,7 +58,7 @@ class CardInfo:
 
     base_model: str | None = None  # Hub id of the uncompressed model (card `base_model`); inferred when possible
     license: str | None = None  # inferred from the base folder's card or timm pretrained_cfg when not set
-    dataset: str | None = None  # `fashion_mnist`, a save_to_disk folder or a Hub dataset: evaluate on it
+    dataset: str | None = None  # "default" (the task's own), a save_to_disk folder or a Hub dataset: evaluate on it
     split: str = "test"
     dataset_id: str | None = None  # Hub id to record in the card; default: derived from `dataset`
     plot: str | Path | None = None  # a rate-accuracy PNG, copied into the repo
@@ -74,7 +75,7 @@ def _as_card_info(card_info: CardInfo | dict | None) -> CardInfo:
     return card_info
 
 
-def _config_with_quantization(config: dict, compressed: CompressedModel, bits_per_weight: float) -> dict:
+def _config_with_quantization(config: dict, compressed: CompressedModel, bits_per_weight: float, task: Task) -> dict:
     config = json.loads(json.dumps(config))  # deep copy
     header = compressed.header
     float_dtypes = [e["dtype"] for e in header["tensors"] if e["dtype"].startswith(("float", "bfloat"))]
@@ -88,12 +89,13 @@ def _config_with_quantization(config: dict, compressed: CompressedModel, bits_pe
         "codec_version": header.get("library", {}).get("hf_vae_compress", "unknown"),
     }
     auto_map = dict(config.get("auto_map") or {})
-    clash = {k: v for k, v in auto_map.items() if k in REMOTE_CODE_AUTO_MAP and v != REMOTE_CODE_AUTO_MAP[k]}
+    shim = {task.auto_class: REMOTE_CODE_AUTO_MAP[task.auto_class]}
+    clash = {k: v for k, v in auto_map.items() if k in shim and v != shim[k]}
     if clash:
         logger.warning("the base model uses its own remote code %s; trust_remote_code loading of the compressed "
                        "model is left to it (import hf_vae_compress before from_pretrained)", clash)
     else:
-        auto_map.update(REMOTE_CODE_AUTO_MAP)
+        auto_map.update(shim)
         config["auto_map"] = auto_map
     if model_format(config) == "timm":  # timm 1.0.31 writes it and TimmWrapper would then pass it twice
         config.get("model_args", {}).pop("num_classes", None)
@@ -120,25 +122,21 @@ def _infer_base_model(source: str, src: Path, config: dict) -> str | None:
     return hub_id or None
 
 
-def _measure(src: Path, out: Path, info: CardInfo, has_base_weights: bool) -> dict:
-    """Top-1 of the base and the compressed model on one dataset split, measured now."""
-    from .data import load_image_dataset
-    from .evaluate import evaluate
+def _measure(src: Path, out: Path, info: CardInfo, task: Task, has_base_weights: bool) -> dict:
+    """The task metric (top-1, or a detector's mAP) of the base and the compressed model on one
+    dataset split, measured now."""
     from .models import load_model
     from .pipeline import load_compressed
 
-    data = load_image_dataset(info.dataset, info.split)
-    result = {"compressed": evaluate(load_compressed(out), data, batch_size=info.batch_size, progress=False)}
+    data = task.load(info.split)
+    result = {"compressed": task.score(load_compressed(out), data, batch_size=info.batch_size)}
     if has_base_weights:
-        result["base"] = evaluate(load_model(src), data, batch_size=info.batch_size, progress=False)
+        result["base"] = task.score(load_model(src), data, batch_size=info.batch_size)
     return result
 
 
-def _pct(metrics: dict | None) -> str:
-    if not metrics:
-        return "not measured"
-    lo, hi = metrics["top1_ci95"]
-    return f"{100 * metrics['top1']:.2f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
+def _describe(task: Task, metrics: dict | None) -> str:
+    return task.describe(metrics) if metrics else "not measured"
 
 
 def _settings_table(compressed: CompressedModel) -> str:
@@ -158,33 +156,35 @@ def render_card(compressed: CompressedModel, config: dict, info: CardInfo, *, ba
     if not CARD_TEMPLATE.exists():
         raise FileNotFoundError(f"the model card template {CARD_TEMPLATE} is missing")
     fmt = model_format(config)
+    task = task_for(config, info.dataset)
     report = compressed.report()
     num_weights = report["num_weights"]
     dataset_id = info.dataset_id
     if dataset_id is None and info.dataset:
-        dataset_id = _DATASET_IDS.get(info.dataset) or Path(info.dataset).name
+        dataset_id = _DATASET_IDS.get(task.dataset) or Path(task.dataset).name
     model_name = info.model_name or repo_id
     eval_results = None
     if metrics:
         eval_results = [EvalResult(
-            task_type=PIPELINE_TAG, task_name="Image Classification", dataset_type=dataset_id, dataset_name=dataset_id,
-            dataset_split=info.split, metric_type="accuracy", metric_name="top-1 accuracy",
-            metric_value=round(metrics["compressed"]["top1"], 6))]
+            task_type=task.pipeline_tag, task_name=task.pipeline_tag.replace("-", " ").title(),
+            dataset_type=dataset_id, dataset_name=dataset_id,
+            dataset_split=info.split, metric_type=task.metric_type, metric_name=task.metric_title,
+            metric_value=round(metrics["compressed"][task.metric], 6))]
     extra = {"base_model_relation": "quantized"} if info.base_model else {}
     card_data = ModelCardData(
-        base_model=info.base_model, library_name=fmt, pipeline_tag=PIPELINE_TAG, license=info.license,
-        tags=list(dict.fromkeys([*CARD_TAGS, *info.tags])), datasets=[dataset_id] if metrics else None,
+        base_model=info.base_model, library_name=fmt, pipeline_tag=task.pipeline_tag, license=info.license,
+        tags=list(dict.fromkeys([*CARD_TAGS, task.pipeline_tag, *info.tags])), datasets=[dataset_id] if metrics else None,
         model_name=model_name, eval_results=eval_results, **extra)
     rows = []
     if base_bytes:
         rows.append(dict(label=f"base{f' ({info.base_model})' if info.base_model else ''}",
                          file=", ".join(base_files), bytes=f"{base_bytes:,}",
                          bits_per_weight=f"{8 * base_bytes / num_weights:.2f}", size="1x",
-                         top1=_pct((metrics or {}).get("base"))))
+                         score=_describe(task, (metrics or {}).get("base"))))
     rows.append(dict(label="hf-vae-compress", file=CONTAINER_NAME, bytes=f"{container_bytes:,}",
                      bits_per_weight=f"{8 * container_bytes / num_weights:.2f}",
                      size=f"{base_bytes / container_bytes:.1f}x smaller" if base_bytes else "",
-                     top1=_pct((metrics or {}).get("compressed"))))
+                     score=_describe(task, (metrics or {}).get("compressed"))))
     compressed_metrics = (metrics or {}).get("compressed") or {}
     architecture = config.get("architecture") or ", ".join(config.get("architectures") or [])
     return ModelCard.from_template(
@@ -196,6 +196,8 @@ def render_card(compressed: CompressedModel, config: dict, info: CardInfo, *, ba
         evaluated=bool(metrics), split=info.split, dataset=dataset_id,
         num_examples=compressed_metrics.get("num_examples"), plot=plot, container=CONTAINER_NAME,
         remote_code_file=f"{REMOTE_CODE_MODULE}.py", settings=_settings_table(compressed),
+        metric_title=task.metric_title, bootstrap=task.metric == "top1", auto_class=task.auto_class,
+        task_name=task.pipeline_tag.replace("-", " "),
         codec_version=config["quantization_config"]["codec_version"])
 
 
@@ -230,7 +232,8 @@ def save_pretrained(compressed: CompressedModel, source_folder: str | Path, out_
     container.write_bytes(compressed.to_bytes())
     container_bytes = container.stat().st_size
     bits_per_weight = 8 * container_bytes / compressed.report()["num_weights"]
-    config = _config_with_quantization(config, compressed, bits_per_weight)
+    task = task_for(config, info.dataset)
+    config = _config_with_quantization(config, compressed, bits_per_weight, task)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for shim in sorted(REMOTE_CODE_DIR.glob("modeling_*.py")):
         shutil.copyfile(shim, out / shim.name)
@@ -240,7 +243,7 @@ def save_pretrained(compressed: CompressedModel, source_folder: str | Path, out_
         if Path(info.plot).resolve() != (out / plot).resolve():
             shutil.copyfile(info.plot, out / plot)
 
-    metrics = _measure(src, out, info, base_bytes > 0) if info.dataset else None
+    metrics = _measure(src, out, info, task, base_bytes > 0) if info.dataset else None
     repo_id = info.model_name or out.name
     card = render_card(compressed, config, info, base_bytes=base_bytes or None, base_files=base_files,
                        container_bytes=container_bytes, metrics=metrics, repo_id=repo_id, plot=plot)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,16 @@ class Classification:
     dataset: str = FASHION_MNIST
     metric: str = "top1"
     budget_pt: float = 0.5  # the drop a "no meaningful loss" claim is held to
+    # how the Hub names the task, its auto class and its metric (model card metadata)
+    pipeline_tag: ClassVar[str] = "image-classification"
+    auto_class: ClassVar[str] = "AutoModelForImageClassification"
+    metric_title: ClassVar[str] = "Top-1 accuracy"
+    metric_type: ClassVar[str] = "accuracy"
+
+    @staticmethod
+    def describe(scores: dict) -> str:
+        lo, hi = scores["top1_ci95"]
+        return f"{100 * scores['top1']:.2f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
 
     def load(self, split: str):
         return load_image_dataset(self.dataset, split)
@@ -84,6 +94,14 @@ class Detection:
     dataset: str = FASHION_MNIST_SCENES
     metric: str = "map"
     budget_pt: float = 1.0  # detectors are scored on a coarser metric; the detection issue's budget
+    pipeline_tag: ClassVar[str] = "object-detection"
+    auto_class: ClassVar[str] = "AutoModelForObjectDetection"
+    metric_title: ClassVar[str] = "COCO box mAP@[.5:.95]"
+    metric_type: ClassVar[str] = "mean_average_precision"
+
+    @staticmethod
+    def describe(scores: dict) -> str:
+        return f"{100 * scores['map']:.2f} (mAP@0.5 {100 * scores['map_50']:.2f})"
 
     def load(self, split: str, num_scenes: int | None = None):
         return load_detection_dataset(self.dataset, split, num_scenes)
@@ -140,7 +158,8 @@ def _subset(dataset, num_batches: int, seed: int):
 Task = Classification | Detection
 
 
-def task_for(model: torch.nn.Module, dataset: str | None = None) -> Task:
-    """The task a model was trained for, on ``dataset`` (or that task's default dataset)."""
+def task_for(model, dataset: str | None = None) -> Task:
+    """The task a model (or its config, or a ``config.json`` dict) was trained for, on ``dataset``
+    (or that task's default dataset)."""
     kind = Detection if is_detection_model(model) else Classification
     return kind(dataset) if dataset and dataset != DEFAULT_DATASET else kind()

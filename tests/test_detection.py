@@ -207,3 +207,33 @@ def test_finetuning_a_detector_lowers_its_own_loss(tmp_path, scenes):
     tuned = finetune(compressed, model, data, FinetuneConfig(steps=15, batch_size=8, rate_weight=0.0),
                      progress=False, task=task)
     assert loss(tuned) < loss(compressed)
+
+
+def test_a_compressed_detector_saves_with_a_detection_card_and_loads_with_transformers(tmp_path, detector_folder,
+                                                                                        scenes):
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForObjectDetection
+
+    from hf_vae_compress import CompressedModel, VAECompressionConfig, compress
+    from hf_vae_compress.hub import CardInfo
+    from hf_vae_compress.pipeline import load_compressed
+
+    data = str(tmp_path / "scenes")
+    scenes.save_to_disk(data)
+    compressed = compress(load_model(detector_folder), VAECompressionConfig(target_bits_per_weight=4), progress=False)
+    out = compressed.save_pretrained(tmp_path / "repo", detector_folder, CardInfo(dataset=data))
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModelForObjectDetection": "modeling_hf_vae_compress.HfVaeCompressForObjectDetection"}
+    card = ModelCard.load(out / "README.md")
+    assert card.data.pipeline_tag == "object-detection" and "object-detection" in card.data.tags
+    result = card.data.eval_results[0]
+    assert result.metric_type == "mean_average_precision" and 0.0 <= result.metric_value <= 1.0
+    assert "AutoModelForObjectDetection.from_pretrained" in card.text and "mAP@0.5" in card.text
+
+    reference = load_compressed(out).state_dict()
+    assert CompressedModel.load(out).header == compressed.header
+    for kwargs in ({}, {"trust_remote_code": True}):
+        model = AutoModelForObjectDetection.from_pretrained(out, **kwargs)
+        state = model.state_dict()
+        assert type(model).__name__ == "RTDetrForObjectDetection"
+        assert all(torch.equal(state[k], v) for k, v in reference.items())

@@ -11,9 +11,10 @@ from pathlib import Path
 
 REMOTE_CODE_DIR = Path(__file__).with_name("remote_code")
 REMOTE_CODE_MODULE = "modeling_hf_vae_compress"
-# auto class -> class in the shim module; written as `auto_map` into config.json
+# auto class -> class in the shim module; the model's own task's entry is written as `auto_map` into config.json
 REMOTE_CODE_AUTO_MAP = {
     "AutoModelForImageClassification": f"{REMOTE_CODE_MODULE}.HfVaeCompressForImageClassification",
+    "AutoModelForObjectDetection": f"{REMOTE_CODE_MODULE}.HfVaeCompressForObjectDetection",
 }
 
 

@@ -24,7 +24,9 @@ except ImportError as _err:
         "Upgrade it with `pip install -U hf-vae-compress`."
     ) from _err
 
-from transformers import AutoModelForImageClassification, PreTrainedConfig, PreTrainedModel  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForImageClassification, AutoModelForObjectDetection, PreTrainedConfig, PreTrainedModel,
+)
 
 
 class _HfVaeCompressDelegate(PreTrainedModel):
@@ -43,3 +45,7 @@ class _HfVaeCompressDelegate(PreTrainedModel):
 
 class HfVaeCompressForImageClassification(_HfVaeCompressDelegate):
     _auto_class_to_use = AutoModelForImageClassification
+
+
+class HfVaeCompressForObjectDetection(_HfVaeCompressDelegate):
+    _auto_class_to_use = AutoModelForObjectDetection
