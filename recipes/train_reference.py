@@ -35,7 +35,9 @@ from hf_vae_compress.models import load_model, save_timm, weights_bytes
 
 logger = logging.getLogger("train_reference")
 
-TIMM_MODELS = {"fmnist-resnet18": "resnet18", "fmnist-mobilenetv3": "mobilenetv3_large_075"}
+# mobilenetv3_small_100 (1.5 M parameters): in 300-step probes it learned fastest of the MobileNetV3/V4 and
+# MobileNetV2 variants at a quarter of their step time; its stride-32 stem still costs it against resnet18.
+TIMM_MODELS = {"fmnist-resnet18": "resnet18", "fmnist-mobilenetv3": "mobilenetv3_small_100"}
 VIT = "fmnist-vit"
 
 
@@ -49,8 +51,8 @@ def build(name: str) -> torch.nn.Module:
         from transformers import ViTConfig, ViTForImageClassification
 
         config = ViTConfig(
-            image_size=28, patch_size=4, num_channels=1, hidden_size=128, num_hidden_layers=6,
-            num_attention_heads=4, intermediate_size=256, num_labels=10,
+            image_size=28, patch_size=4, num_channels=1, hidden_size=96, num_hidden_layers=4,
+            num_attention_heads=4, intermediate_size=192, num_labels=10,
             id2label=dict(enumerate(FASHION_MNIST_CLASSES)),
             label2id={c: i for i, c in enumerate(FASHION_MNIST_CLASSES)},
         )
