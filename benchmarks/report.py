@@ -151,7 +151,8 @@ def plot(model: str, rows: list[dict], budget: float, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("bits per weight (all side information included)")
     ax.set_ylabel("test top-1 (%) with 95 % bootstrap interval" if metric == "top1" else f"test {METRIC_NAMES[metric]} (%)")
-    ax.set_ylim(100 * base - 4, 100 * base + 0.8)
+    # a classifier's story is in the last few points; a detector's is its collapse, so show all of it
+    ax.set_ylim(100 * base - 4 if metric == "top1" else 0, 100 * base + (0.8 if metric == "top1" else 3))
     ax.set_title(f"{model}: rate vs accuracy")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
