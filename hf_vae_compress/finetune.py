@@ -14,6 +14,7 @@ from an ``accelerator.save_state`` checkpoint sees exactly the batches it would 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,18 @@ class _Progress:
         self.step = int(state["step"])
 
 
+def _save_checkpoint(accelerator, folder: Path) -> None:
+    """``accelerator.save_state`` under a temporary name, renamed once every process has written:
+    a run killed mid-write leaves no half-written ``step_N`` for ``--resume-from`` to trip over."""
+    partial = folder.with_name(folder.name + ".partial")
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+    accelerator.wait_for_everyone()
+
+
 def finetune(compressed: CompressedModel, model: nn.Module, train_data, config: FinetuneConfig | None = None,
              accelerator=None, checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
              progress: bool = True, task: Task | None = None) -> CompressedModel:
@@ -126,7 +139,7 @@ def finetune(compressed: CompressedModel, model: nn.Module, train_data, config: 
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", bpw=f"{bits.item() / num_weights:.3f}")
         if checkpoint_dir and state.step % config.checkpoint_every == 0 and state.step < config.steps:
-            accelerator.save_state(str(Path(checkpoint_dir) / f"step_{state.step}"))
+            _save_checkpoint(accelerator, Path(checkpoint_dir) / f"step_{state.step}")
     bar.close()
     accelerator.wait_for_everyone()
     tuned = assemble(accelerator.unwrap_model(student).param.to_latents())
