@@ -203,12 +203,15 @@ def _key(row: dict) -> tuple:
 
 
 def save_headline_artifacts(rows: list[dict], methods: set[str]) -> None:
-    """Copy the containers the README quotes (report.py's headlines: every seed within budget on
-    validation; the largest seed's container) to ``results/artifacts/<model>[-finetuned]/``."""
+    """Copy the containers the README quotes to ``results/artifacts/<model>[-finetuned]/``: our
+    pipeline's smallest headline (either transform; report.py's rule: every seed within budget on
+    validation), post-hoc and fine-tuned, each the largest seed's container."""
     best = headlines(rows, BUDGETS_PT[rows[0]["metric"]])
-    for method, suffix in (("ours", ""), ("ours+finetune", "-finetuned")):
-        if method in best and method in methods:
-            row = max(best[method]["seeds"], key=lambda r: r["bytes"])
+    for group, suffix in ((("ours", "ours-identity-ablation"), ""),
+                          (("ours+finetune", "ours-identity-ablation+finetune"), "-finetuned")):
+        found = [best[m] for m in group if m in best]
+        if found and methods & set(group):
+            row = max(min(found, key=lambda h: h["bytes"])["seeds"], key=lambda r: r["bytes"])
             target = RESULTS / "artifacts" / (row["model"] + suffix)
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(ROOT / row["output"], target)
