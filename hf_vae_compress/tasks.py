@@ -1,7 +1,7 @@
 """What "accuracy" means for a model: its metric, its data, and the loss that ranks its weights.
 
-The codec core is task-agnostic; the rate search, the CLI and the benchmarks need three things
-from the task a model was trained for, and get them here:
+The codec core is task-agnostic; the rate search, fine-tuning, the CLI, the Hub card and the
+benchmarks get what depends on the task a model was trained for from here:
 
 * ``load(split)`` and ``prepare(model, dataset)``: the held-out data, preprocessed once so that
   many candidate weights can be scored on it;
@@ -9,7 +9,9 @@ from the task a model was trained for, and get them here:
   budgets are written against;
 * ``calibration(model, num_batches)``: training-split batches, and the loss whose gradients
   measure each tensor's sensitivity (None: the codec's sampled-label classification Fisher);
-* ``train_data``, ``sample``, ``model_inputs`` and ``finetune_loss``: what fine-tuning trains on.
+* ``train_data``, ``sample``, ``model_inputs`` and ``finetune_loss``: what fine-tuning trains on;
+* ``pipeline_tag``, ``auto_class``, ``metric_title``, ``metric_type`` and ``describe``: how the
+  model card names the task and prints its score.
 """
 
 from __future__ import annotations
