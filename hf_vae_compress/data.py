@@ -188,21 +188,35 @@ def image_transform(model: torch.nn.Module) -> Callable:
     return T.Compose([T.Lambda(lambda im: im.convert(mode)), timm.data.create_transform(**cfg)])
 
 
-def _transformers_transform(model: torch.nn.Module) -> Callable:
-    import torchvision.transforms as T
+def load_image_processor(model: torch.nn.Module):
+    """The image processor saved beside a transformers model: it owns the resize (and a detector's
+    box post-processing)."""
     from transformers import AutoImageProcessor
 
     source = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
     try:
-        proc = AutoImageProcessor.from_pretrained(source)
+        return AutoImageProcessor.from_pretrained(source)
     except Exception as err:  # noqa: BLE001 - re-raised with context
         raise ValueError(
             f"no image processor found for {source!r}; save one with the model "
             "(image_processor.save_pretrained) so its preprocessing is known"
         ) from err
+
+
+def image_mode(config) -> str:
+    """PIL mode for the channels the model (or its backbone) takes: ``"L"`` for one, else ``"RGB"``."""
+    channels = getattr(config, "num_channels", None) or getattr(getattr(config, "backbone_config", None),
+                                                                "num_channels", 3)
+    return "L" if channels == 1 else "RGB"
+
+
+def _transformers_transform(model: torch.nn.Module) -> Callable:
+    import torchvision.transforms as T
+
+    proc = load_image_processor(model)
     size = proc.size
     hw = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
-    mode = "L" if getattr(model.config, "num_channels", 3) == 1 else "RGB"
+    mode = image_mode(model.config)
     steps = [T.Lambda(lambda im: im.convert(mode)), T.Resize(hw), T.ToTensor()]
     if getattr(proc, "do_normalize", True):
         steps.append(T.Normalize(proc.image_mean, proc.image_std))

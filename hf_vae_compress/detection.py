@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import FASHION_MNIST_CLASSES, SPLITS, fashion_mnist_arrays, load_image_dataset
+from .data import (
+    FASHION_MNIST_CLASSES, SPLITS, fashion_mnist_arrays, image_mode, load_image_dataset, load_image_processor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -153,27 +155,6 @@ def is_detection_model(model_or_config) -> bool:
     if isinstance(model_or_config, torch.nn.Module):
         names = [type(model_or_config).__name__, *(names or [])]
     return any(name.endswith("ForObjectDetection") for name in names or [])
-
-
-def image_mode(config) -> str:
-    """PIL mode for the channels the model's backbone takes: ``"L"`` for one, else ``"RGB"``."""
-    channels = getattr(config, "num_channels", None) or getattr(getattr(config, "backbone_config", None),
-                                                                "num_channels", 3)
-    return "L" if channels == 1 else "RGB"
-
-
-def load_image_processor(model: torch.nn.Module):
-    """The image processor saved beside the model: it owns the resize and the box post-processing."""
-    from transformers import AutoImageProcessor
-
-    source = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
-    try:
-        return AutoImageProcessor.from_pretrained(source)
-    except Exception as err:  # noqa: BLE001 - re-raised with context
-        raise ValueError(
-            f"no image processor found for {source!r}; save one with the model "
-            "(image_processor.save_pretrained) so its preprocessing is known"
-        ) from err
 
 
 def coco_annotation(row: dict) -> dict:

@@ -148,7 +148,7 @@ def _settings_table(compressed: CompressedModel) -> str:
     return "\n".join(lines)
 
 
-def render_card(compressed: CompressedModel, config: dict, info: CardInfo, *, base_bytes: int | None,
+def render_card(compressed: CompressedModel, config: dict, info: CardInfo, task: Task, *, base_bytes: int | None,
                 base_files: list[str], container_bytes: int, metrics: dict | None, repo_id: str, plot: str | None):
     """The model card (a ``huggingface_hub.ModelCard``) from the template in ``model_cards/``."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -156,7 +156,6 @@ def render_card(compressed: CompressedModel, config: dict, info: CardInfo, *, ba
     if not CARD_TEMPLATE.exists():
         raise FileNotFoundError(f"the model card template {CARD_TEMPLATE} is missing")
     fmt = model_format(config)
-    task = task_for(config, info.dataset)
     report = compressed.report()
     num_weights = report["num_weights"]
     dataset_id = info.dataset_id
@@ -227,7 +226,7 @@ def save_pretrained(compressed: CompressedModel, source_folder: str | Path, out_
 
     same = src.resolve() == out.resolve()
     if not same:  # configs and preprocessing travel; weights are replaced by the container
-        copy_side_files(src, out, skip=("config.json", "README.md"))
+        copy_side_files(src, out, skip=("config.json",))
     container = out / CONTAINER_NAME
     container.write_bytes(compressed.to_bytes())
     container_bytes = container.stat().st_size
@@ -245,7 +244,7 @@ def save_pretrained(compressed: CompressedModel, source_folder: str | Path, out_
 
     metrics = _measure(src, out, info, task, base_bytes > 0) if info.dataset else None
     repo_id = info.model_name or out.name
-    card = render_card(compressed, config, info, base_bytes=base_bytes or None, base_files=base_files,
+    card = render_card(compressed, config, info, task, base_bytes=base_bytes or None, base_files=base_files,
                        container_bytes=container_bytes, metrics=metrics, repo_id=repo_id, plot=plot)
     text = str(card)
     (out / "README.md").write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")

@@ -52,15 +52,18 @@ def weights_bytes(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
 
 
+BASE_ONLY_FILES = ("README.md", "train_result.json")  # they describe the base weights, not a compression of them
+
+
 def copy_side_files(src: str | Path, out: str | Path, skip: tuple[str, ...] = ()) -> None:
     """Copy a model folder's configs and preprocessing files, never its weights.
 
-    Weight files, shard indexes (they would point at weights that are not there), hidden files
-    and the names in ``skip`` are left behind.
+    Weight files, shard indexes (they would point at weights that are not there), hidden files,
+    the base model's card and training result, and the names in ``skip`` are left behind.
     """
     for f in Path(src).iterdir():
         if (f.is_file() and not f.name.endswith((*WEIGHT_SUFFIXES, ".index.json")) and not f.name.startswith(".")
-                and f.name not in skip):
+                and f.name not in (*BASE_ONLY_FILES, *skip)):
             shutil.copy2(f, Path(out) / f.name)
 
 
@@ -96,6 +99,18 @@ def load_model(source: str | Path, **hub_kwargs) -> torch.nn.Module:
         model_cls = getattr(transformers, config["architectures"][0])
         model = model_cls.from_pretrained(folder, dtype=torch.float32)
     return model.eval()
+
+
+def save_transformers(model: torch.nn.Module, folder: str | Path, dtype: torch.dtype = torch.float32) -> None:
+    """``save_pretrained`` with the weights stored in ``dtype`` while the config keeps float32, so
+    ``from_pretrained`` computes in fp32 (storage dtype is a size choice, not a compute one)."""
+    original = next(model.parameters()).dtype
+    model.to(dtype).save_pretrained(folder)
+    model.to(original)
+    config_path = Path(folder) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def save_timm(model: torch.nn.Module, folder: str | Path, dtype: torch.dtype = torch.float32) -> None:

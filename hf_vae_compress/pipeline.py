@@ -72,7 +72,7 @@ def _write_folder(src: Path, out_dir: str | Path, compressed: CompressedModel) -
     """Configs and preprocessing travel from the source; its weights are replaced by the container."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    copy_side_files(src, out_dir, skip=("README.md",))  # the base model's card does not describe this one
+    copy_side_files(src, out_dir)
     compressed.save(out_dir)
 
 

@@ -23,10 +23,11 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
-from .data import FASHION_MNIST, collate, image_transform, load_image_dataset, with_transform
+from .data import (
+    FASHION_MNIST, collate, image_mode, image_transform, load_image_dataset, load_image_processor, with_transform,
+)
 from .detection import (
-    FASHION_MNIST_SCENES, detection_collate, evaluate_detection, image_mode, is_detection_model,
-    load_detection_dataset, load_image_processor,
+    FASHION_MNIST_SCENES, detection_collate, evaluate_detection, is_detection_model, load_detection_dataset,
 )
 from .evaluate import as_tensors, evaluate, logits_of
 

@@ -30,7 +30,7 @@ from hf_vae_compress.data import FASHION_MNIST_CLASSES
 from hf_vae_compress.detection import (
     default_num_scenes, detection_collate, evaluate_detection, load_fashion_mnist_scenes,
 )
-from hf_vae_compress.models import load_model, weights_bytes
+from hf_vae_compress.models import load_model, save_transformers, weights_bytes
 
 logger = logging.getLogger("train_detector")
 
@@ -70,13 +70,8 @@ def image_processor():
 
 
 def save(model: torch.nn.Module, folder: Path) -> None:
-    """fp16 weights with ``save_pretrained``, config dtype float32 (computed in fp32), plus the processor."""
-    model.to(torch.float16).save_pretrained(folder)
-    model.to(torch.float32)
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text())
-    config["dtype"] = "float32"
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    """fp16 weights, computed in fp32, plus the processor."""
+    save_transformers(model, folder, dtype=torch.float16)
     image_processor().save_pretrained(folder)
 
 

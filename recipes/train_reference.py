@@ -31,7 +31,7 @@ from hf_vae_compress.data import (
     load_fashion_mnist,
 )
 from hf_vae_compress.evaluate import evaluate, logits_of
-from hf_vae_compress.models import load_model, save_timm, weights_bytes
+from hf_vae_compress.models import load_model, save_timm, save_transformers, weights_bytes
 
 logger = logging.getLogger("train_reference")
 
@@ -67,12 +67,7 @@ def save(name: str, model: torch.nn.Module, folder: Path) -> None:
         return
     from transformers import ViTImageProcessor
 
-    model.to(torch.float16).save_pretrained(folder)
-    model.to(torch.float32)
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text())
-    config["dtype"] = "float32"  # stored in fp16, computed in fp32
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    save_transformers(model, folder, dtype=torch.float16)
     ViTImageProcessor(size={"height": 28, "width": 28}, image_mean=[FASHION_MNIST_MEAN],
                       image_std=[FASHION_MNIST_STD], do_resize=True).save_pretrained(folder)
 
