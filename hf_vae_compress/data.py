@@ -40,10 +40,11 @@ _IDX_FILES = {
 }
 
 
-def fashion_mnist_pretrained_cfg() -> dict:
-    """timm ``pretrained_cfg`` entries for a 1-channel 28x28 Fashion-MNIST model."""
+def fashion_mnist_pretrained_cfg(size: int = 28) -> dict:
+    """timm ``pretrained_cfg`` entries for a 1-channel Fashion-MNIST model fed ``size`` x ``size``
+    images (28 is native; a larger size makes every loader upsample)."""
     return dict(
-        input_size=(1, 28, 28), mean=(FASHION_MNIST_MEAN,), std=(FASHION_MNIST_STD,), crop_pct=1.0,
+        input_size=(1, size, size), mean=(FASHION_MNIST_MEAN,), std=(FASHION_MNIST_STD,), crop_pct=1.0,
         interpolation="bilinear", num_classes=10, label_names=FASHION_MNIST_CLASSES,
     )
 

@@ -4,9 +4,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
-from train_reference import fit_to_budget, one_cycle  # noqa: E402
+from train_reference import augment, build, fit_to_budget, image_size, one_cycle, resized  # noqa: E402
+
+from hf_vae_compress.data import image_transform, load_fashion_mnist  # noqa: E402
 
 
 class _OneProcess:
@@ -29,3 +32,15 @@ def test_fit_to_budget_plans_the_steps_that_fit_and_never_more_than_planned():
     assert fit_to_budget(5000, 30, 15.0, 10, _OneProcess()) == 1140
     assert fit_to_budget(500, 30, 15.0, 10, _OneProcess()) == 500
     assert fit_to_budget(5000, 30, 15.0, 0.01, _OneProcess()) == 30  # already over: stop where it is
+
+
+def test_an_upsampled_reference_model_is_trained_and_loaded_at_the_same_size():
+    """The MobileNet trains on 56x56 upsampled images; its pretrained_cfg makes loaders resize alike."""
+    size = image_size("fmnist-mobilenetv3")
+    assert size == 56 and image_size("fmnist-resnet18") == 28
+    model = build("fmnist-mobilenetv3")
+    image = load_fashion_mnist("test").select(range(1))[0]["image"]
+    assert image_transform(model)(image).shape == (1, size, size)
+    batch = resized(augment(torch.zeros(2, 1, 28, 28)), size)
+    assert batch.shape == (2, 1, size, size)
+    assert resized(batch[:, :, :28, :28], 28).shape == (2, 1, 28, 28)
