@@ -42,12 +42,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "outputs" / "bench"
 NNC_VENV = ROOT / ".venv-nncodec"
 NNC_PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "nncodec==2.1.3", "safetensors"]
-MODELS = ["fmnist-resnet18", "fmnist-rtdetr"]  # the compact CNN and the ViT join once they meet their bars
+MODELS = ["fmnist-resnet18", "fmnist-mobilenetv3", "fmnist-vit", "fmnist-rtdetr"]
 # Rate grids per task metric, each spanning the model's knee: the detector collapses at rates a
-# classifier shrugs off (NNCodec loses 7 pt of mAP at 10x, where resnet18 loses nothing).
-OURS_BPW = {"top1": [0.5, 0.7, 1.0, 1.4, 2.0], "map": [1.4, 2.0, 2.8, 4.0, 5.6]}
+# classifier shrugs off (NNCodec loses 7 pt of mAP at 10x, where resnet18 loses nothing), and the
+# compact classifiers (depthwise kernels, a 0.3 M-parameter ViT) need more bits than resnet18.
+OURS_BPW = {"top1": [0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0], "map": [1.4, 2.0, 2.8, 4.0, 5.6]}
 FINETUNE_BPW = {"top1": [0.3, 0.5], "map": [2.8, 3.2]}
-NNC_QPS = {"top1": [-32, -28, -25, -22, -19], "map": [-40, -36, -32, -28, -25]}
+NNC_QPS = {"top1": [-36, -32, -28, -25, -22, -19], "map": [-40, -36, -32, -28, -25]}
 BUDGETS_PT = {task.metric: task.budget_pt for task in (Classification(), Detection())}
 
 

@@ -1,0 +1,22 @@
+"""The README generator renders what the recipes and benchmarks measured, and nothing else."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from report import reference_lines  # noqa: E402
+
+
+def test_reference_table_has_one_row_per_trained_model_with_its_measured_metric(tmp_path):
+    results = {
+        "clf": dict(model="clf", top1=0.9167, num_params=1527818, train_seconds=1528.7, num_processes=2, steps=5551),
+        "det": dict(model="det", map=0.7377, num_params=1392784, train_seconds=3366.3, num_processes=2),
+    }
+    for name, result in results.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_result.json").write_text(json.dumps(result))
+    (tmp_path / "untrained").mkdir()  # no train_result.json: not listed
+    rows = [line for line in reference_lines(tmp_path) if line.startswith("| `")]
+    assert rows == ["| `clf` | 1,527,818 | top-1 91.67 % | 25.5 min | 2 | 5551 |",
+                    "| `det` | 1,392,784 | mAP@[.5:.95] 0.7377 | 56.1 min | 2 |  |"]
