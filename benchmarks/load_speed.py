@@ -8,6 +8,9 @@ architecture the same way, then:
 * ours: ``CompressedModel.load(...).decode()`` (entropy decode + decoder + hash checks) +
   ``load_state_dict``.
 
+The entropy decode alone (``unpack``) is timed too, to split the decode time between the entropy
+decoder and the decoder network with the hash checks.
+
 Each is timed ``--repeats`` times, alternating, and the medians are compared. Writes
 ``benchmarks/results/load_speed.json``.
 """
@@ -63,11 +66,13 @@ def main(argv: list[str] | None = None) -> None:
             build().load_state_dict(CompressedModel.load(tmp).decode(), strict=True)
 
         decode_only = lambda: CompressedModel.load(tmp).decode()  # noqa: E731
-        fp32_times, ours_times, decode_times, build_times = [], [], [], []
+        entropy_only = lambda: CompressedModel.load(tmp).unpack()  # noqa: E731
+        fp32_times, ours_times, decode_times, entropy_times, build_times = [], [], [], [], []
         for _ in range(args.repeats):
             fp32_times.append(_timed(load_fp32))
             ours_times.append(_timed(load_ours))
             decode_times.append(_timed(decode_only))
+            entropy_times.append(_timed(entropy_only))
             build_times.append(_timed(build))
     fp32_s, ours_s, decode_s = (statistics.median(t) for t in (fp32_times, ours_times, decode_times))
     result = dict(
@@ -75,8 +80,9 @@ def main(argv: list[str] | None = None) -> None:
         config=config.to_dict(), container_bytes=report["total_bytes"], bits_per_weight=report["bits_per_weight"],
         fp32_bytes=fp32_bytes,
         fp32_load_s=fp32_s, ours_load_s=ours_s, ratio=ours_s / fp32_s, decode_s=decode_s,
-        build_s=statistics.median(build_times), decode_weights_per_s=num_weights / decode_s,
-        samples=dict(fp32=fp32_times, ours=ours_times, decode=decode_times, build=build_times),
+        entropy_s=statistics.median(entropy_times), build_s=statistics.median(build_times),
+        decode_weights_per_s=num_weights / decode_s,
+        samples=dict(fp32=fp32_times, ours=ours_times, decode=decode_times, entropy=entropy_times, build=build_times),
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1) + "\n")

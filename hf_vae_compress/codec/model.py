@@ -42,7 +42,7 @@ class IntegrityError(ContainerError):
 
 def _sha256(t: torch.Tensor | np.ndarray) -> str:
     array = t.contiguous().reshape(-1).view(torch.uint8).numpy() if isinstance(t, torch.Tensor) else np.ascontiguousarray(t)
-    return hashlib.sha256(array.tobytes()).hexdigest()
+    return hashlib.sha256(memoryview(array.reshape(-1))).hexdigest()  # hashes in place, without a copy
 
 
 def _dtype(name: str) -> torch.dtype:
