@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         bench = Bench(name)
         ours_bpw = args.ours_bpw or OURS_BPW[bench.task.metric]
+        finetune_bpw = args.finetune_bpw or FINETUNE_BPW[bench.task.metric]
         if "baselines" in args.methods:
             bench.baselines()
         if "nncodec" in args.methods:
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
             for seed in args.seeds:  # fine-tuning samples its batches: stochastic for both transforms
                 for transform in ("vae", "identity"):
                     tuning = FinetuneConfig(steps=args.finetune_steps, rate_weight=args.rate_weight, seed=seed)
-                    bench.finetuned(args.finetune_bpw or FINETUNE_BPW[bench.task.metric], transform, tuning)
+                    bench.finetuned(finetune_bpw, transform, tuning)
         fresh = [r for r in bench.rows if r["method"] in replaced]
         rows = [r for r in rows if _key(r) not in {_key(f) for f in fresh}] + fresh
         save_headline_artifacts([r for r in rows if r["model"] == bench.name], replaced)

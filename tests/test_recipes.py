@@ -1,4 +1,4 @@
-"""The training recipes' schedule helpers (the recipes themselves run for minutes to an hour)."""
+"""The training recipes' schedule and input-size helpers (the recipes themselves run for minutes to an hour)."""
 
 import sys
 from pathlib import Path
