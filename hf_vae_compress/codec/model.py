@@ -83,11 +83,13 @@ def _decode(transform: torch.nn.Module, symbols: torch.Tensor, step: float, inde
     return torch.cat([transform.decode(s, step, index) for s in symbols.split(DECODE_BATCH)])
 
 
-def _sensitivities(model, coded: list[_Coded], calibration_data, config, loss_fn, progress) -> list[float]:
+def _sensitivities(model, coded: list[_Coded], calibration_data, config, loss_fn, progress,
+                   fisher: dict[str, torch.Tensor] | None = None) -> list[float]:
     """Mean normalised Fisher per coded tensor; all 1 (equal relative precision) without data."""
-    if calibration_data is None or not isinstance(model, torch.nn.Module):
-        return [1.0] * len(coded)
-    fisher = fisher_diagonal(model, calibration_data, config.calibration_batches, loss_fn, progress)
+    if fisher is None:
+        if calibration_data is None or not isinstance(model, torch.nn.Module):
+            return [1.0] * len(coded)
+        fisher = fisher_diagonal(model, calibration_data, config.calibration_batches, loss_fn, progress)
     values = [mean_normalised_fisher(fisher[c.name], c.scales) if c.name in fisher else None for c in coded]
     known = sorted(v for v in values if v)
     fallback = known[len(known) // 2] if known else 1.0
@@ -102,7 +104,8 @@ def _stored(state_dict: dict[str, torch.Tensor], names: list[str], config: VAECo
 
 def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompressionConfig | None = None,
              calibration_data: Iterable | None = None, loss_fn: Callable | None = None,
-             progress: bool = True, shard: Shard | None = None) -> "CompressedModel":
+             progress: bool = True, shard: Shard | None = None,
+             fisher: dict[str, torch.Tensor] | None = None) -> "CompressedModel":
     """Compress a model (or a bare state dict) post-hoc.
 
     ``calibration_data`` yields model inputs; with it, steps are allocated by Fisher sensitivity,
@@ -110,6 +113,8 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
     (loss, batch_size)`` replaces the sampled-label classification loss for other tasks.
     With a ``shard`` the VAE fit is data-parallel over processes; everything else is
     deterministic and computed identically by each process, which all return the same result.
+    ``fisher`` (from :func:`~.importance.fisher_diagonal`) replaces the calibration pass: a rate
+    search that compresses one model many times measures it once.
     """
     config = config or VAECompressionConfig()
     start = time.perf_counter()
@@ -118,7 +123,7 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
                   (model.state_dict() if isinstance(model, torch.nn.Module) else model).items()}
     coded_names, raw_names = select_tensors(state_dict, config)
     coded = _prepare(state_dict, coded_names, config)
-    sens = _sensitivities(model, coded, calibration_data, config, loss_fn, progress)
+    sens = _sensitivities(model, coded, calibration_data, config, loss_fn, progress, fisher)
     stored = _stored(state_dict, raw_names, config)
     num_weights = sum(v.numel() for v in state_dict.values() if v.is_floating_point())
     fixed_bits = 8 * _fixed_bytes(coded, stored, config)
