@@ -33,18 +33,27 @@ def _cmd_evaluate(args: argparse.Namespace) -> dict:
     return result
 
 
-def _cmd_compress(args: argparse.Namespace) -> dict:
+def _cmd_compress(args: argparse.Namespace) -> dict | None:
+    """Fixed rate with ``--target-bpw`` / ``--beta``; otherwise the smallest container within an
+    accuracy budget (``--max-accuracy-drop``, or the task's own budget when data is available).
+    Without data nothing can be checked: a conservative rate, and a warning that says so."""
+    import time
+
     import torch
 
-    from .finetune import FinetuneConfig
-    from .pipeline import compress_folder, search_smallest
+    from .pipeline import UNCHECKED_BPW, Source, search_smallest
 
+    start = time.perf_counter()
+    budget = args.max_accuracy_drop
+    fixed_rate = args.beta is not None or args.target_bpw is not None
+    if budget is not None and not args.dataset:
+        raise ValueError("--max-accuracy-drop needs a dataset to measure the drop on")
     fields = dict(transform=args.transform, chunk_size=args.chunk_size, hidden_size=args.hidden_size,
                   train_steps=args.train_steps, seed=args.seed, calibration_batches=args.calibration_batches)
     if args.beta is not None:
         fields.update(beta=args.beta, target_bits_per_weight=None)
     else:
-        fields.update(target_bits_per_weight=args.target_bpw)
+        fields.update(target_bits_per_weight=args.target_bpw or UNCHECKED_BPW)
     config = VAECompressionConfig(**fields)
     tuning = FinetuneConfig(steps=args.finetune_steps, rate_weight=args.rate_weight, seed=args.seed,
                             checkpoint_every=args.checkpoint_every)
@@ -53,28 +62,49 @@ def _cmd_compress(args: argparse.Namespace) -> dict:
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    probes = None
-    if args.max_accuracy_drop is not None:
-        if not args.dataset:
-            raise ValueError("--max-accuracy-drop needs a dataset with a validation split")
-        compressed, probes = search_smallest(args.source, args.out_dir, args.max_accuracy_drop, args.dataset, config,
-                                             tuning, accelerator=accelerator)
-        if compressed is None:
-            raise ValueError(f"no rate tried kept the validation drop within {args.max_accuracy_drop} pt: {probes}")
+    main_process = accelerator is None or accelerator.is_main_process
+    src = Source.open(args.source, args.dataset, config.calibration_batches, local_files_only=args.local_files_only)
+    probes, warning = None, None
+    if not fixed_rate and src.task is not None:
+        budget = src.task.budget_pt if budget is None else budget
+        result = search_smallest(src, args.out_dir, budget, args.dataset, config, tuning, accelerator=accelerator)
+        if result.compressed is None:
+            raise ValueError(f"no rate tried kept the validation drop within {budget} pt "
+                             f"(probes: {result.probes}); give --target-bpw to choose a rate yourself")
+        compressed, validation, probes = result.compressed, result.validation, result.probes
     else:
-        compressed = compress_folder(args.source, args.out_dir, config, dataset=args.dataset, finetune_config=tuning,
-                                     accelerator=accelerator, checkpoint_dir=args.checkpoint_dir,
-                                     resume_from=args.resume_from, local_files_only=args.local_files_only)
-    if accelerator is not None and not accelerator.is_main_process:
+        compressed = src.compress(config, tuning, accelerator, args.checkpoint_dir, args.resume_from)
+        validation = src.validation_drop(compressed) if src.task is not None and main_process else None
+        if main_process:
+            src.save(compressed, args.out_dir)
+    if validation is None:
+        warning = (f"accuracy was not checked: no dataset was given, so {config.target_bits_per_weight} bits/weight "
+                   "was used without measuring its effect. Pass --dataset to get the smallest container within "
+                   "the task's accuracy budget.")
+    if not main_process:
         return None
     report = compressed.report()
     report.pop("layers")
-    return dict(out_dir=str(args.out_dir), encode_seconds=compressed.header["encode_seconds"],
-                finetune=compressed.header.get("finetune"), rate_search=probes, **report)
+    return dict(out_dir=str(args.out_dir), accuracy_checked=validation is not None, validation=validation,
+                warning=warning, rate_search=probes, compress_seconds=round(time.perf_counter() - start, 2),
+                encode_seconds=compressed.header["encode_seconds"], finetune=compressed.header.get("finetune"),
+                **report)
+
+
+def _open_container(path: str) -> CompressedModel:
+    """A container file, or the container of any compressed folder this library writes."""
+    from .loading import find_container
+
+    if not os.path.isdir(path):
+        return CompressedModel.load(path)
+    container = find_container(path)
+    if container is None:
+        raise FileNotFoundError(f"{path} is not a compressed model folder: it holds no container")
+    return CompressedModel.load(container)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> dict:
-    compressed = CompressedModel.load(args.out_dir)
+    compressed = _open_container(args.out_dir)
     report = compressed.report()
     report["config"] = compressed.header["config"]
     return report
@@ -83,7 +113,7 @@ def _cmd_inspect(args: argparse.Namespace) -> dict:
 def _cmd_push(args: argparse.Namespace) -> dict:
     from .hub import CardInfo, push_to_hub
 
-    compressed = CompressedModel.load(args.out_dir)
+    compressed = _open_container(args.out_dir)
     info = CardInfo(base_model=args.base_model, license=args.license, dataset=args.dataset, split=args.split,
                     plot=args.plot, tags=args.tag or [], batch_size=args.batch_size)
     try:
@@ -106,8 +136,22 @@ def _print_human(command: str, result: dict) -> None:
         for layer in result["layers"]:
             print(f"{layer['name'][:47]:<48}{layer['bytes']:>10,}{layer['bits_per_weight']:>8.3f}{layer['step']:>9.4f}")
         return
+    if command == "compress":
+        result = dict(result, validation=_describe_validation(result))
     for key, value in result.items():
-        print(f"{key}: {value}")
+        if value is not None:
+            print(f"{key}: {value}")
+
+
+def _describe_validation(result: dict) -> str:
+    v = result["validation"]
+    if v is None:
+        return "not measured (no dataset): accuracy was not checked"
+    where = f"{v['examples']:,} {v['split']} examples"
+    if v.get("holdout"):
+        where += f", held out from {v['holdout']['carved_from']} (seed {v['holdout']['seed']})"
+    return (f"{v['metric']} {100 * v['compressed']:.2f} vs {100 * v['base']:.2f}: drop {v['drop_pt']:.2f} pt "
+            f"(budget {v['budget_pt']} pt; {where})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,14 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("source")
     co.add_argument("out_dir")
     rate = co.add_mutually_exclusive_group()
-    rate.add_argument("--target-bpw", type=float, default=VAECompressionConfig.target_bits_per_weight,
-                      help="target bits per weight, all side information included (searched)")
+    rate.add_argument("--target-bpw", type=float,
+                      help="a fixed rate: bits per weight, all side information included (accuracy is still "
+                           "measured on the validation split when there is data)")
     rate.add_argument("--beta", type=float, help="fixed rate-distortion trade-off instead of a target rate")
     rate.add_argument("--max-accuracy-drop", type=float, metavar="PT",
-                      help="search the smallest container whose top-1 drop on the validation split is at most PT")
+                      help="the smallest container whose metric drop on the validation split is at most PT "
+                           "(default when no rate is given: the task's budget, 0.5 pt top-1 or 1 pt mAP)")
     co.add_argument("--dataset", default=DEFAULT_DATASET,
-                    help="calibration data for Fisher bit allocation: 'default' is the task's own (fashion_mnist, "
-                         "or fashion_mnist_scenes for a detector), 'none' is data-free")
+                    help="data for Fisher bit allocation and the accuracy check: a Hub id, a save_to_disk folder or "
+                         "an imagefolder directory; 'default' is the task's own (fashion_mnist, or "
+                         "fashion_mnist_scenes for a detector); 'none' is data-free (accuracy not checked)")
     co.add_argument("--transform", choices=["vae", "identity"], default="vae")
     co.add_argument("--chunk-size", type=int, default=VAECompressionConfig.chunk_size)
     co.add_argument("--hidden-size", type=int, default=VAECompressionConfig.hidden_size)
@@ -193,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if result is None:  # a non-main process of a distributed run
         return 0
+    if result.get("warning"):
+        print(f"hf-vae-compress {args.command}: warning: {result['warning']}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

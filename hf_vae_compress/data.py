@@ -9,6 +9,7 @@ chosen on it without touching ``test``.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import logging
@@ -152,21 +153,186 @@ def load_fashion_mnist(split: str = "test"):
     return ds
 
 
-def load_image_dataset(name: str, split: str = "test"):
-    """Any image-classification dataset: ``fashion_mnist``, a `save_to_disk` folder, or a Hub name."""
-    import datasets
+class DatasetError(ValueError):
+    """A dataset that exists but cannot be used: no image or label column, no such split, labels
+    that do not fit the model. The message names what was found."""
 
+
+VALIDATION_NAMES = ("validation", "valid", "val")
+HOLDOUT_FRACTION = 0.1  # of ``train``, per class, when a dataset has no validation split ...
+HOLDOUT_MAX = 5000  # ... at most this many examples: enough to resolve a 0.5 pt drop, cheap to score
+HOLDOUT_SEED = 0
+
+
+def load_image_dataset(name: str, split: str = "test"):
+    """One split of an image-classification dataset, with its columns named ``image`` and ``label``.
+
+    ``name`` is ``fashion_mnist``, a ``save_to_disk`` folder (one dataset or a ``DatasetDict``), an
+    ``imagefolder`` directory (``class_name/*.png``, optionally under ``train/`` and ``test/``), or a
+    Hub id. The image and label columns are found by their feature types (``Image``,
+    ``ClassLabel``). Splits follow :func:`dataset_split`.
+    """
     if name in (FASHION_MNIST, FASHION_MNIST_HUB_ID):
         return load_fashion_mnist(split)
+    return dataset_split(name, split, image_columns)
+
+
+def dataset_split(name: str, split: str, columns: Callable | None = None):
+    """One split of any dataset by name, with ``validation`` carved from ``train`` when it has none.
+
+    Most datasets have no ``validation`` split. One is then held out of ``train`` (see
+    :func:`holdout_indices`, stratified by ``label`` when there is one), and ``train`` means what
+    is left, so calibration and fine-tuning never see the held-out examples. A folder with a
+    single dataset and no splits serves ``test`` whole and carves ``validation`` / ``train`` the
+    same way. ``columns(dataset, name, splits)`` selects and renames the columns a task needs.
+    """
+    splits = _open_splits(name)
+    columns = columns or (lambda dataset, *_: dataset)
+    validation = next((s for s in VALIDATION_NAMES if s in splits), None)
+    if split in VALIDATION_NAMES and validation is not None:
+        return columns(splits[validation], name, splits)
+    whole = splits.get("train", splits.get(None)) if split in (*VALIDATION_NAMES, "train") else None
+    if whole is not None and validation is None:
+        whole = columns(whole, name, splits)
+        held_out = holdout_indices(_strata(whole))
+        if split == "train":
+            return whole.select(np.setdiff1d(np.arange(len(whole)), held_out))
+        logger.info("%s has no validation split: holding out %d examples of its training data (seed %d)",
+                    name, len(held_out), HOLDOUT_SEED)
+        return whole.select(held_out)
+    if split in splits or (None in splits and split == "test"):
+        return columns(splits.get(split, splits.get(None)), name, splits)
+    raise DatasetError(f"dataset {name!r} has no split {split!r}; its splits: {_split_names(splits)}")
+
+
+def _strata(dataset) -> np.ndarray:
+    """What the hold-out is stratified by: the class label when there is one."""
+    return np.asarray(dataset["label"]) if "label" in dataset.column_names else np.zeros(len(dataset), np.int64)
+
+
+def holdout(name: str, columns: Callable | None = None) -> dict | None:
+    """How :func:`dataset_split` (with the same ``columns``) made the validation split of ``name``,
+    for logs and JSON; None when the dataset has its own."""
+    if name in (FASHION_MNIST, FASHION_MNIST_HUB_ID):
+        return None
+    splits = _open_splits(name)
+    if any(s in splits for s in VALIDATION_NAMES):
+        return None
+    whole = splits.get("train", splits.get(None))
+    whole = columns(whole, name, splits) if columns else whole
+    return dict(carved_from="train" if "train" in splits else "the whole dataset",
+                examples=len(holdout_indices(_strata(whole))), fraction=HOLDOUT_FRACTION, max_examples=HOLDOUT_MAX,
+                seed=HOLDOUT_SEED, stratified_by="label" if "label" in whole.column_names else None)
+
+
+def holdout_indices(labels, fraction: float = HOLDOUT_FRACTION, max_examples: int = HOLDOUT_MAX,
+                    seed: int = HOLDOUT_SEED) -> np.ndarray:
+    """Sorted indices of a deterministic, stratified hold-out: the same share of every class.
+
+    Each class gives ``round(share * count)`` examples (at least one when it has two or more),
+    chosen by a seeded permutation, so the held-out split follows the label distribution and is
+    the same on every machine and every run.
+    """
+    labels = np.asarray(labels)
+    share = min(fraction, max_examples / max(len(labels), 1))
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        take = int(round(share * len(members)))
+        take = max(take, 1) if len(members) >= 2 else 0
+        chosen.append(rng.permutation(members)[:take])
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=8)
+def _open_splits(name: str) -> dict:
+    """Every split of a dataset by name (``None``: a folder holding one dataset and no splits)."""
+    import datasets
+
     path = Path(name)
-    if path.is_dir() and (path / "dataset_info.json").exists():
-        return datasets.load_from_disk(str(path))
-    if path.is_dir() and (path / split / "dataset_info.json").exists():
-        return datasets.load_from_disk(str(path / split))
     try:
-        return datasets.load_dataset(name, split=split)
+        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+            return {None: datasets.load_from_disk(str(path))}
+        if path.is_dir() and (path / "dataset_dict.json").exists():
+            return dict(datasets.load_from_disk(str(path)))
+        if path.is_dir() and any((sub / "dataset_info.json").exists() for sub in path.iterdir() if sub.is_dir()):
+            return {sub.name: datasets.load_from_disk(str(sub)) for sub in sorted(path.iterdir())
+                    if (sub / "dataset_info.json").exists()}
+        if path.is_dir():
+            return dict(datasets.load_dataset("imagefolder", data_dir=str(path)))
+        return dict(datasets.load_dataset(name))
     except Exception as err:  # noqa: BLE001 - re-raised with instructions
-        raise DataNotFoundError(f"could not load dataset {name!r} split {split!r}: {err}") from err
+        raise DataNotFoundError(
+            f"could not load dataset {name!r}: {err}. Give a Hub id, a folder written by "
+            "`Dataset.save_to_disk`, or an imagefolder directory (class_name/image.png)") from err
+
+
+def _split_names(splits: dict) -> list[str]:
+    return [s if s is not None else "(one dataset, no splits)" for s in splits]
+
+
+def image_columns(dataset, name: str, splits: dict):
+    """``dataset`` with only its image and label columns, named ``image`` and ``label``."""
+    import datasets
+
+    features = dataset.features
+    images = [k for k, f in features.items() if isinstance(f, datasets.Image)]
+    labels = [k for k, f in features.items() if isinstance(f, datasets.ClassLabel)]
+    if not images or not labels:
+        found = ", ".join(f"{k} ({type(f).__name__})" for k, f in features.items())
+        raise DatasetError(
+            f"dataset {name!r} needs an Image column and a ClassLabel column; it has {found} in splits "
+            f"{_split_names(splits)}. Cast them first, e.g. ds.cast_column('label', ClassLabel(names=[...]))")
+    image = next((k for k in ("image", "img") if k in images), images[0])
+    label = next((k for k in ("label", "labels") if k in labels), labels[0])
+    dataset = dataset.select_columns([image, label])
+    return dataset.rename_columns({k: v for k, v in ((image, "image"), (label, "label")) if k != v})
+
+
+def model_labels(model: torch.nn.Module) -> tuple[int | None, list[str] | None]:
+    """The number of classes a classifier predicts and their names, when it says."""
+    config = getattr(model, "config", None)
+    id2label = getattr(config, "id2label", None) if config is not None else None
+    if id2label:
+        names = [str(id2label[i]) for i in sorted(id2label, key=int)]
+        generic = all(n == f"LABEL_{i}" for i, n in enumerate(names))
+        return len(names), None if generic else names
+    pretrained = getattr(model, "pretrained_cfg", None) or {}
+    count = getattr(model, "num_classes", None) or pretrained.get("num_classes")
+    return count, pretrained.get("label_names")
+
+
+def fit_labels(model: torch.nn.Module, dataset):
+    """``dataset`` with its label ids in the model's order, refused when its classes are not the model's.
+
+    A dataset with another number of classes is refused. One whose class names are the model's in
+    another order (an ``imagefolder`` sorts its folders) is re-labelled by name; one whose names
+    differ is scored by class index, with a warning.
+    """
+    import datasets
+
+    count, names = model_labels(model)
+    classes = dataset.features["label"].names
+    if count is not None and count != len(classes):
+        raise DatasetError(f"the model predicts {count} classes, the dataset has {len(classes)} ({classes[:10]}); "
+                           "use the dataset the model was trained on")
+    if names is None or [_norm(n) for n in names] == [_norm(c) for c in classes]:
+        return dataset
+    position = {_norm(n): i for i, n in enumerate(names)}
+    if sorted(position) != sorted(_norm(c) for c in classes):
+        logger.warning("the dataset's class names %s differ from the model's %s; scoring by class index",
+                       classes[:5], names[:5])
+        return dataset
+    logger.info("re-labelling %s in the model's class order", classes[:5])
+    mapping = np.array([position[_norm(c)] for c in classes])
+    dataset = dataset.map(lambda labels: {"label": mapping[np.asarray(labels)].tolist()}, input_columns=["label"],
+                          batched=True)
+    return dataset.cast_column("label", datasets.ClassLabel(names=list(names)))
+
+
+def _norm(label: str) -> str:
+    return "".join(ch for ch in label.lower() if ch.isalnum())
 
 
 def image_transform(model: torch.nn.Module) -> Callable:

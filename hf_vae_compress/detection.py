@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import (
-    FASHION_MNIST_CLASSES, SPLITS, fashion_mnist_arrays, image_mode, load_image_dataset, load_image_processor,
+    FASHION_MNIST_CLASSES, SPLITS, dataset_split, fashion_mnist_arrays, image_mode, load_image_processor,
 )
 
 logger = logging.getLogger(__name__)
@@ -141,10 +141,10 @@ def load_fashion_mnist_scenes(split: str = "test", num_scenes: int | None = None
 
 def load_detection_dataset(name: str, split: str = "test", num_scenes: int | None = None):
     """``fashion_mnist_scenes`` (``num_scenes`` of them: default, every item once), or any COCO-style
-    dataset `load_image_dataset` can open."""
+    dataset by name (see :func:`~hf_vae_compress.data.dataset_split`)."""
     if name == FASHION_MNIST_SCENES:
         return load_fashion_mnist_scenes(split, num_scenes)
-    dataset = load_image_dataset(name, split)
+    dataset = dataset_split(name, split)
     return dataset.select(range(min(num_scenes, len(dataset)))) if num_scenes else dataset
 
 

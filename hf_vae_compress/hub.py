@@ -37,12 +37,12 @@ import torch
 
 from .codec import CONTAINER_NAME, CompressedModel
 from .integrations import REMOTE_CODE_AUTO_MAP, REMOTE_CODE_DIR, REMOTE_CODE_MODULE
+from .loading import QUANT_METHOD, container_name, find_container, is_compressed_config, load_compressed, load_into
 from .models import WEIGHT_SUFFIXES, copy_side_files, model_format, read_config, resolve_folder, weights_bytes
-from .tasks import DEFAULT_DATASET, Task, task_for
+from .tasks import Task, task_for
 
 logger = logging.getLogger(__name__)
 
-QUANT_METHOD = "hf_vae_compress"
 CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "model_card.md"
 CARD_TAGS = ["hf-vae-compress", "vae-codec", "compressed"]  # + the task's pipeline tag
 _DATASET_IDS = {"fashion_mnist": "zalando-datasets/fashion_mnist"}
@@ -126,7 +126,6 @@ def _measure(src: Path, out: Path, info: CardInfo, task: Task, has_base_weights:
     """The task metric (top-1, or a detector's mAP) of the base and the compressed model on one
     dataset split, measured now."""
     from .models import load_model
-    from .pipeline import load_compressed
 
     data = task.load(info.split)
     result = {"compressed": task.score(load_compressed(out), data, batch_size=info.batch_size)}
@@ -326,10 +325,6 @@ def _fetch(kind: str, ref: str, revision: str | None, filename: str, cache_dir=N
     return Path(hf_hub_download(ref, filename, revision=revision, cache_dir=cache_dir))
 
 
-def is_compressed_config(config: dict) -> bool:
-    return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
-
-
 def create_model(model_name: str, pretrained: bool = True, **kwargs) -> torch.nn.Module:
     """``timm.create_model`` that also loads hf-vae-compress checkpoints.
 
@@ -347,14 +342,15 @@ def create_model(model_name: str, pretrained: bool = True, **kwargs) -> torch.nn
     kind, ref, revision = source
     cache_dir = kwargs.get("cache_dir")
     config = json.loads(_fetch(kind, ref, revision, "config.json", cache_dir).read_text())
-    if not is_compressed_config(config):
+    if kind == "local-dir":
+        container = find_container(ref)  # also folders written before compress wrote a quantization_config
+    elif is_compressed_config(config):
+        container = _fetch(kind, ref, revision, container_name(config), cache_dir)
+    else:
+        container = None
+    if container is None:
         return timm.create_model(model_name, pretrained=True, **kwargs)
     if model_format(config) != "timm":
         raise ValueError(f"{model_name} is a compressed transformers checkpoint, not a timm one: load it with "
                          "`import hf_vae_compress` and transformers' AutoModelForImageClassification.from_pretrained")
-    container_name = config["quantization_config"].get("container", CONTAINER_NAME)
-    container = _fetch(kind, ref, revision, container_name, cache_dir)
-    model = timm.create_model(model_name, pretrained=False, **kwargs)
-    state_dict = CompressedModel.load(container).decode()
-    model.load_state_dict(state_dict, strict=True)  # raises on any missing or unexpected key
-    return model
+    return load_into(timm.create_model(model_name, pretrained=False, **kwargs), container)

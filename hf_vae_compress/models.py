@@ -52,18 +52,38 @@ def weights_bytes(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
 
 
-BASE_ONLY_FILES = ("README.md", "train_result.json")  # they describe the base weights, not a compression of them
+# What travels from a source folder into a compressed folder or a pushed repository: the model's
+# and its preprocessing's configs, what the model's library needs to load it, and its license.
+# Anything else (notes, training results, stray JSON) stays behind: a user's files are never
+# published by surprise.
+SIDE_FILES = frozenset({
+    "config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+    "image_processor_config.json", "video_preprocessor_config.json", "feature_extractor_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+    "open_clip_config.json", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE",
+})
+
+
+def side_files(src: str | Path) -> list[Path]:
+    """The known side files of a model folder (see :data:`SIDE_FILES`), plus the Python modules its
+    ``auto_map`` names: the base model's own remote code, which its library needs to build it."""
+    src = Path(src)
+    names = set(SIDE_FILES)
+    config = src / "config.json"
+    if config.is_file():
+        auto_map = json.loads(config.read_text()).get("auto_map") or {}
+        for ref in auto_map.values():
+            for item in ref if isinstance(ref, list) else [ref]:
+                if isinstance(item, str) and "." in item:
+                    names.add(item.split("--")[-1].rsplit(".", 1)[0] + ".py")
+    return sorted(p for p in src.iterdir() if p.is_file() and p.name in names)
 
 
 def copy_side_files(src: str | Path, out: str | Path, skip: tuple[str, ...] = ()) -> None:
-    """Copy a model folder's configs and preprocessing files, never its weights.
-
-    Weight files, shard indexes (they would point at weights that are not there), hidden files,
-    the base model's card and training result, and the names in ``skip`` are left behind.
-    """
-    for f in Path(src).iterdir():
-        if (f.is_file() and not f.name.endswith((*WEIGHT_SUFFIXES, ".index.json")) and not f.name.startswith(".")
-                and f.name not in (*BASE_ONLY_FILES, *skip)):
+    """Copy a model folder's known side files (never its weights, nor unknown files) into ``out``."""
+    for f in side_files(src):
+        if f.name not in skip:
             shutil.copy2(f, Path(out) / f.name)
 
 

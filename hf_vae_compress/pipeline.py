@@ -1,31 +1,44 @@
 """Folder-level jobs shared by the CLI, the recipes and the benchmarks.
 
-A compressed folder holds the source's ``config.json`` and preprocessing files unchanged, plus
-``model.vaec.safetensors`` in place of the weights. These functions glue the codec core to the
-model formats of :mod:`hf_vae_compress.models` and the data of :mod:`hf_vae_compress.data`.
+``compress`` writes the same folder that :func:`hf_vae_compress.hub.save_pretrained` writes: the
+source's configs and preprocessing files, ``config.json`` with a ``quantization_config``, the
+container in place of the weights, the remote-code shim and a model card. Every loader of
+:mod:`hf_vae_compress.loading` (transformers, timm, remote code, the CLI) reads it.
+
+Accuracy is measured, not assumed: :func:`search_smallest` returns the smallest container whose
+drop on the held-out split stays within a budget, and :meth:`Source.validation_drop` measures the
+drop of any container. Both score the model on ``validation`` (carved from ``train`` when a
+dataset has none), never on ``test``.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
-import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .codec import CONTAINER_NAME, CompressedModel, Shard, VAECompressionConfig, compress
+from .codec import CompressedModel, Shard, VAECompressionConfig, compress
+from .codec.importance import fisher_diagonal
 from .finetune import FinetuneConfig, finetune
-from .models import build_empty, copy_side_files, load_model, resolve_folder
-from .tasks import task_for
+from .loading import load_compressed, load_folder
+from .models import load_model, resolve_folder
+from .tasks import Task, task_for
 
 logger = logging.getLogger(__name__)
 
-
-def is_compressed(folder: str | Path) -> bool:
-    return (Path(folder) / CONTAINER_NAME).exists()
+SELECTION_SPLIT = "validation"  # rate search judges accuracy here, never on test
+# Bits per weight when no data can check accuracy: the compact reference models need 2.0-2.8 and
+# the detector 2.8-4.0 with Fisher allocation; without data every tensor gets the same relative
+# precision, so stay above all of them.
+UNCHECKED_BPW = 4.0
+SEARCH_RANGE_BPW = (0.25, 8.0)
+SEARCH_PROBES = 6
 
 
 def accelerate_shard(accelerator) -> Shard | None:
@@ -40,102 +53,149 @@ def accelerate_shard(accelerator) -> Shard | None:
     return Shard(accelerator.process_index, accelerator.num_processes, average)
 
 
+def _is_main(accelerator) -> bool:
+    return accelerator is None or accelerator.is_main_process
+
+
+@dataclass
+class Source:
+    """A model to compress, with what every compression of it shares.
+
+    The Fisher diagonal (one calibration pass) and the preprocessed held-out split are computed
+    once, so a rate search's probes cost one compression and one scoring pass each.
+    """
+
+    folder: Path
+    model: torch.nn.Module
+    task: Task | None = None
+    fisher: dict[str, torch.Tensor] | None = None
+    _held_out: object = field(default=None, repr=False)
+    _base_score: float | None = field(default=None, repr=False)
+    _scorer: torch.nn.Module | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, source: str | Path, dataset: str | None, calibration_batches: int, progress: bool = True,
+             **hub_kwargs) -> "Source":
+        folder = resolve_folder(str(source), **hub_kwargs)
+        model = load_model(folder)
+        if not dataset:
+            return cls(folder, model)
+        task = task_for(model, dataset)
+        batches, loss_fn = task.calibration(model, calibration_batches)
+        fisher = fisher_diagonal(model, batches, calibration_batches, loss_fn, progress)
+        return cls(folder, model, task, fisher)
+
+    def compress(self, config: VAECompressionConfig, finetune_config: FinetuneConfig | None = None,
+                 accelerator=None, checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
+                 progress: bool = True) -> CompressedModel:
+        """Post-hoc compression at ``config``'s rate, then fine-tuning when ``finetune_config`` asks."""
+        compressed = compress(self.model, config, progress=progress, shard=accelerate_shard(accelerator),
+                              fisher=self.fisher)
+        if finetune_config is not None and finetune_config.steps > 0:
+            if self.task is None:
+                raise ValueError("fine-tuning needs a dataset")
+            teacher = copy.deepcopy(self.model)  # fine-tuning freezes the model it is given
+            compressed = finetune(compressed, teacher, self.task.train_data(teacher), finetune_config, accelerator,
+                                  checkpoint_dir, resume_from, progress, self.task)
+        return compressed
+
+    def validation_drop(self, compressed: CompressedModel) -> dict:
+        """The task metric of the base and of the decoded container on the held-out split, and the drop in points."""
+        task = self.task
+        if self._held_out is None:
+            self._held_out = task.prepare(self.model, task.load(SELECTION_SPLIT))
+            self._base_score = task.score(self.model, self._held_out)[task.metric]
+            self._scorer = copy.deepcopy(self.model)
+        self._scorer.load_state_dict(compressed.decode(), strict=True)  # exactly the weights a loader gets
+        score = task.score(self._scorer, self._held_out)[task.metric]
+        return dict(metric=task.metric, split=SELECTION_SPLIT, examples=task.num_examples(self._held_out),
+                    base=self._base_score, compressed=score, drop_pt=100 * (self._base_score - score),
+                    budget_pt=task.budget_pt, holdout=task.holdout())
+
+    def save(self, compressed: CompressedModel, out_dir: str | Path) -> Path:
+        from .hub import save_pretrained  # hub imports this module's loaders
+
+        return save_pretrained(compressed, self.folder, out_dir)
+
+
 def compress_folder(source: str, out_dir: str | Path, config: VAECompressionConfig,
                     dataset: str | None = None, progress: bool = True,
                     finetune_config: FinetuneConfig | None = None, accelerator=None,
                     checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
                     **hub_kwargs) -> CompressedModel:
-    """Compress a local or Hub model folder into ``out_dir``, optionally fine-tuning on ``dataset``.
+    """Compress a local or Hub model folder into ``out_dir`` at ``config``'s rate, optionally
+    fine-tuning on ``dataset``.
 
     Under ``accelerate launch`` pass the ``accelerator``: the VAE fit is sharded and fine-tuning
     is data-parallel; every process computes the result and the main process writes it.
     """
-    src = resolve_folder(source, **hub_kwargs)
-    model = load_model(src)
-    calibration, loss_fn = None, None
-    if dataset:
-        task = task_for(model, dataset)
-        calibration, loss_fn = task.calibration(model, config.calibration_batches)
-    compressed = compress(model, config, calibration_data=calibration, loss_fn=loss_fn, progress=progress,
-                          shard=accelerate_shard(accelerator))
-    if finetune_config is not None and finetune_config.steps > 0:
-        if not dataset:
-            raise ValueError("fine-tuning needs a dataset")
-        compressed = finetune(compressed, model, task.train_data(model), finetune_config, accelerator, checkpoint_dir,
-                              resume_from, progress, task)
-    if accelerator is None or accelerator.is_main_process:
-        _write_folder(src, out_dir, compressed)
+    src = Source.open(source, dataset, config.calibration_batches, progress, **hub_kwargs)
+    compressed = src.compress(config, finetune_config, accelerator, checkpoint_dir, resume_from, progress)
+    if _is_main(accelerator):
+        src.save(compressed, out_dir)
     return compressed
 
 
-def _write_folder(src: Path, out_dir: str | Path, compressed: CompressedModel) -> None:
-    """Configs and preprocessing travel from the source; its weights are replaced by the container."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    copy_side_files(src, out_dir)
-    compressed.save(out_dir)
+@dataclass
+class SearchResult:
+    """The outcome of :func:`search_smallest`: the chosen container (None if no probe fit), its
+    measured drop, every probe, and the wall-clock seconds of the whole search."""
+
+    compressed: CompressedModel | None
+    validation: dict | None
+    probes: list[dict]
+    seconds: float
 
 
-SELECTION_SPLIT = "validation"  # rate search judges accuracy here, never on test
-
-
-def search_smallest(source: str, out_dir: str | Path, max_drop_pt: float, dataset: str,
+def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_pt: float, dataset: str | None,
                     config: VAECompressionConfig, finetune_config: FinetuneConfig | None = None,
-                    bpw_range: tuple[float, float] = (0.15, 4.0), probes: int = 6, accelerator=None,
-                    progress: bool = True) -> tuple[CompressedModel | None, list[dict]]:
+                    bpw_range: tuple[float, float] = SEARCH_RANGE_BPW, probes: int = SEARCH_PROBES,
+                    accelerator=None, progress: bool = True) -> SearchResult:
     """The smallest container whose task-metric drop (top-1 or mAP, in points) on the held-out
     split is at most ``max_drop_pt``.
 
-    Bisects the target bits per weight on a log scale; each probe is a full compression (and
-    fine-tuning, when configured) judged on ``validation``. The best container is saved to
-    ``out_dir``; returns it (None if no probe fits) and the probe log.
+    Bisects the target bits per weight on a log scale: each probe halves the bracket, moving down
+    after a probe that keeps the budget and up after one that does not. Each probe is a full
+    compression (and fine-tuning, when configured) from one shared calibration pass, judged on
+    ``validation``. The best container is saved to ``out_dir`` (when given).
     """
-    base_model = load_model(resolve_folder(source))
-    task = task_for(base_model, dataset)
-    held_out = task.prepare(base_model, task.load(SELECTION_SPLIT))
-    base = task.score(base_model, held_out)[task.metric]
+    start = time.perf_counter()
+    src = source if isinstance(source, Source) else Source.open(source, dataset, config.calibration_batches, progress)
+    if src.task is None:
+        raise ValueError("an accuracy budget needs a dataset to measure the drop on")
     lo, hi = math.log(bpw_range[0]), math.log(bpw_range[1])
-    best, log = None, []
+    best, best_validation, log = None, None, []
     for _ in range(probes):
         bpw = math.exp((lo + hi) / 2)
-        with tempfile.TemporaryDirectory() as tmp:
-            probe = compress_folder(source, tmp, dataclasses.replace(config, target_bits_per_weight=bpw, beta=None),
-                                    dataset, progress, finetune_config, accelerator)
-            model = load_compressed(tmp) if accelerator is None or accelerator.is_main_process else None
-        drop = 100 * (base - task.score(model, held_out)[task.metric]) if model is not None else 0.0
+        probe_start = time.perf_counter()
+        probe = src.compress(dataclasses.replace(config, target_bits_per_weight=bpw, beta=None), finetune_config,
+                             accelerator, progress=progress)
+        validation = src.validation_drop(probe) if _is_main(accelerator) else dict(drop_pt=0.0)
+        drop = validation["drop_pt"]
         if accelerator is not None:
-            drop = float(accelerator.reduce(torch.tensor(drop), reduction="sum"))  # main process decides
-        size = probe.report()["total_bytes"]
-        log.append(dict(target_bits_per_weight=bpw, bytes=size, validation_drop_pt=drop))
+            drop = float(accelerator.reduce(torch.tensor(drop), reduction="sum"))  # the main process decides
+        size = len(probe.to_bytes())
+        log.append(dict(target_bits_per_weight=round(bpw, 4), bytes=size, validation_drop_pt=round(drop, 3),
+                        seconds=round(time.perf_counter() - probe_start, 2)))
         logger.info("rate search: %.3f bpw -> %d bytes, validation drop %.2f pt", bpw, size, drop)
         if drop <= max_drop_pt:
             hi = math.log(bpw)
-            if best is None or size < best.report()["total_bytes"]:
-                best = probe
+            if best is None or size < len(best.to_bytes()):
+                best, best_validation = probe, validation
         else:
             lo = math.log(bpw)
-    if best is not None and (accelerator is None or accelerator.is_main_process):
-        _write_folder(resolve_folder(source), out_dir, best)
-    return best, log
-
-
-def load_compressed(folder: str | Path, progress: bool = False) -> torch.nn.Module:
-    """Build the architecture from the folder's config and load the decoded weights, strictly."""
-    folder = Path(folder)
-    state_dict = CompressedModel.load(folder).decode(progress=progress)
-    model = build_empty(folder)
-    result = model.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(
-            f"decoded weights do not fit {folder}: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
-    return model.eval()
+    if best is not None and out_dir is not None and _is_main(accelerator):
+        src.save(best, out_dir)
+    return SearchResult(best, best_validation, log, time.perf_counter() - start)
 
 
 def load_any(source: str | Path, **hub_kwargs) -> tuple[torch.nn.Module, Path, float]:
     """Load a compressed or plain folder (or Hub id); returns the model, its folder and load seconds."""
     folder = resolve_folder(str(source), **hub_kwargs)
     start = time.perf_counter()
-    model = load_compressed(folder) if is_compressed(folder) else load_model(folder)
+    model = load_folder(folder)
     return model, folder, time.perf_counter() - start
+
+
+__all__ = ["SELECTION_SPLIT", "UNCHECKED_BPW", "SearchResult", "Source", "compress_folder", "load_any",
+           "load_compressed", "search_smallest"]

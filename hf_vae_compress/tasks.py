@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from .data import (
-    FASHION_MNIST, collate, image_mode, image_transform, load_image_dataset, load_image_processor, with_transform,
+    FASHION_MNIST, collate, fit_labels, holdout, image_columns, image_mode, image_transform, load_image_dataset,
+    load_image_processor, with_transform,
 )
 from .detection import (
     FASHION_MNIST_SCENES, detection_collate, evaluate_detection, is_detection_model, load_detection_dataset,
@@ -57,14 +58,20 @@ class Classification:
     def load(self, split: str):
         return load_image_dataset(self.dataset, split)
 
+    def holdout(self) -> dict | None:
+        """How the validation split was carved from ``train``; None when the dataset has its own."""
+        return holdout(self.dataset, image_columns)
+
     def prepare(self, model: torch.nn.Module, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        return as_tensors(dataset, image_transform(model))
+        return as_tensors(fit_labels(model, dataset), image_transform(model))
 
     def score(self, model: torch.nn.Module, data, batch_size: int = 256, progress: bool = False) -> dict:
+        if not isinstance(data, tuple):  # a dataset, not tensors from `prepare`
+            data = fit_labels(model, data)
         return evaluate(model, data, batch_size=batch_size, progress=progress)
 
     def calibration(self, model: torch.nn.Module, num_batches: int, seed: int = 0) -> tuple[list, Callable | None]:
-        subset = _subset(self.load(CALIBRATION_SPLIT), num_batches, seed)
+        subset = _subset(fit_labels(model, self.load(CALIBRATION_SPLIT)), num_batches, seed)
         loader = torch.utils.data.DataLoader(with_transform(subset, image_transform(model)),
                                              batch_size=CALIBRATION_BATCH, collate_fn=collate)
         return [batch["pixel_values"] for batch in itertools.islice(loader, num_batches)], None
@@ -108,6 +115,10 @@ class Detection:
 
     def load(self, split: str, num_scenes: int | None = None):
         return load_detection_dataset(self.dataset, split, num_scenes)
+
+    def holdout(self) -> dict | None:
+        """How the validation split was carved from ``train``; None when the dataset has its own."""
+        return None if self.dataset == FASHION_MNIST_SCENES else holdout(self.dataset)
 
     def prepare(self, model: torch.nn.Module, dataset):
         return dataset  # scenes are preprocessed per batch by the model's image processor

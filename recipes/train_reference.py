@@ -41,7 +41,11 @@ logger = logging.getLogger("train_reference")
 # stages work on 2x2 maps rather than 1x1 (at 28x28 it plateaued at 87.5 % test top-1 whether it
 # trained 4,400 or 8,100 steps). The size goes into the saved ``pretrained_cfg``, so every
 # loader resizes the same way.
-TIMM_MODELS = {"fmnist-resnet18": ("resnet18", 28), "fmnist-mobilenetv3": ("mobilenetv3_small_100", 56)}
+TIMM_MODELS = {"fmnist-resnet18": ("resnet18", 28), "fmnist-mobilenetv3": ("mobilenetv3_small_100", 56),
+               # Not a reference model: an architecture family none of them has (grouped convolutions,
+               # RegNet stages), trained only to check that defaults hold on a model they were never
+               # chosen on (benchmarks/default_compress.py trains it into outputs/ when it is missing).
+               "unseen-regnetx002": ("regnetx_002", 28)}
 VIT = "fmnist-vit"
 
 

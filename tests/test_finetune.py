@@ -112,13 +112,16 @@ def test_rate_search_keeps_the_smallest_container_within_the_budget(timm_folder,
     from hf_vae_compress.pipeline import search_smallest
 
     config = VAECompressionConfig(train_steps=20, transform="identity")
-    best, log = search_smallest(str(timm_folder), tmp_path / "any", 100.0, str(small_test_set), config,
-                                probes=3, progress=False)
+    result = search_smallest(str(timm_folder), tmp_path / "any", 100.0, str(small_test_set), config,
+                             probes=3, progress=False)
+    log = result.probes
     assert len(log) == 3 and all(p["validation_drop_pt"] <= 100 for p in log)
-    assert best.report()["total_bytes"] == min(p["bytes"] for p in log)
+    assert len(result.compressed.to_bytes()) == min(p["bytes"] for p in log)
+    assert result.validation["drop_pt"] <= 100 and result.validation["split"] == "validation"
     assert log[0]["target_bits_per_weight"] > log[1]["target_bits_per_weight"] > log[2]["target_bits_per_weight"]
-    assert CompressedModel.load(tmp_path / "any").report()["total_bytes"] == best.report()["total_bytes"]
-    none, log = search_smallest(str(timm_folder), tmp_path / "none", -100.0, str(small_test_set), config,
-                                probes=2, progress=False)
-    assert none is None and log[0]["target_bits_per_weight"] < log[1]["target_bits_per_weight"]
+    assert CompressedModel.load(tmp_path / "any").report()["total_bytes"] == result.compressed.report()["total_bytes"]
+    result = search_smallest(str(timm_folder), tmp_path / "none", -100.0, str(small_test_set), config,
+                             probes=2, progress=False)
+    log = result.probes
+    assert result.compressed is None and log[0]["target_bits_per_weight"] < log[1]["target_bits_per_weight"]
     assert not (tmp_path / "none").exists()

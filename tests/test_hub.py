@@ -389,7 +389,7 @@ def test_a_container_that_does_not_fit_the_model_raises(published, tmp_path):
         shutil.copyfile(published["dirs"][other] / CONTAINER_NAME, folder / CONTAINER_NAME)
         with pytest.raises(RuntimeError, match="missing"):
             AutoModelForImageClassification.from_pretrained(folder)
-    with pytest.raises(RuntimeError, match="Missing key"):
+    with pytest.raises(RuntimeError, match="missing keys"):
         create_model(f"local-dir:{tmp_path / 'timm'}")
 
 

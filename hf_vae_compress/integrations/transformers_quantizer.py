@@ -60,11 +60,10 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..codec import CONTAINER_NAME, CompressedModel
+from ..codec import CONTAINER_NAME
+from ..loading import QUANT_METHOD, decode_container, fit_state_dict
 
 logger = logging.getLogger(__name__)
-
-QUANT_METHOD = "hf_vae_compress"
 
 
 @contextlib.contextmanager
@@ -166,7 +165,7 @@ class HfVaeCompressQuantizer(HfQuantizer):
             self.container_keys = list(f.keys())
         start = time.perf_counter()
         with _plain_torch():  # from_pretrained runs this hook inside its init context (meta device, model dtype)
-            decoded = CompressedModel.load(self.container_path).decode()  # ContainerError, IntegrityError propagate
+            decoded = decode_container(self.container_path)  # ContainerError, IntegrityError propagate
         self.decode_seconds = time.perf_counter() - start
         renamings = [c for c in get_model_conversion_mapping(model) if isinstance(c, WeightRenaming)]
         self.decoded = self._fit(model, decoded, renamings)
@@ -174,34 +173,14 @@ class HfVaeCompressQuantizer(HfQuantizer):
         return model
 
     def _fit(self, model, decoded: dict[str, torch.Tensor], renamings: list) -> dict[str, torch.Tensor]:
-        """Name every decoded tensor as the model does; raise on any missing, unexpected or mis-shaped key."""
+        """Name every decoded tensor as the model does (through its own renamings); raise on any
+        missing, unexpected or mis-shaped key."""
         expected = model.state_dict()  # on meta: names, shapes and dtypes
-        renamed = {}
-        for key, tensor in decoded.items():
-            target = key
-            if target not in expected:
-                target, _ = rename_source_key(key, renamings, [], model.base_model_prefix, expected)
-            if target in renamed:
-                raise RuntimeError(f"decoded weights {key!r} and another both map to {target!r}")
-            renamed[target] = tensor
-        missing = sorted(set(expected) - set(renamed))
-        unexpected = sorted(set(renamed) - set(expected))
-        if missing or unexpected:
-            raise RuntimeError(
-                f"the decoded weights of {self.container_path} do not fit {type(model).__name__}: "
-                f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-            )
-        out = {}
-        for key, ref in expected.items():
-            tensor = renamed[key]
-            if tuple(tensor.shape) != tuple(ref.shape):
-                raise RuntimeError(
-                    f"decoded {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(ref.shape)}")
-            if tensor.is_floating_point() and ref.is_floating_point() and tensor.dtype != ref.dtype:
-                tensor = tensor.to(ref.dtype)  # only when from_pretrained(dtype=...) asked for another dtype
-            out[key] = tensor
-        return out
+
+        def rename(key: str) -> str:
+            return rename_source_key(key, renamings, [], model.base_model_prefix, expected)[0]
+
+        return fit_state_dict(decoded, expected, self.container_path, rename)
 
     # 3. the weight-loading pipeline: one converter takes the whole container
     def update_weight_conversions(self, weight_conversions, model):

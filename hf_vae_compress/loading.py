@@ -1,0 +1,108 @@
+"""The one way a compressed checkpoint becomes a model, used by every loader.
+
+The CLI (``evaluate``, ``push``), :func:`hf_vae_compress.create_model` (timm), the transformers
+quantizer and the remote-code shim all ask :func:`find_container` whether a folder is compressed,
+and all fit the decoded weights to the model with :func:`fit_state_dict`, so they refuse the same
+bad checkpoints with the same messages and can never disagree about what a folder holds.
+
+A folder is compressed when its ``config.json`` carries ``quantization_config.quant_method =
+"hf_vae_compress"`` (everything this library writes today), or, for folders written by
+``hf-vae-compress compress`` before it wrote that config, when it holds the container file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .codec import CONTAINER_NAME, CompressedModel
+from .models import build_empty, load_model
+
+QUANT_METHOD = "hf_vae_compress"
+
+
+def is_compressed_config(config: dict) -> bool:
+    return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+
+
+def container_name(config: dict) -> str:
+    """The container file a compressed ``config.json`` names (older configs name none: the default)."""
+    name = (config.get("quantization_config") or {}).get("container") or CONTAINER_NAME
+    if Path(name).name != name or name.startswith("."):
+        raise ValueError(f"quantization_config names the container {name!r}, which is not a plain file name")
+    return name
+
+
+def find_container(folder: str | Path) -> Path | None:
+    """The container of a compressed model folder; None for a plain (uncompressed) folder."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if is_compressed_config(config):
+        path = folder / container_name(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} is a compressed checkpoint but its container {path.name} is missing")
+        return path
+    legacy = folder / CONTAINER_NAME
+    return legacy if legacy.is_file() else None
+
+
+def fit_state_dict(decoded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str | Path,
+                   rename: Callable[[str], str] | None = None) -> dict[str, torch.Tensor]:
+    """The decoded weights named, ordered and typed as ``expected`` (a state dict, meta tensors
+    will do); raises on any missing, unexpected or mis-shaped key.
+
+    ``rename`` maps a decoded name the model does not know to the model's name for it (e.g.
+    transformers' legacy renamings, or TimmWrapper's ``timm_model.`` prefix). Floating-point
+    tensors are cast only when the model was built in another dtype on purpose.
+    """
+    renamed: dict[str, torch.Tensor] = {}
+    for key, tensor in decoded.items():
+        target = key if key in expected or rename is None else rename(key)
+        if target in renamed:
+            raise RuntimeError(f"decoded weights {key!r} and another both map to {target!r}")
+        renamed[target] = tensor
+    missing = sorted(set(expected) - set(renamed))
+    unexpected = sorted(set(renamed) - set(expected))
+    if missing or unexpected:
+        raise RuntimeError(
+            f"the decoded weights of {source} do not fit the model: "
+            f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    out = {}
+    for key, ref in expected.items():
+        tensor = renamed[key]
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise RuntimeError(f"decoded {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(ref.shape)}")
+        if tensor.is_floating_point() and ref.is_floating_point() and tensor.dtype != ref.dtype:
+            tensor = tensor.to(ref.dtype)
+        out[key] = tensor
+    return out
+
+
+def decode_container(container: str | Path) -> dict[str, torch.Tensor]:
+    """The container's state dict, every tensor checked against its recorded hash (raises
+    :class:`~hf_vae_compress.ContainerError` / ``IntegrityError`` otherwise)."""
+    return CompressedModel.load(container).decode()
+
+
+def load_into(model: torch.nn.Module, container: str | Path) -> torch.nn.Module:
+    """Decode ``container`` into ``model``'s weights, strictly."""
+    model.load_state_dict(fit_state_dict(decode_container(container), model.state_dict(), container), strict=True)
+    return model
+
+
+def load_compressed(folder: str | Path) -> torch.nn.Module:
+    """Build the architecture from a compressed folder's config and load the decoded weights, in eval mode."""
+    container = find_container(folder)
+    if container is None:
+        raise FileNotFoundError(f"{folder} holds no {CONTAINER_NAME}: not a compressed model folder")
+    return load_into(build_empty(folder), container).eval()
+
+
+def load_folder(folder: str | Path) -> torch.nn.Module:
+    """A compressed or plain model folder, loaded in eval mode."""
+    return load_compressed(folder) if find_container(folder) is not None else load_model(folder)

@@ -1,0 +1,183 @@
+"""The paths a new user takes with their own model and data: the CLI's default, datasets without a
+validation split or in an imagefolder, and a compressed folder that every loader takes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from hf_vae_compress import data
+from hf_vae_compress.cli import main
+from hf_vae_compress.codec import CONTAINER_NAME
+from hf_vae_compress.data import DatasetError, load_image_dataset
+from tests.conftest import tiny_timm
+
+FAST = ["--transform", "identity", "--calibration-batches", "1"]
+
+
+@pytest.fixture(scope="module")
+def train_test_folder(tmp_path_factory):
+    """A `save_to_disk` DatasetDict with only `train` and `test`, and columns named as on many Hub
+    datasets (`img`, `fine_label`) beside an extra column: nothing is found by its usual name."""
+    import datasets
+
+    train = data.load_fashion_mnist("train").select(range(400))
+    test = data.load_fashion_mnist("test").select(range(100))
+
+    def renamed(ds):
+        ds = ds.rename_columns({"image": "img", "label": "fine_label"})
+        return ds.add_column("source_id", list(range(len(ds))))
+
+    folder = tmp_path_factory.mktemp("train-test") / "ds"
+    datasets.DatasetDict(train=renamed(train), test=renamed(test)).save_to_disk(str(folder))
+    return folder
+
+
+def test_validation_is_a_stratified_deterministic_holdout_calibration_never_sees(train_test_folder):
+    name = str(train_test_folder)
+    validation, train = load_image_dataset(name, "validation"), load_image_dataset(name, "train")
+    assert validation.column_names == ["image", "label"] == train.column_names
+    assert len(validation) + len(train) == 400 and 36 <= len(validation) <= 44  # 10 % held out, per class
+    ids = {np.asarray(im).tobytes() for im in validation["image"]}
+    assert not ids & {np.asarray(im).tobytes() for im in train["image"]}  # disjoint
+    full = np.bincount(list(train["label"]) + list(validation["label"]), minlength=10)
+    held = np.bincount(validation["label"], minlength=10)
+    assert np.all(np.abs(held - 0.1 * full) <= 1)  # every class held out in proportion
+    again = load_image_dataset(name, "validation")
+    assert [np.asarray(im).tobytes() for im in again["image"]] == [np.asarray(im).tobytes() for im in validation["image"]]
+    assert data.holdout(name, data.image_columns)["examples"] == len(validation)
+
+
+def test_unusable_datasets_get_errors_that_name_what_was_found(tmp_path, train_test_folder):
+    import datasets
+
+    folder = tmp_path / "no-classlabel"
+    datasets.Dataset.from_dict({"pixels": [[0, 1]], "target": [3]}).save_to_disk(str(folder))
+    with pytest.raises(DatasetError, match=r"pixels \(\w+\), target \(Value\)"):
+        load_image_dataset(str(folder), "test")
+    with pytest.raises(DatasetError, match=r"no split 'dev'.*\['train', 'test'\]"):
+        load_image_dataset(str(train_test_folder), "dev")
+    three = tmp_path / "three-classes"
+    ds = load_image_dataset(str(train_test_folder), "test").filter(lambda row: row["label"] < 3)
+    ds.cast_column("label", datasets.ClassLabel(names=["a", "b", "c"])).save_to_disk(str(three))
+    with pytest.raises(DatasetError, match="predicts 10 classes, the dataset has 3"):
+        from hf_vae_compress.tasks import Classification
+
+        Classification(str(three)).score(tiny_timm(), load_image_dataset(str(three), "test"))
+
+
+def test_default_compress_checks_accuracy_on_a_train_test_dataset(train_test_folder, timm_folder, tmp_path, capsys):
+    out = tmp_path / "default"
+    assert main(["compress", str(timm_folder), str(out), "--dataset", str(train_test_folder), *FAST, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["accuracy_checked"] and result["warning"] is None
+    validation = result["validation"]
+    assert validation["budget_pt"] == 0.5 and validation["drop_pt"] <= 0.5 and validation["examples"] == validation["holdout"]["examples"]
+    assert validation["holdout"]["carved_from"] == "train" and validation["holdout"]["stratified_by"] == "label"
+    assert len(result["rate_search"]) >= 3
+    kept = [p for p in result["rate_search"] if p["validation_drop_pt"] <= 0.5]
+    assert result["total_bytes"] == min(p["bytes"] for p in kept) == (out / CONTAINER_NAME).stat().st_size
+
+
+def test_fixed_rate_still_reports_the_drop_and_no_data_warns(timm_folder, train_test_folder, tmp_path, capsys):
+    assert main(["compress", str(timm_folder), str(tmp_path / "fixed"), "--dataset", str(train_test_folder), *FAST,
+                 "--target-bpw", "3"]) == 0
+    summary = capsys.readouterr().out  # the human summary states the measured drop and where
+    assert "validation: top1" in summary and "drop" in summary and "held out from train" in summary
+    assert "rate_search" not in summary
+
+    assert main(["compress", str(timm_folder), str(tmp_path / "blind"), "--dataset", "none", *FAST, "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert not result["accuracy_checked"] and result["validation"] is None
+    assert "accuracy was not checked" in result["warning"] and "accuracy was not checked" in captured.err
+    assert abs(result["bits_per_weight"] - 4.0) < 0.4  # the conservative rate
+
+
+def test_imagefolder_directory_works(tmp_path, timm_folder, capsys):
+    from PIL import Image
+
+    test = data.load_fashion_mnist("test").select(range(60))
+    for split in ("train", "test"):
+        for i, row in enumerate(test):
+            folder = tmp_path / "images" / split / data.FASHION_MNIST_CLASSES[row["label"]].replace("/", "-")
+            folder.mkdir(parents=True, exist_ok=True)
+            row["image"].save(folder / f"{i}.png")
+    for name in data.FASHION_MNIST_CLASSES:  # every class folder exists, so the labels are the model's 10
+        for split in ("train", "test"):
+            empty = tmp_path / "images" / split / name.replace("/", "-")
+            if not any(empty.glob("*.png")):
+                Image.fromarray(np.zeros((28, 28), np.uint8), mode="L").save(empty / "blank.png")
+    images = str(tmp_path / "images")
+    found = load_image_dataset(images, "test")
+    assert found.features["label"].num_classes == 10
+    folders = found.features["label"].names  # sorted by the folder names, not in the model's order
+    relabelled = data.fit_labels(tiny_timm(), found)
+    assert relabelled.features["label"].names == data.FASHION_MNIST_CLASSES
+    assert [data.FASHION_MNIST_CLASSES[i].replace("/", "-") for i in relabelled["label"]] == \
+        [folders[i] for i in found["label"]]
+    assert main(["compress", str(timm_folder), str(tmp_path / "out"), "--dataset", images, *FAST,
+                 "--target-bpw", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["validation"]["holdout"]["carved_from"] == "train"
+
+
+@pytest.fixture(scope="module")
+def cli_folders(timm_folder, vit_folder, tmp_path_factory):
+    """Both tiny models compressed by the CLI, with a stray file in the source that must not travel."""
+    out = {}
+    for kind, source in (("timm", timm_folder), ("vit", vit_folder)):
+        src = tmp_path_factory.mktemp(f"src-{kind}")
+        shutil.copytree(source, src, dirs_exist_ok=True)
+        (src / "my_private_notes.json").write_text('{"secret": 1}')
+        out[kind] = tmp_path_factory.mktemp(f"cli-{kind}") / "compressed"
+        assert main(["compress", str(src), str(out[kind]), "--dataset", "none", *FAST, "--target-bpw", "4"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("kind", ["timm", "vit"])
+def test_a_compress_folder_loads_everywhere_with_the_same_logits(cli_folders, kind):
+    from transformers import AutoModelForImageClassification
+
+    from hf_vae_compress import create_model
+    from hf_vae_compress.pipeline import load_any
+
+    folder = cli_folders[kind]
+    assert not (folder / "my_private_notes.json").exists()  # only known side files travel
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "hf_vae_compress" and "auto_map" in config
+    assert (folder / "modeling_hf_vae_compress.py").exists() and (folder / "README.md").exists()
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 28, 28)
+
+    def logits(model):
+        with torch.no_grad():
+            out = model.eval()(x)
+        return out if isinstance(out, torch.Tensor) else out.logits
+
+    reference = logits(load_any(folder)[0])  # what `evaluate` scores
+    loaders = {"from_pretrained": lambda: AutoModelForImageClassification.from_pretrained(folder),
+               "remote code": lambda: AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)}
+    if kind == "timm":
+        loaders["create_model"] = lambda: create_model(f"local-dir:{folder}")
+    for name, load in loaders.items():
+        assert torch.equal(logits(load()), reference), name
+
+
+def test_folders_written_before_the_quantization_config_still_load(cli_folders, timm_folder, tmp_path, capsys):
+    """Earlier versions' `compress` wrote the source config unchanged beside the container."""
+    from hf_vae_compress import create_model
+    from hf_vae_compress.pipeline import load_any
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    shutil.copyfile(timm_folder / "config.json", legacy / "config.json")
+    shutil.copyfile(cli_folders["timm"] / CONTAINER_NAME, legacy / CONTAINER_NAME)
+    expected = load_any(cli_folders["timm"])[0].state_dict()
+    for model in (load_any(legacy)[0], create_model(f"local-dir:{legacy}")):
+        assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    assert main(["inspect", str(legacy), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_bytes"] == (legacy / CONTAINER_NAME).stat().st_size
