@@ -24,9 +24,8 @@ from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
-from .codec import CompressedModel
+from .codec import CompressedModel, assemble
 from .codec.config import JsonConfig
-from .codec.model import assemble
 from .codec.reparam import LatentParametrization
 from .tasks import Classification, Task
 

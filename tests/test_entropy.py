@@ -1,76 +1,80 @@
 import numpy as np
 import pytest
 
-from hf_vae_compress.codec import entropy
+from hf_vae_compress.codec import streams
+
+HEADER = bytes.fromhex(streams.pcodec_header())
 
 
-@pytest.mark.parametrize("precision", [8, 12, 15])
-def test_quantized_counts_sum_exactly_and_keep_every_symbol(precision):
-    hist = np.array([1e6, 3, 0, 0, 1, 50_000, 7], dtype=float)
-    counts = entropy.quantize_counts(hist, precision)
-    assert counts.sum() == 1 << precision and counts.min() >= 1
-    assert counts.argmax() == 0
+def _round_trip(values: np.ndarray) -> int:
+    coded = streams.compress_symbols(values)
+    out = np.empty(len(values), dtype=np.int32)
+    streams.decompress_symbols(HEADER, coded, out)
+    assert np.array_equal(out, values)
+    return sum(len(m) + len(p) for m, p in coded)
 
 
-def _round_trip(symbols: np.ndarray, precision: int = 15) -> tuple[np.ndarray, list]:
-    words, tables, split = entropy.encode_tensor(symbols, precision)
-    counts = np.concatenate([t.counts for t in tables])
-    parsed = entropy.parse_tables([t.lo for t in tables], [len(t.counts) for t in tables],
-                                  [t.escape for t in tables], counts, precision)
-    assert np.array_equal(entropy.decode_tensor(words, parsed, split, len(symbols)), symbols)
-    return words, tables
-
-
-def test_tensors_round_trip_including_edge_cases():
+def test_streams_round_trip_including_edge_cases():
     rng = np.random.default_rng(0)
-    columns = [
-        np.round(rng.laplace(0, 3, 5000)),
-        np.full(5000, -7),  # one-symbol alphabet
-        rng.integers(-300, 300, 5000),  # wide alphabet
-        np.concatenate([np.zeros(4990), [2**20, -(2**20), 77, -78, 5, 6, 7, 8, 9, 10]]),  # outliers
-    ]
-    _, tables = _round_trip(np.stack(columns, 1).astype(np.int32))
-    assert max(len(t.counts) for t in tables) < 100  # escapes keep tables small however wide the alphabet
+    for values in (np.zeros(0), np.full(5000, -7), rng.integers(-300, 300, 5000),
+                   np.concatenate([np.zeros(4990), [2**30, -(2**30), 77, -78, 5, 6, 7, 8, 9, 10]])):
+        _round_trip(values.astype(np.int32))
 
 
-def test_contexts_are_used_where_they_pay():
-    rng = np.random.default_rng(2)
-    energy = rng.choice([0.05, 3.0], size=(20000, 1), p=[0.7, 0.3])  # kernels are "off" or "on"
-    symbols = np.round(rng.laplace(0, 1, (20000, 4)) * energy).astype(np.int32)
-    _round_trip(symbols)
-    assert entropy.encode_tensor(symbols, 15)[2][1:] == [True, True, True]
-    independent = np.random.default_rng(3).permutation(symbols.reshape(-1)).reshape(symbols.shape)
-    assert entropy.estimate_tensor_bits(symbols, 15) < 0.9 * entropy.estimate_tensor_bits(independent, 15)
+def test_long_tensors_are_cut_into_streams_that_decode_in_parallel(monkeypatch):
+    monkeypatch.setattr(streams, "MAX_STREAM", 1000)
+    values = np.round(np.random.default_rng(1).laplace(0, 2, 2500)).astype(np.int32)
+    assert len(streams.compress_symbols(values)) == 3
+    _round_trip(values)
 
 
 def test_coded_size_is_close_to_the_estimate():
-    rng = np.random.default_rng(1)
-    symbols = np.round(rng.laplace(0, 2, (50_000, 3))).astype(np.int32)
-    words, tables, _ = entropy.encode_tensor(symbols, 15)
-    actual = 32 * len(words) + sum(16 * len(t.counts) + entropy.TABLE_OVERHEAD_BITS for t in tables)
-    assert abs(actual - entropy.estimate_tensor_bits(symbols, 15)) / actual < 0.01
+    values = np.round(np.random.default_rng(1).laplace(0, 2, 150_000)).astype(np.int32)
+    actual = 8 * _round_trip(values)
+    assert abs(actual / streams.estimate_bits(values) - 1) < 0.02
 
 
-def test_escape_binarisation_is_invertible():
-    symbols = np.array([0, 1, -1, 3, -4, 5, 100, -100, 2**22, -(2**22) + 3], dtype=np.int32)
-    for escape in entropy.ESCAPE_THRESHOLDS:
-        tokens, offsets, sizes = entropy.to_tokens(symbols, escape)
-        assert np.all(np.abs(tokens) <= escape + 24) and np.all(offsets < sizes)
-        escaped = np.abs(tokens) > escape
-        assert np.array_equal(tokens[~escaped], symbols[~escaped])
-        bucket = np.abs(tokens[escaped]) - escape - 1
-        extra = np.zeros(len(bucket), dtype=np.int64)
-        extra[bucket > 0] = offsets
-        assert np.array_equal(np.sign(tokens[escaped]) * ((1 << bucket) + extra + escape), symbols[escaped])
+@pytest.mark.parametrize("layout_wins", ["flat", "dims"])
+def test_tensor_layout_is_the_smaller_one_and_round_trips(layout_wins):
+    rng = np.random.default_rng(2)
+    spread = np.array([8.0, 0.05, 0.05, 0.05]) if layout_wins == "dims" else np.ones(4)
+    symbols = np.round(rng.laplace(0, 1, (20000, 4)) * spread).astype(np.int32)
+    layout, coded = streams.compress_tensor(symbols)
+    assert layout == layout_wins
+    assert len(coded) == len(streams.tensor_stream_sizes(layout, 20000, 4))
+    assert np.array_equal(streams.decompress_tensor(HEADER, layout, coded, 20000, 4), symbols)
 
 
-def test_corrupt_tables_are_refused():
-    _, tables, _ = entropy.encode_tensor(np.arange(10, dtype=np.int32)[:, None], precision=12)
-    lo, k, esc, counts = [tables[0].lo], [len(tables[0].counts)], [tables[0].escape], tables[0].counts
-    assert entropy.parse_tables(lo, k, esc, counts, 12)[0].lo == tables[0].lo
-    bad = counts.copy()
-    bad[0] += 1  # counts no longer sum to 2**precision
-    with pytest.raises(ValueError, match="corrupt"):
-        entropy.parse_tables(lo, k, esc, bad, 12)
-    with pytest.raises(ValueError, match="do not match"):
-        entropy.parse_tables(lo, k, esc, counts[:-1], 12)
+def test_a_corrupt_or_misframed_stream_raises_value_error():
+    values = np.round(np.random.default_rng(3).laplace(0, 2, 10_000)).astype(np.int32)
+    (meta, page), = streams.compress_symbols(values)
+    out = np.empty(len(values), dtype=np.int32)
+    for bad in ([(meta, page[: len(page) // 2])], [(meta[:3], page)], [(meta, page + b"\0")], []):
+        with pytest.raises(ValueError):
+            streams.decompress_symbols(HEADER, bad, out)
+
+
+def test_scales_live_on_an_exact_quarter_octave_grid():
+    k = np.arange(-300, 300, dtype=np.int32)
+    scales = streams.scales_from_exponents(k)
+    np.testing.assert_allclose(scales, 2.0 ** (k / 4), rtol=1e-7)
+    assert np.array_equal(streams.scale_exponents(scales), k)
+    rms = np.array([1e-3, 0.37, 1.0, 5.5], dtype=np.float32)
+    assert np.all(np.abs(np.log2(streams.quantize_scales(rms) / rms)) <= 0.125 + 1e-6)
+    with pytest.raises(ValueError):
+        streams.scale_exponents(np.array([1.1], dtype=np.float32))
+
+
+@pytest.mark.parametrize("bits", [1, 5, 7, 10, 23])
+def test_floats_keep_their_relative_precision_sign_and_specials(bits):
+    rng = np.random.default_rng(4)
+    values = np.concatenate([rng.standard_normal(1000) * 10.0 ** rng.integers(-6, 6, 1000),
+                             [0.0, -0.0, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-42]]).astype(np.float32)
+    back = streams.decompress_floats(streams.compress_floats(values, bits), bits)
+    assert np.array_equal(np.signbit(back), np.signbit(values))
+    finite = np.isfinite(values) & (np.abs(values) > 1e-37)
+    assert np.all(np.abs(back[finite] / values[finite] - 1) <= 2.0 ** -(bits + 1) * (1 + 1e-6))
+    assert np.array_equal(back[np.isinf(values)], values[np.isinf(values)])
+    assert np.all(np.isfinite(back[np.isfinite(values)]))
+    if bits == 23:
+        assert np.array_equal(back.view(np.int32), values.view(np.int32))

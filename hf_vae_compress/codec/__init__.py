@@ -1,9 +1,14 @@
-"""The codec core: pure PyTorch + constriction + safetensors; knows nothing of transformers, timm or the Hub."""
+"""The codec core: pure PyTorch + pcodec + safetensors (constriction to read version-1 files);
+knows nothing of transformers, timm or the Hub."""
 
+from .compress import compress
+from .compressed import CompressedModel
 from .config import VAECompressionConfig
 from .container import CONTAINER_NAME, ContainerError
-from .model import CompressedModel, IntegrityError, Latents, assemble, compress
+from .integrity import IntegrityError
+from .latents import Latents
 from .transform import Shard
+from .v2 import assemble
 
 __all__ = ["CONTAINER_NAME", "CompressedModel", "ContainerError", "IntegrityError", "Latents", "Shard",
            "VAECompressionConfig", "assemble", "compress"]

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .streams import quantize_scales
+
 
 @dataclass(frozen=True)
 class ChunkLayout:
@@ -42,11 +44,11 @@ class ChunkLayout:
 
 
 def row_scales(tensor: torch.Tensor, layout: ChunkLayout, per_channel: bool) -> torch.Tensor:
-    """RMS per row (or one for the whole tensor), rounded to fp16 since that is what is stored."""
+    """RMS per row (or one for the whole tensor), rounded to the quarter-octave grid the container stores."""
     rows = tensor.detach().float().reshape(layout.rows, layout.row_len)
     rms = rows.pow(2).mean(1).sqrt() if per_channel else rows.pow(2).mean().sqrt().expand(layout.rows)
     rms = torch.where(rms > 0, rms, torch.ones_like(rms))
-    return rms.to(torch.float16).float().clamp_min(torch.finfo(torch.float16).tiny)
+    return torch.from_numpy(quantize_scales(rms.numpy()))
 
 
 def to_chunks(tensor: torch.Tensor, layout: ChunkLayout, scales: torch.Tensor) -> torch.Tensor:

@@ -48,13 +48,14 @@ class VAECompressionConfig(JsonConfig):
     chunk_size: int = 9  # one 3x3 kernel per chunk for 3x3 convolutions
     hidden_size: int = 32
     normalization: str = "channel"
-    min_numel: int = 1024  # smaller tensors (and every 1-D tensor) are stored, not coded
-    raw_dtype: str = "float16"
+    min_numel: int = 1024  # smaller tensors (and every 1-D tensor) are coded as floats, not chunked
+    raw_dtype: str = "float16"  # stored float tensors are rounded to this dtype first ...
+    vector_mantissa_bits: int = 7  # ... then to this relative precision (2**-8), and entropy-coded
     train_steps: int = 800
     train_batch_chunks: int = 4096
     learning_rate: float = 1e-2
     calibration_batches: int = 8
-    table_precision: int = 15
+    table_precision: int = 15  # version-1 containers' ANS tables (read only now)
     seed: int = 0
     modules_to_not_convert: list[str] = field(default_factory=list)
 
@@ -71,6 +72,8 @@ class VAECompressionConfig(JsonConfig):
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.raw_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"raw_dtype must be float16, bfloat16 or float32, got {self.raw_dtype!r}")
+        if not 1 <= self.vector_mantissa_bits <= 23:
+            raise ValueError("vector_mantissa_bits must be between 1 and 23")
         if not 8 <= self.table_precision <= 15:
             raise ValueError("table_precision must be between 8 and 15 bits")
         if self.chunk_size < 1 or self.hidden_size < 1:

@@ -3,19 +3,14 @@
 It is deliberately named ``model.vaec.safetensors``, not ``model.safetensors``, so a stock loader
 finds no weights and fails loudly instead of loading something wrong. Nothing in it is pickled.
 
-Layout (every part is counted in the reported bytes):
+This module is the safetensors layer shared by every format version: one metadata key,
+``format = "hf-vae-compress/<version>"``, so foreign files are told apart at once and a reader
+refuses versions newer than it knows (one key, because safetensors writes its metadata map in
+hash order and several keys would make two saves of the same model differ byte for byte), and a
+``header`` entry holding zlib-compressed JSON. What the other entries mean is the version's own
+module: :mod:`.v1` (frozen, read only) and :mod:`.v2` (written by default).
 
-* safetensors metadata: one key, ``format = "hf-vae-compress/<version>"``, so foreign files are
-  told apart at once (one key, because safetensors writes its metadata map in hash order and
-  several keys would make two saves of the same model differ byte for byte);
-* ``header``: the JSON header (codec config, transform, tensor table), zlib-compressed;
-* ``sha256``: one 32-byte SHA-256 per tensor-table entry, of the decoded tensor;
-* ``streams`` (uint8), ``tables`` (uint16 counts), ``scales`` (fp16): all coded tensors'
-  bitstreams, probability tables and row scales, concatenated in tensor-table order;
-* ``raw.<dtype>``: the stored tensors, flattened and concatenated per storage dtype;
-* ``decoder.*``: the decoder's weights (fp16).
-
-Concatenating parts keeps the per-tensor framing out of the file: with one safetensors entry per
+Concatenating parts keeps per-tensor framing out of the file: with one safetensors entry per
 tensor, the index alone cost more than the bitstreams of a small ViT.
 """
 
@@ -32,7 +27,8 @@ from safetensors.torch import save
 
 CONTAINER_NAME = "model.vaec.safetensors"
 FORMAT_NAME = "hf-vae-compress"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the version written; every version from 1 up to it is read
+MAX_HEADER_BYTES = 64 << 20  # decompressed JSON header: far above any real model's, bounds a zip bomb
 
 
 class ContainerError(ValueError):
@@ -40,31 +36,41 @@ class ContainerError(ValueError):
 
 
 def serialize(header: dict, tensors: dict[str, torch.Tensor]) -> bytes:
-    """The exact bytes of a container file."""
+    """The exact bytes of a container file, in the format version its header names."""
     packed = np.frombuffer(zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9), dtype=np.uint8)
     everything = {"header": torch.from_numpy(packed.copy()), **{k: v.contiguous() for k, v in tensors.items()}}
-    return save(everything, metadata={"format": f"{FORMAT_NAME}/{FORMAT_VERSION}"})
+    return save(everything, metadata={"format": f"{FORMAT_NAME}/{header['format_version']}"})
 
 
-def read_container(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and validate a container's framing; raises :class:`ContainerError` on anything foreign."""
+def read_container(path: str | Path) -> tuple[int, dict, dict[str, torch.Tensor]]:
+    """Read and validate a container's framing: (version, header, tensors); raises
+    :class:`ContainerError` on anything foreign, truncated, or too large to be a header."""
     path = Path(path)
     if not path.is_file():
         raise ContainerError(f"{path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
-            _check_format(path, f.metadata() or {})
+            version = _check_format(path, f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, RuntimeError) as err:
         raise ContainerError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+    packed = tensors.pop("header", None)
+    if packed is None or packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ContainerError(f"{path} has no valid header")
     try:
-        header = json.loads(zlib.decompress(tensors.pop("header").numpy().tobytes()))
-    except (KeyError, zlib.error, json.JSONDecodeError) as err:
-        raise ContainerError(f"{path} has no valid header") from err
-    return header, tensors
+        inflate = zlib.decompressobj()
+        text = inflate.decompress(packed.numpy().tobytes(), MAX_HEADER_BYTES)
+        if inflate.unconsumed_tail or not inflate.eof:
+            raise ContainerError(f"{path}: header is truncated or larger than {MAX_HEADER_BYTES} bytes")
+        header = json.loads(text)
+    except (zlib.error, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ContainerError(f"{path} has no valid header: {err}") from err
+    if not isinstance(header, dict) or header.get("format_version") != version:
+        raise ContainerError(f"{path}: header field format_version does not match the file's format {version}")
+    return version, header, tensors
 
 
-def _check_format(path: Path, metadata: dict) -> None:
+def _check_format(path: Path, metadata: dict) -> int:
     name, _, version = str(metadata.get("format", "")).partition("/")
     if name != FORMAT_NAME:
         raise ContainerError(f"{path} is not an {FORMAT_NAME} container (format={metadata.get('format')!r})")
@@ -73,3 +79,4 @@ def _check_format(path: Path, metadata: dict) -> None:
             f"{path} has format version {version!r}; this library reads versions 1..{FORMAT_VERSION}. "
             "Upgrade hf-vae-compress to read it."
         )
+    return int(version)

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from .chunking import from_chunks
-from .model import Latents
+from .latents import Latents
 from .quantize import noisy, round_ste
-from .transform import WeightVAE, laplace_bits, round_to_fp16_
+from .transform import laplace_bits, round_to_fp16_
 
 
 class LatentParametrization(nn.Module):
@@ -30,10 +30,7 @@ class LatentParametrization(nn.Module):
         self.log_steps = [math.log(s) for s in latents.steps]
         prior = torch.stack([s.float().abs().mean(0).clamp_min(0.05) for s in latents.symbols])
         self.log_prior_scale = nn.Parameter(prior.log())
-        vae = latents.transform if isinstance(latents.transform, WeightVAE) else None
-        if vae is not None:
-            vae.freeze_inactive_maps()
-        self.decoder = vae.decoder if vae is not None else None  # the encoder is not needed, nor trained
+        self.decoder = latents.transform.trainable_decoder()  # the encoder is not needed, nor trained
         self.stored_names = [n for n in latents.stored if n in trainable_stored]
         self.stored = nn.ParameterList([nn.Parameter(latents.stored[n].float()) for n in self.stored_names])
 

@@ -1,4 +1,4 @@
-"""Stage 1: decide which tensors the codec codes and which it stores as they are."""
+"""Stage 1: decide which tensors the codec chunks and codes, and which it stores (as coded floats)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ def is_coded(name: str, tensor: torch.Tensor, config: VAECompressionConfig) -> b
     """Multi-dimensional floating-point tensors of at least ``min_numel`` values are coded.
 
     That covers conv and linear weights, attention projections, embeddings and position
-    embeddings. Biases, norms, BN statistics and integer buffers stay exact or near-exact:
-    they are few values, and errors in them shift whole channels.
+    embeddings. Biases, norms and BN statistics are coded with a fine relative precision
+    (``vector_mantissa_bits``) and integer buffers stay exact: they are few values, and errors in
+    them shift whole channels.
     """
     if not tensor.is_floating_point() or tensor.numel() < config.min_numel:
         return False

@@ -1,0 +1,213 @@
+"""Container format version 1: a frozen reader (written until format v2; nothing writes it now).
+
+It decodes exactly as the version-1 code did, so containers written by it (the committed
+artifacts, pushed repos) keep their bit-identical weights: constriction's ANS with integer
+tables per tensor and latent dimension (split by a context where the encoder found that paid),
+Exp-Golomb escapes, fp16 row scales, fp16 stored tensors and one SHA-256 per decoded tensor.
+Do not change the arithmetic here; ``tests/test_container_v1.py`` pins its output.
+
+Entries: ``header`` (zlib JSON), ``sha256`` (32 B per tensor-table entry), ``streams`` (uint8),
+``tables`` (uint16 counts), ``scales`` (fp16), ``raw.<dtype>``, ``decoder.*`` (fp16).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import constriction
+import numpy as np
+import torch
+
+from .chunking import ChunkLayout, from_chunks
+from .container import ContainerError
+from .integrity import IntegrityError, sha256_hex
+from .transform import Transform, build_transform
+
+NUM_CONTEXTS = 3
+_PARTS = ("streams", "tables", "scales")
+# a malformed header raises these while it is walked; each becomes a ContainerError
+_MALFORMED = (KeyError, TypeError, IndexError, AttributeError, ValueError, OverflowError)
+
+
+class _Cursor:
+    """Walks a concatenated part in tensor-table order."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor, self.pos = tensor, 0
+
+    def take(self, n: int) -> torch.Tensor:
+        if n < 0 or self.pos + n > len(self.tensor):
+            raise ContainerError("container data is shorter than its header says")
+        out = self.tensor[self.pos: self.pos + n]
+        self.pos += n
+        return out
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ContainerError(f"unknown dtype {name!r} in container header")
+    return dtype
+
+
+def _transform(header: dict, tensors: dict[str, torch.Tensor]) -> Transform:
+    spec = header["transform"]
+    num_coded = sum(e["codec"] != "raw" for e in header["tensors"])
+    transform = build_transform(spec["kind"], spec["chunk_size"], spec["hidden_size"], num_coded)
+    prefix = "decoder."
+    try:
+        transform.load_stored_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, spec)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ContainerError(f"container decoder weights do not match its header: {err}") from err
+    return transform.eval()
+
+
+def iter_decoded(header: dict, tensors: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` in header order, each checked against its SHA-256 as it is decoded."""
+    try:
+        transform = _transform(header, tensors)
+        cursors = {k: _Cursor(tensors[k]) for k in _PARTS}
+        cursors.update({k: _Cursor(v) for k, v in tensors.items() if k.startswith("raw.")})
+        entries = header["tensors"]
+        chunk_size = header["transform"]["chunk_size"]
+        precision = header["config"]["table_precision"]
+        hashes = tensors.get("sha256")
+        if hashes is None or tuple(hashes.shape) != (len(entries), 32):
+            raise ContainerError("container hash table does not match its header")
+    except _MALFORMED as err:
+        raise ContainerError(f"container header is malformed: {err!r}") from err
+    coded_index = 0
+    for entry, digest in zip(entries, hashes):
+        try:
+            name, dtype, shape = entry["name"], _dtype(entry["dtype"]), entry["shape"]
+            if entry["codec"] == "raw":
+                key = f"raw.{entry['stored']}"
+                if key not in cursors:
+                    raise ContainerError(f"container is missing {key!r} for {name!r}")
+                tensor = cursors[key].take(math.prod(shape)).reshape(shape).to(dtype)
+            else:
+                layout = ChunkLayout.of(tuple(shape), chunk_size)
+                symbols = torch.from_numpy(_entry_symbols(entry, layout, cursors, precision))
+                scales = cursors["scales"].take(layout.rows).float()
+                with torch.no_grad():
+                    chunks = torch.cat([transform.decode(s, entry["step"], coded_index) for s in symbols.split(1 << 18)])
+                tensor = from_chunks(chunks, layout, scales).to(dtype)
+                coded_index += 1
+        except _MALFORMED as err:
+            raise ContainerError(f"container header entry {entry.get('name') if isinstance(entry, dict) else entry!r} "
+                                 f"is malformed: {err!r}") from err
+        if sha256_hex(tensor) != bytes(digest.tolist()).hex():
+            raise IntegrityError(f"decoded {name!r} does not match its SHA-256: the file is corrupt")
+        yield name, tensor
+
+
+def report_parts(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Bytes per part; the header, hashes and framing are what the total leaves over."""
+    groups = {"bitstreams": ("streams",), "tables": ("tables",), "scales": ("scales",),
+              "decoder": ("decoder.",), "raw": ("raw.",)}
+    return {part: sum(v.numel() * v.element_size() for k, v in tensors.items() if k.startswith(prefixes))
+            for part, prefixes in groups.items()}
+
+
+def layer_bytes(entry: dict) -> int | None:
+    """Bytes of one coded tensor's bitstream, tables and scales (None for stored tensors)."""
+    if entry["codec"] == "raw":
+        return None
+    rows = ChunkLayout.of(tuple(entry["shape"]), 1).rows
+    return 4 * entry["words"] + 2 * sum(k for k in entry["k"] if k > 1) + 2 * rows
+
+
+def _entry_symbols(entry: dict, layout: ChunkLayout, cursors: dict[str, _Cursor], precision: int) -> np.ndarray:
+    name = entry["name"]
+    if layout.num_chunks * layout.chunk_size < math.prod(entry["shape"]):
+        raise ContainerError(f"{name!r}: shape and chunk layout in the header disagree")
+    words = cursors["streams"].take(4 * entry["words"]).numpy().view(np.uint32)
+    counts = cursors["tables"].take(sum(k for k in entry["k"] if k > 1)).numpy()
+    try:
+        tables = _parse_tables(entry["lo"], entry["k"], entry["escape"],
+                               _with_singletons(counts, entry["k"], precision), precision)
+        return _decode_tensor(words, tables, entry["split"], layout.num_chunks)
+    except (ValueError, RuntimeError, OverflowError) as err:
+        raise ContainerError(f"bitstream of {name!r} is corrupt: {err}") from err
+
+
+def _with_singletons(counts: np.ndarray, sizes: list[int], precision: int) -> np.ndarray:
+    """Re-insert the implied count of one-symbol tables, which are not stored."""
+    parts, pos = [], 0
+    for k in sizes:
+        if k == 1:
+            parts.append(np.array([1 << precision]))
+        else:
+            parts.append(counts[pos: pos + k])
+            pos += k
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+class _Table:
+    def __init__(self, lo: int, counts: np.ndarray, escape: int):
+        self.lo, self.counts, self.escape = lo, counts, escape
+
+    @property
+    def model(self):
+        return constriction.stream.model.Categorical(self.counts.astype(np.float64), perfect=False)
+
+
+def _parse_tables(los: list[int], sizes: list[int], escapes: list[int], counts: np.ndarray,
+                  precision: int) -> list[_Table]:
+    if not len(los) == len(sizes) == len(escapes) or sum(sizes) != len(counts) or min(sizes, default=1) < 1:
+        raise ValueError("probability tables do not match their header")
+    tables, pos = [], 0
+    for lo, k, escape in zip(los, sizes, escapes):
+        part = counts[pos: pos + k].astype(np.int64)
+        if part.min() < 1 or part.sum() != (1 << precision):
+            raise ValueError("probability tables are corrupt")
+        tables.append(_Table(int(lo), part, int(escape)))
+        pos += k
+    return tables
+
+
+def _num_contexts(dim: int) -> int:
+    return min(dim + 1, NUM_CONTEXTS)
+
+
+def _decode_stream(coder, table: _Table, length: int) -> np.ndarray:
+    if len(table.counts) == 1:
+        indices = np.zeros(length, dtype=np.int32)
+    else:
+        indices = coder.decode(table.model, length)
+    tokens = np.arange(table.lo, table.lo + len(table.counts), dtype=np.int32)
+    escaped = np.abs(tokens) > table.escape
+    values = tokens[indices]
+    if not escaped.any():
+        return values
+    where = np.flatnonzero(escaped[indices])
+    bucket = np.abs(values[where]) - table.escape - 1
+    extra = np.zeros(len(where), dtype=np.int64)
+    with_offset = bucket > 0
+    if with_offset.any():
+        extra[with_offset] = coder.decode(constriction.stream.model.Uniform(),
+                                          (1 << bucket[with_offset]).astype(np.int32))
+    values[where] = np.sign(values[where]) * ((1 << bucket) + extra + table.escape)
+    return values
+
+
+def _decode_tensor(words: np.ndarray, tables: list[_Table], split: list[bool], length: int) -> np.ndarray:
+    if len(tables) != sum(_num_contexts(j) if s else 1 for j, s in enumerate(split)):
+        raise ValueError("probability tables do not match the context layout")
+    coder = constriction.stream.stack.AnsCoder(words.astype(np.uint32, copy=False))
+    out = np.empty((length, len(split)), dtype=np.int32)
+    nonzero = np.zeros(length, dtype=np.int64)
+    tables = iter(tables)
+    for j, use_split in enumerate(split):
+        if use_split:
+            ctx = np.minimum(nonzero, NUM_CONTEXTS - 1)
+            for c in range(_num_contexts(j)):
+                where = np.flatnonzero(ctx == c)
+                out[where, j] = _decode_stream(coder, next(tables), len(where))
+        else:
+            out[:, j] = _decode_stream(coder, next(tables), length)
+        nonzero += out[:, j] != 0
+    if not coder.is_empty():
+        raise ValueError("bitstream has data left after decoding: it does not match its tables")
+    return out

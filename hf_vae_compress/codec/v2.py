@@ -1,0 +1,492 @@
+"""Container format version 2: the writer (:func:`assemble`) and the reader, in one place.
+
+Safetensors entries (every byte is counted in :meth:`~.compressed.CompressedModel.report`):
+
+* ``header``: compact JSON, zlib-compressed: codec config, transform, and per tensor only what
+  cannot be derived (name, shape, dtype, codec, step, stream layout, scale offset, and the byte
+  lengths of its streams: their symbol counts follow from the shape);
+* ``checks``: the SHA-256 of the whole decoded model, then a CRC-32 (little-endian) per tensor;
+* ``streams``: the pcodec pages of the coded (multi-dimensional) tensors, in header order;
+* ``tables``: the pcodec chunk metadata (its bins: the probability tables) of every stream;
+* ``scales``: the row scales, as quarter-octave exponents minus a per-tensor offset, one pooled
+  pcodec stream (the scales only normalise rows, so their precision costs no accuracy);
+* ``vectors``: 1-D and small float tensors (biases, norms, BN statistics), rounded to
+  ``vector_mantissa_bits`` of relative precision and entropy-coded, pooled or one stream each,
+  whichever is smaller;
+* ``raw.<dtype>``: integer tensors, exact; ``decoder.*``: the VAE decoder (fp16), if any.
+
+Decoding runs tensor by tensor on a thread pool (pcodec and the CRC release the GIL), each tensor
+checked as soon as it is decoded; the model hash is checked at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import safetensors.torch
+import torch
+from tqdm.auto import tqdm
+
+from . import streams
+from .chunking import ChunkLayout
+from .config import TRANSFORMS, VAECompressionConfig
+from .container import FORMAT_NAME, ContainerError
+from .integrity import IntegrityError, ModelHash, crc32
+from .latents import CodedTensor, Latents
+from .transform import Transform, build_transform
+
+VERSION = 2
+HEADER_BYTES_PER_TENSOR = 16  # compressed JSON (measured: 9-14 B) + the CRC-32, for the rate search
+MAX_NUMEL = 1 << 34  # per tensor and per model: bounds what a header can make us allocate
+MAX_CHUNK_SIZE = 4096
+LOOKAHEAD = 4  # tensors decoded ahead of the consumer: bounds memory, keeps both cores busy
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "bool")
+_PARTS = ("streams", "tables", "scales", "vectors")
+
+
+@dataclass
+class CodedPart:
+    """A pooled side part: its streams and what the header records about its layout."""
+
+    streams: list[tuple[bytes, bytes]]
+    info: dict = field(default_factory=dict)
+
+
+def _lengths(coded: list[tuple[bytes, bytes]]) -> list[list[int]]:
+    return [[len(m), len(p)] for m, p in coded]
+
+
+def code_side_parts(coded: list[CodedTensor], stored: dict[str, torch.Tensor],
+                    config: VAECompressionConfig) -> dict[str, CodedPart]:
+    """Code the row scales and the stored float tensors (they do not depend on the steps)."""
+    exponents = [streams.scale_exponents(c.scales.numpy()) for c in coded]
+    offsets = [int(np.median(k)) if len(k) else 0 for k in exponents]
+    pooled = np.concatenate([k - o for k, o in zip(exponents, offsets)] or [np.zeros(0, np.int32)])
+    scales = CodedPart(streams.compress_symbols(pooled), {"offsets": offsets})
+    floats = [streams.compress_floats(v.float().numpy(), config.vector_mantissa_bits)
+              for v in stored.values() if v.is_floating_point()]
+    together = streams.compress_symbols(np.concatenate(floats or [np.zeros(0, np.int32)]))
+    each = [s for f in floats for s in streams.compress_symbols(f)]
+    size = lambda part: sum(len(m) + len(p) for m, p in part)  # noqa: E731
+    vectors = (CodedPart(each, {"layout": "each"}) if size(each) < size(together)
+               else CodedPart(together, {"layout": "pooled"}))
+    return {"scales": scales, "vectors": vectors}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def assemble(latents: Latents, progress: bool = False,
+             side: dict[str, CodedPart] | None = None) -> "CompressedModel":
+    """Entropy-code every tensor and build the header, checksumming what the decoder will produce.
+
+    ``side`` is :func:`code_side_parts` when the caller already has it.
+    """
+    from .compressed import CompressedModel  # the container object wraps what is built here
+
+    config, transform = latents.config, latents.transform
+    side = side or code_side_parts(latents.coded, latents.stored, config)
+    entries, decoded = {}, {}
+    pages, tables = [], []
+    for i, c in enumerate(tqdm(latents.coded, desc="encode", unit="tensor", disable=not progress, leave=False)):
+        layout, coded = streams.compress_tensor(latents.symbols[i].numpy())
+        pages += [p for _, p in coded]
+        tables += [m for m, _ in coded]
+        entries[c.name] = dict(name=c.name, codec=transform.kind, shape=list(c.layout.shape),
+                               dtype=_dtype_name(c.dtype), step=latents.steps[i], layout=layout,
+                               scale_offset=side["scales"].info["offsets"][i], streams=_lengths(coded))
+        decoded[c.name] = latents.decode_tensor(i)
+    raw: dict[str, list[torch.Tensor]] = {}
+    for name, value in latents.stored.items():
+        original = latents.reference[name]
+        entry = dict(name=name, shape=list(original.shape), dtype=_dtype_name(original.dtype))
+        if value.is_floating_point():
+            entries[name] = dict(entry, codec="float", stored=_dtype_name(value.dtype))
+            decoded[name] = _decode_float(value, config.vector_mantissa_bits, original.dtype)
+        else:
+            entries[name] = dict(entry, codec="raw")
+            raw.setdefault(_dtype_name(value.dtype), []).append(value.reshape(-1))
+            decoded[name] = value.to(original.dtype)
+    names = [n for n in latents.reference if n in entries]
+    model_hash = ModelHash()
+    for n in names:
+        model_hash.update(decoded[n])
+    checks = model_hash.digest() + struct.pack(f"<{len(names)}I", *(crc32(decoded[n]) for n in names))
+    side_tables = [m for part in ("scales", "vectors") for m, _ in side[part].streams]
+    tensors = {
+        "checks": _bytes_tensor(checks),
+        "streams": _bytes_tensor(b"".join(pages)),
+        "tables": _bytes_tensor(b"".join(tables + side_tables)),
+        **{part: _bytes_tensor(b"".join(p for _, p in side[part].streams)) for part in ("scales", "vectors")},
+        **{f"raw.{dtype}": torch.cat(parts) for dtype, parts in raw.items()},
+        **{f"decoder.{k}": v for k, v in transform.stored_state().items()},
+    }
+    fp32_bytes = latents.fp32_bytes or _fp32_safetensors_bytes(latents.reference)
+    header = dict(
+        format=FORMAT_NAME, format_version=VERSION, config=config.to_dict(),
+        transform=dict(kind=transform.kind, chunk_size=config.chunk_size, hidden_size=config.hidden_size,
+                       **transform.spec()),
+        pcodec=streams.pcodec_header(), tensors=[entries[n] for n in names],
+        scales=_lengths(side["scales"].streams),
+        vectors=dict(side["vectors"].info, streams=_lengths(side["vectors"].streams)),
+        fp32_safetensors_bytes=fp32_bytes, library=_library_versions(),
+    )
+    return CompressedModel(header, tensors)
+
+
+def _fp32_safetensors_bytes(reference: dict[str, torch.Tensor]) -> int:
+    """Size of the fp32 safetensors file of the same weights (the ratio's denominator)."""
+    return len(safetensors.torch.save(
+        {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in reference.items()}))
+
+
+def _library_versions() -> dict:
+    import importlib.metadata
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {"hf_vae_compress": version("hf-vae-compress"), "pcodec": version("pcodec")}
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+
+
+def _decode_float(value: torch.Tensor, mantissa_bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """A stored float tensor as the decoder will produce it (through the coded symbols)."""
+    symbols = streams.compress_floats(value.float().numpy(), mantissa_bits)
+    return torch.from_numpy(streams.decompress_floats(symbols, mantissa_bits)).reshape(value.shape).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class _Slicer:
+    """Walks one byte part in header order, refusing to read past its end."""
+
+    def __init__(self, name: str, data: bytes):
+        self.name, self.data, self.pos = name, data, 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise ContainerError(f"container part {self.name!r} is shorter than its header says")
+        out = self.data[self.pos: self.pos + n]
+        self.pos += n
+        return out
+
+    def finish(self) -> None:
+        if self.pos != len(self.data):
+            raise ContainerError(f"container part {self.name!r} is longer than its header says")
+
+
+@dataclass
+class _Plan:
+    """A validated v2 container, its side parts decoded: what tensor-by-tensor decoding needs."""
+
+    entries: list[dict]
+    config: VAECompressionConfig
+    transform: Transform
+    chunk_size: int
+    mantissa_bits: int
+    pcodec: bytes
+    coded_streams: dict[str, list[tuple[bytes, bytes]]]
+    scales: dict[str, torch.Tensor]
+    vectors: dict[str, np.ndarray]
+    raw: dict[str, torch.Tensor]
+    model_sha256: bytes
+    crcs: list[int]
+
+
+def _fail(field_name: str, problem: str) -> ContainerError:
+    return ContainerError(f"container header field {field_name}: {problem}")
+
+
+def _get(obj: dict, key: str, kind: type | tuple, where: str):
+    if not isinstance(obj, dict) or key not in obj:
+        raise _fail(f"{where}.{key}", "missing")
+    value = obj[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _fail(f"{where}.{key}", f"expected {kind}, got {type(value).__name__}")
+    return value
+
+
+def _int(obj: dict, key: str, where: str, lo: int, hi: int) -> int:
+    value = _get(obj, key, int, where)
+    if isinstance(value, bool) or not lo <= value <= hi:
+        raise _fail(f"{where}.{key}", f"{value!r} is outside [{lo}, {hi}]")
+    return value
+
+
+def _lengths_field(value, where: str, count: int) -> list[tuple[int, int]]:
+    if not isinstance(value, list) or len(value) != count:
+        raise _fail(where, f"expected {count} [table, page] byte lengths")
+    out = []
+    for pair in value:
+        if (not isinstance(pair, list) or len(pair) != 2
+                or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 40 for n in pair)):
+            raise _fail(where, f"bad byte lengths {pair!r}")
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def _take_streams(lengths: list[tuple[int, int]], tables: _Slicer, pages: _Slicer) -> list[tuple[bytes, bytes]]:
+    return [(tables.take(m), pages.take(p)) for m, p in lengths]
+
+
+def _shape(entry: dict, where: str) -> list[int]:
+    shape = _get(entry, "shape", list, where)
+    if len(shape) > 8 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_NUMEL for d in shape):
+        raise _fail(f"{where}.shape", f"{shape!r} is not a shape")
+    if math.prod(shape) > MAX_NUMEL:
+        raise _fail(f"{where}.shape", f"{shape!r} has more than {MAX_NUMEL} values")
+    return shape
+
+
+def plan(header: dict, tensors: dict[str, torch.Tensor]) -> _Plan:
+    """Validate the header against itself and the stored parts, and decode the side parts.
+
+    Every field is type- and range-checked and every byte length is checked against the part it
+    points into before anything is allocated or decompressed; each failure is a
+    :class:`ContainerError` naming the field.
+    """
+    try:
+        config = VAECompressionConfig.from_dict(_get(header, "config", dict, "header"))
+    except (TypeError, ValueError) as err:
+        raise _fail("config", str(err)) from err
+    spec = _get(header, "transform", dict, "header")
+    kind = _get(spec, "kind", str, "transform")
+    if kind not in TRANSFORMS:
+        raise _fail("transform.kind", f"unknown transform {kind!r}")
+    chunk_size = _int(spec, "chunk_size", "transform", 1, MAX_CHUNK_SIZE)
+    hidden_size = _int(spec, "hidden_size", "transform", 1, 1 << 16)
+    try:
+        pcodec = bytes.fromhex(_get(header, "pcodec", str, "header"))
+    except ValueError as err:
+        raise _fail("pcodec", "not hex") from err
+    entries = _get(header, "tensors", list, "header")
+    _int(header, "fp32_safetensors_bytes", "header", 0, 1 << 50)
+    parts = {k: _Slicer(k, _part_bytes(tensors, k)) for k in _PARTS}
+    names, total, coded_streams, exponents, rows, float_sizes = set(), 0, {}, {}, {}, {}
+    raw_sizes: dict[str, int] = {}
+    num_coded = 0
+    for i, entry in enumerate(entries):
+        where = f"tensors[{i}]"
+        name = _get(entry, "name", str, where)
+        if name in names:
+            raise _fail(f"{where}.name", f"duplicate tensor name {name!r}")
+        names.add(name)
+        dtype = _get(entry, "dtype", str, where)
+        codec = _get(entry, "codec", str, where)
+        shape = _shape(entry, where)
+        total += math.prod(shape)
+        if total > MAX_NUMEL:
+            raise _fail(f"{where}.shape", "the model has more values than any container may hold")
+        if codec == kind:
+            if dtype not in _FLOAT_DTYPES or len(shape) == 0:
+                raise _fail(f"{where}.dtype", f"a coded tensor must be a float tensor, got {dtype} {shape}")
+            step = _get(entry, "step", (int, float), where)
+            if not math.isfinite(step) or step <= 0:
+                raise _fail(f"{where}.step", f"{step!r} is not a positive step")
+            layout_name = _get(entry, "layout", str, where)
+            if layout_name not in streams.LAYOUTS:
+                raise _fail(f"{where}.layout", f"unknown layout {layout_name!r}")
+            _int(entry, "scale_offset", where, -1000, 1000)
+            layout = ChunkLayout.of(tuple(shape), chunk_size) if math.prod(shape) else None
+            if layout is None:
+                raise _fail(f"{where}.shape", "a coded tensor cannot be empty")
+            sizes = streams.tensor_stream_sizes(layout_name, layout.num_chunks, chunk_size)
+            lengths = _lengths_field(entry.get("streams"), f"{where}.streams", len(sizes))
+            coded_streams[name] = _take_streams(lengths, parts["tables"], parts["streams"])
+            rows[name] = layout.rows
+            num_coded += 1
+        elif codec == "float":
+            if dtype not in _FLOAT_DTYPES:
+                raise _fail(f"{where}.dtype", f"{dtype!r} is not a float dtype")
+            if _get(entry, "stored", str, where) not in _FLOAT_DTYPES:
+                raise _fail(f"{where}.stored", "not a float dtype")
+            float_sizes[name] = math.prod(shape)
+        elif codec == "raw":
+            if dtype not in _INT_DTYPES:
+                raise _fail(f"{where}.dtype", f"{dtype!r} is not an integer dtype")
+            raw_sizes[name] = math.prod(shape)
+        else:
+            raise _fail(f"{where}.codec", f"unknown codec {codec!r}")
+    parts["streams"].finish()
+    transform = build_transform(kind, chunk_size, hidden_size, num_coded)
+    prefix = "decoder."
+    try:
+        transform.load_stored_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, spec)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+        raise _fail("transform", f"decoder weights do not match the header: {err}") from err
+    scale_streams = _take_streams(_lengths_field(header.get("scales"), "scales", len(streams.stream_sizes(sum(rows.values())))),
+                                  parts["tables"], parts["scales"])
+    vectors_info = _get(header, "vectors", dict, "header")
+    vectors_layout = _get(vectors_info, "layout", str, "vectors")
+    if vectors_layout == "pooled":
+        vector_sizes = streams.stream_sizes(sum(float_sizes.values()))
+    elif vectors_layout == "each":
+        vector_sizes = [s for n in float_sizes.values() for s in streams.stream_sizes(n)]
+    else:
+        raise _fail("vectors.layout", f"unknown layout {vectors_layout!r}")
+    vector_streams = _take_streams(_lengths_field(vectors_info.get("streams"), "vectors.streams", len(vector_sizes)),
+                                   parts["tables"], parts["vectors"])
+    for part in parts.values():
+        part.finish()
+    checks = _part_bytes(tensors, "checks")
+    if len(checks) != 32 + 4 * len(entries):
+        raise _fail("tensors", f"{len(entries)} tensors but {len(checks)} bytes of checks")
+    try:
+        scales = _decode_scales(pcodec, scale_streams, rows, entries)
+        vectors = _decode_vectors(pcodec, vectors_layout, vector_streams, float_sizes, config.vector_mantissa_bits)
+    except ValueError as err:
+        raise ContainerError(f"container side data is corrupt: {err}") from err
+    return _Plan(entries, config, transform.eval(), chunk_size, config.vector_mantissa_bits, pcodec, coded_streams,
+                 scales, vectors, _raw_tensors(tensors, entries, raw_sizes), checks[:32],
+                 list(struct.unpack(f"<{len(entries)}I", checks[32:])))
+
+
+def _part_bytes(tensors: dict[str, torch.Tensor], key: str) -> bytes:
+    value = tensors.get(key)
+    if value is None:
+        raise ContainerError(f"container is missing its {key!r} part")
+    if value.dtype != torch.uint8 or value.dim() != 1:
+        raise ContainerError(f"container part {key!r} is not a byte string")
+    return value.numpy().tobytes()
+
+
+def _decode_scales(pcodec: bytes, coded: list[tuple[bytes, bytes]], rows: dict[str, int],
+                   entries: list[dict]) -> dict[str, torch.Tensor]:
+    pooled = np.empty(sum(rows.values()), dtype=np.int32)
+    streams.decompress_symbols(pcodec, coded, pooled)
+    out, pos = {}, 0
+    offsets = {e["name"]: e["scale_offset"] for e in entries if e["name"] in rows}
+    for name, n in rows.items():
+        out[name] = torch.from_numpy(streams.scales_from_exponents(pooled[pos: pos + n] + offsets[name]))
+        pos += n
+    return out
+
+
+def _decode_vectors(pcodec: bytes, layout: str, coded: list[tuple[bytes, bytes]], sizes: dict[str, int],
+                    mantissa_bits: int) -> dict[str, np.ndarray]:
+    out = {}
+    if layout == "pooled":
+        pooled = np.empty(sum(sizes.values()), dtype=np.int32)
+        streams.decompress_symbols(pcodec, coded, pooled)
+        pos = 0
+        for name, n in sizes.items():
+            out[name] = streams.decompress_floats(pooled[pos: pos + n], mantissa_bits)
+            pos += n
+        return out
+    pos = 0
+    for name, n in sizes.items():
+        count = len(streams.stream_sizes(n))
+        symbols = np.empty(n, dtype=np.int32)
+        streams.decompress_symbols(pcodec, coded[pos: pos + count], symbols)
+        out[name] = streams.decompress_floats(symbols, mantissa_bits)
+        pos += count
+    return out
+
+
+def _raw_tensors(tensors: dict[str, torch.Tensor], entries: list[dict], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+    cursors: dict[str, int] = {}
+    out = {}
+    for entry in entries:
+        name = entry["name"]
+        if name not in sizes:
+            continue
+        key = f"raw.{entry['dtype']}"
+        part = tensors.get(key)
+        if part is None or part.dim() != 1 or _dtype_name(part.dtype) != entry["dtype"]:
+            raise ContainerError(f"container is missing {key!r} for {name!r}")
+        pos = cursors.get(key, 0)
+        if pos + sizes[name] > len(part):
+            raise ContainerError(f"container part {key!r} is shorter than its header says")
+        out[name] = part[pos: pos + sizes[name]].reshape(entry["shape"])
+        cursors[key] = pos + sizes[name]
+    for key, pos in cursors.items():
+        if pos != len(tensors[key]):
+            raise ContainerError(f"container part {key!r} is longer than its header says")
+    return out
+
+
+def _coded_symbols(p: _Plan, entry: dict) -> tuple[torch.Tensor, ChunkLayout]:
+    layout = ChunkLayout.of(tuple(entry["shape"]), p.chunk_size)
+    try:
+        symbols = streams.decompress_tensor(p.pcodec, entry["layout"], p.coded_streams[entry["name"]],
+                                            layout.num_chunks, p.chunk_size)
+    except ValueError as err:
+        raise ContainerError(f"bitstream of {entry['name']!r} is corrupt: {err}") from err
+    return torch.from_numpy(symbols), layout
+
+
+def _decode_one(p: _Plan, i: int, coded_index: int) -> torch.Tensor:
+    """Tensor ``i`` of the header, decoded and checked against its CRC-32."""
+    entry = p.entries[i]
+    name, dtype = entry["name"], getattr(torch, entry["dtype"])
+    if name in p.coded_streams:
+        symbols, layout = _coded_symbols(p, entry)
+        tensor = p.transform.decode_weights(symbols, entry["step"], coded_index, layout, p.scales[name]).to(dtype)
+    elif name in p.vectors:
+        tensor = torch.from_numpy(p.vectors[name]).reshape(entry["shape"]).to(dtype)
+    else:
+        tensor = p.raw[name]
+    if crc32(tensor) != p.crcs[i]:
+        raise IntegrityError(f"decoded {name!r} does not match its checksum: the file is corrupt")
+    return tensor
+
+
+def iter_decoded(p: _Plan, progress: bool = False, workers: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` in header order, decoded on a thread pool a few tensors ahead.
+
+    The whole-model SHA-256 is checked when the last tensor has been yielded.
+    """
+    workers = workers or min(os.cpu_count() or 1, torch.get_num_threads())
+    coded_index, jobs = {}, []
+    for i, e in enumerate(p.entries):
+        if e["name"] in p.coded_streams:
+            coded_index[i] = len(coded_index)
+        jobs.append((i, coded_index.get(i, -1)))
+    model_hash = ModelHash()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        todo = iter(jobs)
+        for job in tqdm(jobs, desc="decode", unit="tensor", disable=not progress, leave=False):
+            while len(pending) < LOOKAHEAD and (nxt := next(todo, None)) is not None:
+                pending.append(pool.submit(_decode_one, p, *nxt))
+            tensor = pending.popleft().result()
+            model_hash.update(tensor)
+            yield p.entries[job[0]]["name"], tensor
+    if model_hash.digest() != p.model_sha256:
+        raise IntegrityError("the decoded model does not match its SHA-256: the file is corrupt")
+
+
+def unpack(p: _Plan, fp32_bytes: int) -> Latents:
+    """The container as editable :class:`Latents` (fine-tuning's starting point)."""
+    reference, coded, symbols, steps, stored = {}, [], [], [], {}
+    for entry in p.entries:
+        name, dtype = entry["name"], getattr(torch, entry["dtype"])
+        reference[name] = torch.empty(entry["shape"], dtype=dtype, device="meta")
+        if name in p.coded_streams:
+            s, layout = _coded_symbols(p, entry)
+            symbols.append(s.contiguous())
+            coded.append(CodedTensor(name, dtype, layout, p.scales[name], None))
+            steps.append(entry["step"])
+        elif name in p.vectors:
+            stored[name] = torch.from_numpy(p.vectors[name]).reshape(entry["shape"]).to(getattr(torch, entry["stored"]))
+        else:
+            stored[name] = p.raw[name]
+    return Latents(reference, coded, symbols, steps, stored, p.transform, p.config, fp32_bytes)
