@@ -37,6 +37,7 @@ bench: $(STAMP) data
 	$(PY) benchmarks/rate_accuracy.py
 	$(PY) benchmarks/load_speed.py
 	$(PY) benchmarks/hub_roundtrip.py
+	$(PY) benchmarks/default_compress.py
 	$(PY) benchmarks/report.py
 
 clean:

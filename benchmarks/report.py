@@ -189,6 +189,29 @@ def hub_lines(path: Path) -> list[str]:
     return lines + [""]
 
 
+def default_lines(path: Path) -> list[str]:
+    """What ``hf-vae-compress compress MODEL OUT`` gives with no rate argument (default_compress.json)."""
+    if not path.exists():
+        return []
+    lines = ["#### The default", "",
+             "`benchmarks/default_compress.py`: `hf-vae-compress compress MODEL OUT` run as a user would, with no "
+             "rate argument, then the output folder loaded and scored on the test split. *Default*: the smallest "
+             "container within the task's budget on the validation split. *Time* is against a fixed-rate "
+             "`compress --target-bpw` at the rate the default chose, in the same run. *Data-free*: `--dataset none`, "
+             "whose accuracy the CLI says it did not check.", "",
+             "| model | default: bytes (x fp32) | validation drop | test drop | probes | time vs fixed rate "
+             "| data-free: x fp32, test drop |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in json.loads(path.read_text())["rows"]:
+        d, free = r["default"], r["data_free"]
+        unit = "pt" if r["metric"] == "top1" else "pt mAP"
+        name = f"`{r['model']}`" + ("" if r["reference"] else " (not a reference model)")
+        lines.append(f"| {name} | {d['bytes']:,} ({d['ratio_vs_fp32']:.1f}x) | {d['validation']['drop_pt']:.2f} {unit} "
+                     f"| {d['test_drop_pt']:.2f} {unit} | {d['probes']} | {d['compress_seconds']:.0f} s "
+                     f"({r['default_time_vs_fixed_rate']:.1f}x) | {free['ratio_vs_fp32']:.1f}x, "
+                     f"{free['test_drop_pt']:.2f} {unit} |")
+    return lines + [""]
+
+
 def reference_lines(folder: Path) -> list[str]:
     """The reference models as their training recipes measured them (``train_result.json``)."""
     lines = ["#### Reference models", "",
@@ -219,6 +242,7 @@ def render(data: dict) -> str:
         lines += model_table(model, rows, budget)
     lines += load_speed_lines(RESULTS / "load_speed.json")
     lines += hub_lines(RESULTS / "hub_roundtrip.json")
+    lines += default_lines(RESULTS / "default_compress.json")
     lines.append(END)
     return "\n".join(lines)
 

@@ -48,6 +48,9 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
     fixed_rate = args.beta is not None or args.target_bpw is not None
     if budget is not None and not args.dataset:
         raise ValueError("--max-accuracy-drop needs a dataset to measure the drop on")
+    if (args.checkpoint_dir or args.resume_from) and not fixed_rate:
+        raise ValueError("--checkpoint-dir and --resume-from need a fixed rate (--target-bpw or --beta): "
+                         "a rate search fine-tunes many candidates")
     fields = dict(transform=args.transform, chunk_size=args.chunk_size, hidden_size=args.hidden_size,
                   train_steps=args.train_steps, seed=args.seed, calibration_batches=args.calibration_batches)
     if args.beta is not None:

@@ -1,6 +1,8 @@
 """`make demo`: compress the embedded default model with the default settings and show what it costs.
 
-1. compresses ``reference_models/fmnist-resnet18`` (Fisher allocation from the train split);
+1. compresses ``reference_models/fmnist-resnet18`` as ``hf-vae-compress compress`` does with no rate
+   argument: the smallest container whose top-1 drop on the validation split is within 0.5 pt
+   (Fisher allocation from the train split);
 2. evaluates before and after on the Fashion-MNIST test split;
 3. reloads the compressed folder from disk in a fresh decode and checks it gives the same logits;
 4. prints bytes, ratio vs fp32 and top-1 before/after, and the output folder.
@@ -18,7 +20,7 @@ from hf_vae_compress import VAECompressionConfig
 from hf_vae_compress.data import load_fashion_mnist
 from hf_vae_compress.evaluate import evaluate, logits_of
 from hf_vae_compress.models import load_model
-from hf_vae_compress.pipeline import compress_folder, load_compressed
+from hf_vae_compress.pipeline import Source, load_compressed, search_smallest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,9 +36,12 @@ def main() -> None:
     before = evaluate(original, test)
 
     start = time.perf_counter()
-    compressed = compress_folder(args.model, args.out_dir, VAECompressionConfig(), dataset="fashion_mnist")
+    source = Source.open(args.model, "fashion_mnist", VAECompressionConfig.calibration_batches)
+    search = search_smallest(source, args.out_dir, source.task.budget_pt, "fashion_mnist", VAECompressionConfig())
+    if search.compressed is None:
+        raise SystemExit(f"no rate kept the validation drop within {source.task.budget_pt} pt: {search.probes}")
     encode_seconds = time.perf_counter() - start
-    report = compressed.report()
+    report = search.compressed.report()
 
     start = time.perf_counter()
     reloaded = load_compressed(args.out_dir)
@@ -59,7 +64,9 @@ def main() -> None:
         print(f"{name:<24}{nbytes:>14,}{bpw:>13.3f}{ratio:>7.1f}x{100 * top1:>8.2f}%")
     print(f"\ntop-1 drop: {100 * (before['top1'] - after['top1']):+.2f} pt "
           f"(95% interval of the compressed top-1: {100 * after['top1_ci95'][0]:.2f}-{100 * after['top1_ci95'][1]:.2f}%)")
-    print(f"encode {encode_seconds:.1f} s, decode+load {load_seconds:.2f} s, "
+    print(f"validation drop {search.validation['drop_pt']:.2f} pt (budget {search.validation['budget_pt']} pt), "
+          f"{len(search.probes)} rates tried")
+    print(f"compress {encode_seconds:.1f} s, decode+load {load_seconds:.2f} s, "
           f"two decodes from disk bit-identical: {identical}")
     print(f"output folder: {args.out_dir}")
     print(f"re-evaluate with: hf-vae-compress evaluate {args.out_dir} --dataset fashion_mnist --split test")

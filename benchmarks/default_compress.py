@@ -1,0 +1,120 @@
+"""What a user gets from ``hf-vae-compress compress MODEL OUT`` with no rate argument (``make bench``).
+
+For every reference model, and for one architecture none of them shares (``unseen-regnetx002``,
+trained into ``outputs/`` by ``recipes/train_reference.py`` when it is missing: the defaults were
+never chosen on it), this runs the CLI exactly as a user would, in a fresh process:
+
+1. ``compress MODEL OUT --json``: the accuracy-checked default (smallest container within the
+   task's budget on the validation split);
+2. ``compress MODEL OUT --target-bpw R --json`` at the rate the default chose: the fixed-rate
+   compress it is timed against;
+3. ``compress MODEL OUT --dataset none --json``: the data-free default, whose accuracy the CLI
+   says it did not check.
+
+Each output folder is then loaded through the package's loader and scored on the **test** split,
+against the base model on the same split. Writes ``benchmarks/results/default_compress.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hf_vae_compress.pipeline import load_any
+from hf_vae_compress.tasks import task_for
+
+logger = logging.getLogger("default_compress")
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+WORK = ROOT / "outputs" / "default_compress"
+REFERENCES = ["fmnist-resnet18", "fmnist-mobilenetv3", "fmnist-vit", "fmnist-rtdetr"]
+UNSEEN = "unseen-regnetx002"
+UNSEEN_FOLDER = ROOT / "outputs" / UNSEEN
+UNSEEN_TRAINING = ["--model", UNSEEN, "--epochs", "4", "--lr", "4e-3", "--max-minutes", "14"]
+
+
+def model_folder(name: str) -> Path:
+    if name != UNSEEN:
+        return ROOT / "reference_models" / name
+    if not (UNSEEN_FOLDER / "train_result.json").exists():
+        logger.info("training %s (not a reference model) into %s", UNSEEN, UNSEEN_FOLDER)
+        subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                        str(ROOT / "recipes" / "accelerate" / "cpu_1proc.yaml"),
+                        str(ROOT / "recipes" / "train_reference.py"), *UNSEEN_TRAINING,
+                        "--output", str(UNSEEN_FOLDER)], check=True, cwd=ROOT)
+    return UNSEEN_FOLDER
+
+
+def cli_compress(folder: Path, out: Path, *extra: str) -> dict:
+    """One ``hf-vae-compress compress`` in a fresh process: its JSON and its wall-clock seconds."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "hf_vae_compress", "compress", str(folder), str(out), *extra,
+                           "--json"], capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"compress {folder.name} {extra} failed: {done.stderr[-3000:]}")
+    result = json.loads(done.stdout)
+    result.pop("finetune", None)
+    return dict(result, wall_seconds=round(seconds, 1), stderr_warning="warning:" in done.stderr)
+
+
+def measure(name: str) -> dict:
+    folder = model_folder(name)
+    base_model = load_any(folder)[0]
+    task = task_for(base_model)
+    test = task.prepare(base_model, task.load("test"))
+    base = task.score(base_model, test)[task.metric]
+    work = WORK / name
+    runs = {"default": cli_compress(folder, work / "default")}
+    chosen = runs["default"]["rate_search"]
+    best = min((p for p in chosen if p["validation_drop_pt"] <= runs["default"]["validation"]["budget_pt"]),
+               key=lambda p: p["bytes"])
+    runs["fixed_rate"] = cli_compress(folder, work / "fixed", "--target-bpw", str(best["target_bits_per_weight"]))
+    runs["data_free"] = cli_compress(folder, work / "data-free", "--dataset", "none")
+    row = dict(model=name, reference=name != UNSEEN, metric=task.metric, budget_pt=task.budget_pt,
+               base_test=base, num_weights=runs["default"]["num_weights"],
+               fp32_bytes=runs["default"]["fp32_safetensors_bytes"])
+    for kind, run in runs.items():
+        compressed = load_any(work / {"default": "default", "fixed_rate": "fixed", "data_free": "data-free"}[kind])[0]
+        score = task.score(compressed, test)[task.metric]
+        row[kind] = dict(bytes=run["total_bytes"], ratio_vs_fp32=run["ratio_vs_fp32"],
+                         bits_per_weight=run["bits_per_weight"], test=score, test_drop_pt=100 * (base - score),
+                         validation=run["validation"], accuracy_checked=run["accuracy_checked"],
+                         warned=run["stderr_warning"], compress_seconds=run["wall_seconds"],
+                         probes=len(run["rate_search"] or []))
+        logger.info("%s %s: %d B (%.1fx), test drop %.2f pt, %.0f s", name, kind, run["total_bytes"],
+                    run["ratio_vs_fp32"], row[kind]["test_drop_pt"], run["wall_seconds"])
+    row["default_time_vs_fixed_rate"] = row["default"]["compress_seconds"] / row["fixed_rate"]["compress_seconds"]
+    if name == UNSEEN:
+        row["training"] = json.loads((folder / "train_result.json").read_text())
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=[*REFERENCES, UNSEEN])
+    parser.add_argument("--output", type=Path, default=RESULTS / "default_compress.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    previous = json.loads(args.output.read_text()) if args.output.exists() else {"rows": []}
+    rows = {r["model"]: r for r in previous["rows"]}
+    for name in args.models:
+        rows[name] = measure(name)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        result = dict(platform=dict(python=platform.python_version(), torch=torch.__version__,
+                                    machine=platform.machine(), threads=torch.get_num_threads()), commit=commit,
+                      rows=[rows[n] for n in [*REFERENCES, UNSEEN] if n in rows])
+        args.output.write_text(json.dumps(result, indent=1) + "\n")  # after each model: a long run keeps its work
+
+
+if __name__ == "__main__":
+    main()
