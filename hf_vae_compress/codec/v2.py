@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -423,11 +424,24 @@ def _raw_tensors(tensors: dict[str, torch.Tensor], entries: list[dict], sizes: d
     return out
 
 
-def _coded_symbols(p: _Plan, entry: dict) -> tuple[torch.Tensor, ChunkLayout]:
+_scratch = threading.local()  # one symbol buffer per decoding thread, reused tensor after tensor
+
+
+def _scratch_buffer(n: int) -> np.ndarray:
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or len(buffer) < n:
+        buffer = _scratch.buffer = np.empty(n, dtype=np.int32)
+    return buffer
+
+
+def _coded_symbols(p: _Plan, entry: dict, reuse: bool = False) -> tuple[torch.Tensor, ChunkLayout]:
+    """A coded tensor's symbols; with ``reuse`` they live in this thread's scratch buffer and are
+    only valid until its next call."""
     layout = ChunkLayout.of(tuple(entry["shape"]), p.chunk_size)
+    scratch = _scratch_buffer(layout.num_chunks * p.chunk_size) if reuse else None
     try:
         symbols = streams.decompress_tensor(p.pcodec, entry["layout"], p.coded_streams[entry["name"]],
-                                            layout.num_chunks, p.chunk_size)
+                                            layout.num_chunks, p.chunk_size, scratch)
     except ValueError as err:
         raise ContainerError(f"bitstream of {entry['name']!r} is corrupt: {err}") from err
     return torch.from_numpy(symbols), layout
@@ -438,7 +452,7 @@ def _decode_one(p: _Plan, i: int, coded_index: int) -> torch.Tensor:
     entry = p.entries[i]
     name, dtype = entry["name"], getattr(torch, entry["dtype"])
     if name in p.coded_streams:
-        symbols, layout = _coded_symbols(p, entry)
+        symbols, layout = _coded_symbols(p, entry, reuse=True)
         tensor = p.transform.decode_weights(symbols, entry["step"], coded_index, layout, p.scales[name]).to(dtype)
     elif name in p.vectors:
         tensor = torch.from_numpy(p.vectors[name]).reshape(entry["shape"]).to(dtype)
