@@ -145,7 +145,7 @@ class Bench:
                                          progress=False)
             qps = {}
             for entry in compressed.header["tensors"]:
-                if entry["codec"] != "raw":
+                if "step" in entry:  # a chunked, coded tensor (v1 and v2)
                     rms = float(self.state[entry["name"]].float().pow(2).mean().sqrt())
                     qp = round(4 * math.log2(entry["step"] * rms)) if rms > 0 else 127  # all zeros: any step
                     qps[entry["name"]] = max(-128, min(127, qp))

