@@ -41,7 +41,8 @@ def test_finetune_lowers_the_task_loss_at_a_rate_cost_it_controls():
     x = torch.randn(512, 1, 28, 28)
     with torch.no_grad():
         y = model(x).argmax(-1)  # labels the original model gets right: fine-tuning should recover them
-    compressed = compress(model, VAECompressionConfig(target_bits_per_weight=0.8, train_steps=40), progress=False)
+    # 0.5 bits/weight: format v2 spends less on side information, so at 0.8 nothing is left to recover
+    compressed = compress(model, VAECompressionConfig(target_bits_per_weight=0.5, train_steps=40), progress=False)
 
     def agreement(c: CompressedModel) -> float:
         student = tiny_timm()
