@@ -5,8 +5,8 @@ safetensors and compressed data-free with the default settings (``--transforms``
 VAE transform and the identity ablation). Both paths build the architecture the same way, then:
 
 * fp32: ``safetensors.torch.load_file`` + ``load_state_dict``;
-* ours: ``CompressedModel.load(...).decode()`` (entropy decode + transform + checks) +
-  ``load_state_dict``.
+* ours: ``CompressedModel.load(...)`` and its tensors (entropy decode + transform + checks),
+  streamed into the model's parameters with ``iter_decoded`` (see ``_load``).
 
 Two builds, each used on both sides: ``timm`` (``timm.create_model``, which runs the random
 init, about 0.18 s of the fp32 path) and ``meta`` (built on the meta device, then
@@ -50,8 +50,21 @@ def _build(architecture: str, build: str) -> torch.nn.Module:
 
 
 def _load(architecture: str, build: str, path: Path) -> torch.nn.Module:
-    """One full load: build, read the weights (fp32 safetensors or our container), load them."""
+    """One full load: build, read the weights (fp32 safetensors or our container), load them.
+
+    Into a built model, ours streams: each tensor is copied into its parameter as it comes out of
+    ``iter_decoded``, so no second copy of the model is ever held. A meta build has no storage to
+    copy into: it takes the decoded dict with ``assign=True``, like the fp32 path.
+    """
     model = _build(architecture, build)
+    if path.name == CONTAINER_NAME and build == "timm":
+        target = model.state_dict()
+        with torch.no_grad():
+            for name, tensor in CompressedModel.load(path).iter_decoded():
+                target.pop(name).copy_(tensor)
+        if target:
+            raise KeyError(f"the container does not cover {sorted(target)[:5]}")
+        return model
     state = CompressedModel.load(path).decode() if path.name == CONTAINER_NAME else load_file(str(path))
     model.load_state_dict(state, strict=True, assign=build == "meta")
     return model
