@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test bench data clean
+.PHONY: demo test bench fuzz data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,6 +39,9 @@ bench: $(STAMP) data
 	$(PY) benchmarks/hub_roundtrip.py
 	$(PY) benchmarks/default_compress.py
 	$(PY) benchmarks/report.py
+
+fuzz: $(STAMP) data
+	$(PY) benchmarks/fuzz_container.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -14,6 +14,8 @@ Version 1 stored one SHA-256 per tensor; at 32 B each that was most of a small m
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
 import zlib
 
 import numpy as np
@@ -42,12 +44,19 @@ def sha256_hex(tensor: torch.Tensor | np.ndarray) -> str:
 
 
 class ModelHash:
-    """The whole-model SHA-256, fed tensor by tensor in header order."""
+    """The whole-model SHA-256, fed tensor by tensor in header order.
+
+    Each tensor's name, dtype and shape go in with its bytes: a header whose names were swapped
+    (or whose shapes were reshaped) decodes the same bytes under other keys, which only a hash of
+    the names catches.
+    """
 
     def __init__(self):
         self._hash = hashlib.sha256()
 
-    def update(self, tensor: torch.Tensor) -> None:
+    def update(self, name: str, tensor: torch.Tensor) -> None:
+        key = json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode()
+        self._hash.update(struct.pack("<Q", len(key)) + key)
         self._hash.update(tensor_bytes(tensor))
 
     def digest(self) -> bytes:

@@ -120,7 +120,7 @@ def assemble(latents: Latents, progress: bool = False,
     names = [n for n in latents.reference if n in entries]
     model_hash = ModelHash()
     for n in names:
-        model_hash.update(decoded[n])
+        model_hash.update(n, decoded[n])
     checks = model_hash.digest() + struct.pack(f"<{len(names)}I", *(crc32(decoded[n]) for n in names))
     side_tables = [m for part in ("scales", "vectors") for m, _ in side[part].streams]
     tensors = {
@@ -481,9 +481,9 @@ def iter_decoded(p: _Plan, progress: bool = False, workers: int | None = None) -
         for job in tqdm(jobs, desc="decode", unit="tensor", disable=not progress, leave=False):
             while len(pending) < LOOKAHEAD and (nxt := next(todo, None)) is not None:
                 pending.append(pool.submit(_decode_one, p, *nxt))
-            tensor = pending.popleft().result()
-            model_hash.update(tensor)
-            yield p.entries[job[0]]["name"], tensor
+            name, tensor = p.entries[job[0]]["name"], pending.popleft().result()
+            model_hash.update(name, tensor)
+            yield name, tensor
     if model_hash.digest() != p.model_sha256:
         raise IntegrityError("the decoded model does not match its SHA-256: the file is corrupt")
 
