@@ -182,6 +182,32 @@ def load_speed_lines(path: Path) -> list[str]:
     return lines + [""]
 
 
+def format_v2_lines(path: Path) -> list[str]:
+    """Format v1 against v2 at the same allocation (``benchmarks/format_v2.py``)."""
+    if not path.exists():
+        return []
+    lines = ["#### Container format v2", "",
+             "`benchmarks/format_v2.py`: each classifier's v1 headline container against format v2 at the same setting "
+             "(same transform, same `lam`, so the same Fisher allocation of steps), both scored in the same run; "
+             "NNCodec given the same allocation from its committed `rate_accuracy.json` row (deterministic, not rerun). "
+             "Side information = tables + scales + decoder + header (with hashes and framing); coded 1-D tensors "
+             "(`vectors`, v1's fp16 `raw`) are weights.", "",
+             "| model | setting | format | bytes | bitstreams | tables | scales | 1-D tensors | header | side info "
+             "| val drop (pt) | NNCodec, same allocation: bytes (val drop) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in json.loads(path.read_text())["rows"]:
+        nnc = row.get("nncodec_our_allocation")
+        nnc_text = f"{nnc['bytes']:,} ({nnc['val_drop']:+.2f})" if nnc else ""
+        for key in ("v1", "v2_mantissa7"):
+            v = row[key]
+            p = v["parts"]
+            one_d = p.get("vectors", p["raw"])  # v1 stored its 1-D tensors raw (fp16)
+            lines.append(f"| {row['model']} | {row['transform']} {row['setting']} bpw | {key[:2]} | {v['bytes']:,} "
+                         f"| {p['bitstreams']:,} | {p['tables']:,} | {p['scales']:,} | {one_d:,} | {p['header']:,} "
+                         f"| {100 * v['side_information_fraction']:.1f} % | {v['val_drop']:+.2f} | {nnc_text} |")
+    return lines + [""]
+
+
 def hub_lines(path: Path) -> list[str]:
     if not path.exists():
         return []
@@ -249,6 +275,7 @@ def render(data: dict) -> str:
         budget = budgets[rows[0]["metric"]]
         plot(model, rows, budget, RESULTS / f"rate_accuracy_{model}.png")
         lines += model_table(model, rows, budget)
+    lines += format_v2_lines(RESULTS / "format_v2.json")
     lines += load_speed_lines(RESULTS / "load_speed.json")
     lines += hub_lines(RESULTS / "hub_roundtrip.json")
     lines += default_lines(RESULTS / "default_compress.json")
