@@ -67,30 +67,36 @@ def cli_compress(folder: Path, out: Path, *extra: str) -> dict:
     return dict(result, wall_seconds=round(seconds, 1), stderr_warning="warning:" in done.stderr)
 
 
-def measure(name: str) -> dict:
+RUNS = ("default", "fixed_rate", "data_free")
+FOLDERS = {"default": "default", "fixed_rate": "fixed", "data_free": "data-free"}
+
+
+def measure(name: str, runs: tuple[str, ...], previous: dict | None) -> dict:
+    """Run ``runs`` on one model; a run not asked for keeps its ``previous`` result."""
     folder = model_folder(name)
     base_model = load_any(folder)[0]
     task = task_for(base_model)
     test = task.prepare(base_model, task.load("test"))
     base = task.score(base_model, test)[task.metric]
     work = WORK / name
-    runs = {"default": cli_compress(folder, work / "default")}
-    chosen = runs["default"]["rate_search"]
-    best = min((p for p in chosen if p["validation_drop_pt"] <= runs["default"]["validation"]["budget_pt"]),
-               key=lambda p: p["bytes"])
-    runs["fixed_rate"] = cli_compress(folder, work / "fixed", "--target-bpw", str(best["target_bits_per_weight"]))
-    runs["data_free"] = cli_compress(folder, work / "data-free", "--dataset", "none")
-    row = dict(model=name, reference=name != UNSEEN, metric=task.metric, budget_pt=task.budget_pt,
-               base_test=base, num_weights=runs["default"]["num_weights"],
-               fp32_bytes=runs["default"]["fp32_safetensors_bytes"])
-    for kind, run in runs.items():
-        compressed = load_any(work / {"default": "default", "fixed_rate": "fixed", "data_free": "data-free"}[kind])[0]
-        score = task.score(compressed, test)[task.metric]
+    row = dict(previous or {}, model=name, reference=name != UNSEEN, metric=task.metric, budget_pt=task.budget_pt,
+               base_test=base)
+    for kind in runs:
+        if kind == "default":
+            run = cli_compress(folder, work / FOLDERS[kind])
+        elif kind == "fixed_rate":
+            chosen = row["default"]["rate_search"]
+            best = min((p for p in chosen if p["validation_drop_pt"] <= row["budget_pt"]), key=lambda p: p["bytes"])
+            run = cli_compress(folder, work / FOLDERS[kind], "--target-bpw", str(best["target_bits_per_weight"]))
+        else:
+            run = cli_compress(folder, work / FOLDERS[kind], "--dataset", "none")
+        score = task.score(load_any(work / FOLDERS[kind])[0], test)[task.metric]
+        row.update(num_weights=run["num_weights"], fp32_bytes=run["fp32_safetensors_bytes"])
         row[kind] = dict(bytes=run["total_bytes"], ratio_vs_fp32=run["ratio_vs_fp32"],
                          bits_per_weight=run["bits_per_weight"], test=score, test_drop_pt=100 * (base - score),
                          validation=run["validation"], accuracy_checked=run["accuracy_checked"],
                          warned=run["stderr_warning"], compress_seconds=run["wall_seconds"],
-                         probes=len(run["rate_search"] or []))
+                         probes=len(run["rate_search"] or []), rate_search=run["rate_search"], commit=_commit())
         logger.info("%s %s: %d B (%.1fx), test drop %.2f pt, %.0f s", name, kind, run["total_bytes"],
                     run["ratio_vs_fp32"], row[kind]["test_drop_pt"], run["wall_seconds"])
     row["default_time_vs_fixed_rate"] = row["default"]["compress_seconds"] / row["fixed_rate"]["compress_seconds"]
@@ -99,19 +105,28 @@ def measure(name: str) -> dict:
     return row
 
 
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=[*REFERENCES, UNSEEN])
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS),
+                        help="which runs to (re)measure; the others keep their results in --output")
     parser.add_argument("--output", type=Path, default=RESULTS / "default_compress.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     previous = json.loads(args.output.read_text()) if args.output.exists() else {"rows": []}
     rows = {r["model"]: r for r in previous["rows"]}
+    for row in rows.values():  # results written before runs recorded their own commit
+        for kind in RUNS:
+            if kind in row:
+                row[kind].setdefault("commit", previous.get("commit"))
     for name in args.models:
-        rows[name] = measure(name)
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        rows[name] = measure(name, tuple(args.runs), rows.get(name))
         result = dict(platform=dict(python=platform.python_version(), torch=torch.__version__,
-                                    machine=platform.machine(), threads=torch.get_num_threads()), commit=commit,
+                                    machine=platform.machine(), threads=torch.get_num_threads()),
                       rows=[rows[n] for n in [*REFERENCES, UNSEEN] if n in rows])
         args.output.write_text(json.dumps(result, indent=1) + "\n")  # after each model: a long run keeps its work
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .codec import CONTAINER_NAME, CompressedModel
+from .codec import CONTAINER_NAME, CompressedModel, ContainerError
 from .models import build_empty, load_model
 
 QUANT_METHOD = "hf_vae_compress"
@@ -90,8 +90,25 @@ def decode_container(container: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_into(model: torch.nn.Module, container: str | Path) -> torch.nn.Module:
-    """Decode ``container`` into ``model``'s weights, strictly."""
-    model.load_state_dict(fit_state_dict(decode_container(container), model.state_dict(), container), strict=True)
+    """Decode ``container`` into ``model``'s weights, strictly, one tensor at a time.
+
+    The names, shapes and dtypes in the container's (validated) header are fitted to the model
+    before anything is decoded; then each tensor is copied into its parameter as soon as it is
+    decoded and checked, so the model is never held twice. A failed check raises, and the model,
+    part-written, is not returned.
+    """
+    compressed = CompressedModel.load(container)
+    stream = compressed.iter_decoded()  # validates the header before anything else is read
+    try:
+        declared = {e["name"]: torch.empty(e["shape"], dtype=getattr(torch, e["dtype"]), device="meta")
+                    for e in compressed.header["tensors"]}
+    except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as err:
+        raise ContainerError(f"{container}: the container's tensor table is malformed: {err}") from err
+    targets = model.state_dict()  # tensors that share storage with the model's parameters and buffers
+    fit_state_dict(declared, {k: v.to("meta") for k, v in targets.items()}, container)
+    with torch.no_grad():
+        for name, tensor in stream:
+            targets[name].copy_(tensor)
     return model
 
 

@@ -117,6 +117,13 @@ def timed(fn):
     start = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - start
+outcomes = {}
+def attempt(name, fn):  # what a load gives: LOADED, or the error's type and message
+    try:
+        fn()
+        outcomes[name] = "LOADED"
+    except Exception as err:
+        outcomes[name] = f"{'OSError' if isinstance(err, OSError) else type(err).__name__}: {err}"
 def compare_load_times(fp32, compressed, repeats=3):
     # median wall time of cached loads, alternating, after both were loaded once
     times = {"fp32": [], "compressed": []}
@@ -353,13 +360,6 @@ def test_stock_loaders_without_the_plugin_fail_loudly(hub, published, tmp_path):
     result = _run(BLOCK_PLUGIN + textwrap.dedent(f"""
         import timm
         from transformers import AutoModelForImageClassification as Auto
-        outcomes = {{}}
-        def attempt(name, fn):
-            try:
-                fn()
-                outcomes[name] = "LOADED"
-            except Exception as err:
-                outcomes[name] = f"{{'OSError' if isinstance(err, OSError) else type(err).__name__}}: {{err}}"
         attempt("no-plugin import", lambda: __import__("hf_vae_compress"))
         for kind, repo in {REPOS!r}.items():
             attempt(f"{{kind}} stock", lambda: Auto.from_pretrained(repo))
@@ -421,6 +421,95 @@ def test_cli_push(hub, published, tmp_path, capsys):
     assert b"license: mit" in files["README.md"] and b"base_model: test-org/tiny-vit" in files["README.md"]
     assert main(argv) == 0 and len(hub.repos[repo]) == 2  # idempotent from the CLI too
     capsys.readouterr()
+
+
+def _tampered(container: bytes) -> bytes:
+    """The container with one byte of its recorded model SHA-256 flipped: a well-formed file whose
+    weights no longer match what was measured at compression time."""
+    n = struct.unpack("<Q", container[:8])[0]
+    begin, _ = json.loads(container[8: 8 + n])["checks"]["data_offsets"]
+    at = 8 + n + begin
+    return container[:at] + bytes([container[at] ^ 0x01]) + container[at + 1:]
+
+
+def test_a_tampered_repo_raises_integrity_error_through_every_loader(hub, published, tmp_path):
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    repos = {}
+    for kind, repo in REPOS.items():
+        folder = tmp_path / kind
+        shutil.copytree(published["dirs"][kind], folder)
+        (folder / CONTAINER_NAME).write_bytes(_tampered((folder / CONTAINER_NAME).read_bytes()))
+        repos[kind] = f"test-org/tampered-{kind}"
+        api.create_repo(repos[kind])
+        api.upload_folder(folder_path=folder, repo_id=repos[kind])
+    result = _run(f"""
+        import hf_vae_compress
+        from transformers import AutoModelForImageClassification as Auto
+        for kind, repo in {repos!r}.items():
+            attempt(f"{{kind}} quantizer", lambda: Auto.from_pretrained(repo))
+            attempt(f"{{kind}} remote code", lambda: Auto.from_pretrained(repo, trust_remote_code=True))
+        attempt("timm", lambda: hf_vae_compress.create_model("hf-hub:{repos["timm"]}"))
+        print(json.dumps(outcomes))
+    """, _env(hub.url, tmp_path / "home"), "tampered")
+    assert len(result) == 5 and all(v.startswith("IntegrityError") for v in result.values()), result
+
+
+def test_four_processes_loading_one_cold_cache_at_once_get_identical_weights(hub, published, tmp_path):
+    home = tmp_path / "shared-home"
+    code = PREAMBLE + textwrap.dedent(f"""
+        import hashlib, hf_vae_compress
+        from transformers import AutoModelForImageClassification as Auto
+        x = torch.load({str(published["x"])!r}, weights_only=True)
+        model = Auto.from_pretrained({REPOS["vit"]!r})
+        torch.save(logits(model, x), sys.argv[1])
+    """)
+    env = _env(hub.url, home)
+    outs = [tmp_path / f"logits-{i}.pt" for i in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], env=env, cwd=ROOT, stderr=subprocess.PIPE,
+                              text=True) for out in outs]
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+    for out in outs:
+        assert torch.equal(torch.load(out, weights_only=True), published["reference"]["vit"])
+
+
+def test_an_interrupted_push_leaves_the_old_or_the_new_commit(hub, published, tmp_path):
+    """A push killed at any moment: the repo is at its old commit or at the complete new one."""
+    from hf_vae_compress import compress
+    from hf_vae_compress.models import load_model
+
+    repo, kind = "test-org/interrupted", "timm"
+    push_to_hub(published["compressed"][kind], repo, published["sources"][kind], endpoint=hub.url, token=TOKEN)
+    old = hub.files(repo)
+    other = compress(load_model(published["sources"][kind]),
+                     VAECompressionConfig(target_bits_per_weight=2.0, transform="identity"), progress=False)
+    other.save(tmp_path / "new")
+    code = f"""
+        from hf_vae_compress import CompressedModel, push_to_hub
+        push_to_hub(CompressedModel.load({str(tmp_path / "new")!r}), {repo!r}, {str(published["sources"][kind])!r},
+                    endpoint={hub.url!r}, token={TOKEN!r})
+    """
+    env = _env(hub.url, tmp_path / "home")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=ROOT, check=True, timeout=180)
+    full = time.perf_counter() - start
+    new = hub.files(repo)
+    assert new[CONTAINER_NAME] == other.to_bytes() and new != old
+    outcomes = []
+    for fraction in (0.3, 0.6, 0.8, 0.9, 0.95, 0.99):  # kill points spread over the whole push
+        push_to_hub(published["compressed"][kind], repo, published["sources"][kind], endpoint=hub.url, token=TOKEN)
+        assert hub.files(repo) == old
+        proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=ROOT)
+        time.sleep(fraction * full)
+        proc.kill()
+        proc.wait()
+        files = hub.files(repo)
+        assert files in (old, new), f"half-written repo after a kill at {fraction:.0%} of the push"
+        outcomes.append("new" if files == new else "old")
+    TIMINGS[f"interrupted pushes ended at (old/new): {outcomes}"] = full
 
 
 def test_report_timings():
