@@ -119,10 +119,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     previous = json.loads(args.output.read_text()) if args.output.exists() else {"rows": []}
     rows = {r["model"]: r for r in previous["rows"]}
-    for row in rows.values():  # results written before runs recorded their own commit
-        for kind in RUNS:
-            if kind in row:
-                row[kind].setdefault("commit", previous.get("commit"))
     for name in args.models:
         rows[name] = measure(name, tuple(args.runs), rows.get(name))
         result = dict(platform=dict(python=platform.python_version(), torch=torch.__version__,

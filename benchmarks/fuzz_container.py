@@ -250,10 +250,9 @@ def _worker(conn, address_space_gb: float) -> None:
         try:
             decoded = CompressedModel.load(path).decode()
             reference = references[model]
-            same = (decoded.keys() == reference.keys() and all(
-                type(k) is str and decoded[k].dtype == reference[k].dtype and torch.equal(decoded[k], reference[k])
-                for k in reference))
-            verdict, detail = ("harmless", "") if same else ("silently_wrong", "decoded to other weights")
+            differ = sorted(set(decoded) ^ set(reference)) or [
+                k for k in reference if decoded[k].dtype != reference[k].dtype or not torch.equal(decoded[k], reference[k])]
+            verdict, detail = ("silently_wrong", f"decoded to other weights: {differ[:3]}") if differ else ("harmless", "")
         except ContainerError as err:
             verdict, detail = "refused", f"{type(err).__name__}: {err}"[:200]
         except MemoryError as err:

@@ -232,17 +232,18 @@ def default_lines(path: Path) -> list[str]:
              "`benchmarks/default_compress.py`: `hf-vae-compress compress MODEL OUT` run as a user would, with no "
              "rate argument, then the output folder loaded and scored on the test split. *Default*: the smallest "
              "container within the task's budget on the validation split. *Time* is against a fixed-rate "
-             "`compress --target-bpw` at the rate the default chose, in the same run. *Data-free*: `--dataset none`, "
-             "whose accuracy the CLI says it did not check.", "",
+             "`compress --target-bpw` at the rate the default chose, in the same run, on a machine shared with other "
+             "jobs (the ratios are indicative). *Data-free*: `--dataset none`, whose accuracy the CLI says it did not "
+             "check, at the rate the run used.", "",
              "| model | default: bytes (x fp32) | validation drop | test drop | probes | time vs fixed rate "
-             "| data-free: x fp32, test drop |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| data-free: bits/weight, x fp32, test drop |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in json.loads(path.read_text())["rows"]:
         d, free = r["default"], r["data_free"]
         unit = "pt" if r["metric"] == "top1" else "pt mAP"
         name = f"`{r['model']}`" + ("" if r["reference"] else " (not a reference model)")
         lines.append(f"| {name} | {d['bytes']:,} ({d['ratio_vs_fp32']:.1f}x) | {d['validation']['drop_pt']:.2f} {unit} "
                      f"| {d['test_drop_pt']:.2f} {unit} | {d['probes']} | {d['compress_seconds']:.0f} s "
-                     f"({r['default_time_vs_fixed_rate']:.1f}x) | {free['ratio_vs_fp32']:.1f}x, "
+                     f"({r['default_time_vs_fixed_rate']:.1f}x) | {free['bits_per_weight']:.1f}, {free['ratio_vs_fp32']:.1f}x, "
                      f"{free['test_drop_pt']:.2f} {unit} |")
     return lines + [""]
 

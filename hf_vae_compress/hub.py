@@ -3,7 +3,7 @@
 A saved folder (and a pushed repository) holds::
 
     config.json                  the base model's config + quantization_config (+ auto_map)
-    model.vaec.safetensors       the container (never named model.safetensors: stock loaders must fail)
+    weights.vaec.safetensors     the container (a name no stock loader, nor any ``variant``, asks for)
     modeling_hf_vae_compress.py  the remote-code shim for trust_remote_code=True
     README.md                    the model card, rendered from model_cards/model_card.md
     preprocessor_config.json ... every other non-weight file of the base folder, unchanged
@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .codec import CONTAINER_NAME, CompressedModel
+from .codec.container import LEGACY_CONTAINER_NAMES
 from .integrations import REMOTE_CODE_AUTO_MAP, REMOTE_CODE_DIR, REMOTE_CODE_MODULE
 from .loading import QUANT_METHOD, container_name, find_container, is_compressed_config, load_compressed, load_into
 from .models import WEIGHT_SUFFIXES, copy_side_files, model_format, read_config, resolve_folder, weights_bytes
@@ -220,14 +221,18 @@ def save_pretrained(compressed: CompressedModel, source_folder: str | Path, out_
         base_model=info.base_model or _infer_base_model(str(source_folder), src, config),
         license=info.license or base_meta.get("license") or config.get("pretrained_cfg", {}).get("license"),
     )
-    base_files = sorted(p.name for p in src.iterdir() if p.name.endswith(WEIGHT_SUFFIXES) and p.name != CONTAINER_NAME)
-    base_bytes = weights_bytes(src) - ((src / CONTAINER_NAME).stat().st_size if (src / CONTAINER_NAME).exists() else 0)
+    source_container = find_container(src)  # a compressed source folder: its container is not base weights
+    base_files = sorted(p.name for p in src.iterdir()
+                        if p.name.endswith(WEIGHT_SUFFIXES) and (source_container is None or p != source_container))
+    base_bytes = weights_bytes(src) - (source_container.stat().st_size if source_container else 0)
 
     same = src.resolve() == out.resolve()
     if not same:  # configs and preprocessing travel; weights are replaced by the container
         copy_side_files(src, out, skip=("config.json",))
     container = out / CONTAINER_NAME
     container.write_bytes(compressed.to_bytes())
+    for legacy in LEGACY_CONTAINER_NAMES:  # re-saved in place: one container, under today's name
+        (out / legacy).unlink(missing_ok=True)
     container_bytes = container.stat().st_size
     bits_per_weight = 8 * container_bytes / compressed.report()["num_weights"]
     task = task_for(config, info.dataset)

@@ -6,8 +6,9 @@ and all fit the decoded weights to the model with :func:`fit_state_dict`, so the
 bad checkpoints with the same messages and can never disagree about what a folder holds.
 
 A folder is compressed when its ``config.json`` carries ``quantization_config.quant_method =
-"hf_vae_compress"`` (everything this library writes today), or, for folders written by
-``hf-vae-compress compress`` before it wrote that config, when it holds the container file.
+"hf_vae_compress"`` (everything this library writes today; the config names the container file),
+or, for folders written by ``hf-vae-compress compress`` before it wrote that config, when it
+holds a container file under today's or the version-1 name.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .codec import CONTAINER_NAME, CompressedModel, ContainerError
+from .codec import CONTAINER_NAME, CompressedModel, ContainerError, folder_container
 from .models import build_empty, load_model
 
 QUANT_METHOD = "hf_vae_compress"
@@ -46,7 +47,7 @@ def find_container(folder: str | Path) -> Path | None:
         if not path.is_file():
             raise FileNotFoundError(f"{folder} is a compressed checkpoint but its container {path.name} is missing")
         return path
-    legacy = folder / CONTAINER_NAME
+    legacy = folder_container(folder)
     return legacy if legacy.is_file() else None
 
 

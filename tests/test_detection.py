@@ -8,7 +8,8 @@ from hf_vae_compress import detection
 from hf_vae_compress.cli import main
 from hf_vae_compress.data import FASHION_MNIST_CLASSES
 from hf_vae_compress.detection import (
-    detection_collate, evaluate_detection, is_detection_model, load_fashion_mnist_scenes, mean_average_precision,
+    detection_collate, evaluate_detection, is_detection_model, load_detection_dataset, load_fashion_mnist_scenes,
+    mean_average_precision,
 )
 from hf_vae_compress.models import load_model, read_config
 
@@ -204,7 +205,7 @@ def test_finetuning_a_detector_lowers_its_own_loss(tmp_path, scenes):
         student = tiny_detector()
         student.load_state_dict(c.decode())
         with torch.no_grad():
-            return float(student.eval()(**task.sample(data, torch.arange(16))).loss)
+            return float(student.eval()(**task.sample(data, torch.arange(task.num_examples(data)))).loss)
 
     tuned = finetune(compressed, model, data, FinetuneConfig(steps=15, batch_size=8, rate_weight=0.0),
                      progress=False, task=task)

@@ -364,6 +364,7 @@ def test_stock_loaders_without_the_plugin_fail_loudly(hub, published, tmp_path):
         for kind, repo in {REPOS!r}.items():
             attempt(f"{{kind}} stock", lambda: Auto.from_pretrained(repo))
             attempt(f"{{kind}} remote code", lambda: Auto.from_pretrained(repo, trust_remote_code=True))
+            attempt(f"{{kind}} variant", lambda: Auto.from_pretrained(repo, variant="vaec"))
         attempt("timm stock", lambda: timm.create_model("hf-hub:{REPOS["timm"]}", pretrained=True))
         print(json.dumps(outcomes))
     """), _env(hub.url, tmp_path / "home"), "no plugin")
@@ -373,6 +374,7 @@ def test_stock_loaders_without_the_plugin_fail_loudly(hub, published, tmp_path):
         assert "model.safetensors" in result[f"{kind} stock"] or "pytorch_model.bin" in result[f"{kind} stock"]
         assert result[f"{kind} remote code"].startswith("ImportError"), result
         assert "pip install hf-vae-compress" in result[f"{kind} remote code"]
+        assert result[f"{kind} variant"].startswith("OSError"), result  # no variant names the container
     assert result["timm stock"].startswith("OSError"), result
 
 

@@ -171,16 +171,16 @@ def test_a_compress_folder_loads_everywhere_with_the_same_logits(cli_folders, ki
 
 
 def test_folders_written_before_the_quantization_config_still_load(cli_folders, timm_folder, tmp_path, capsys):
-    """Earlier versions' `compress` wrote the source config unchanged beside the container."""
+    """Earlier versions' `compress` wrote the source config unchanged beside `model.vaec.safetensors`."""
     from hf_vae_compress import create_model
     from hf_vae_compress.pipeline import load_any
 
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     shutil.copyfile(timm_folder / "config.json", legacy / "config.json")
-    shutil.copyfile(cli_folders["timm"] / CONTAINER_NAME, legacy / CONTAINER_NAME)
+    shutil.copyfile(cli_folders["timm"] / CONTAINER_NAME, legacy / "model.vaec.safetensors")
     expected = load_any(cli_folders["timm"])[0].state_dict()
     for model in (load_any(legacy)[0], create_model(f"local-dir:{legacy}")):
         assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
     assert main(["inspect", str(legacy), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["total_bytes"] == (legacy / CONTAINER_NAME).stat().st_size
+    assert json.loads(capsys.readouterr().out)["total_bytes"] == (legacy / "model.vaec.safetensors").stat().st_size

@@ -11,7 +11,7 @@ import torch
 
 from . import v1, v2
 from .config import VAECompressionConfig
-from .container import CONTAINER_NAME, ContainerError, read_container, serialize
+from .container import CONTAINER_NAME, ContainerError, folder_container, read_container, serialize
 from .latents import Latents
 
 # what report() counts as side information: not the coded weights themselves
@@ -46,9 +46,9 @@ class CompressedModel:
 
     @classmethod
     def load(cls, path: str | Path) -> "CompressedModel":
-        """Load from a container file or a folder holding ``model.vaec.safetensors``."""
+        """Load from a container file or a folder holding one (see :func:`~.container.folder_container`)."""
         path = Path(path)
-        _, header, tensors = read_container(path / CONTAINER_NAME if path.is_dir() else path)
+        _, header, tensors = read_container(folder_container(path) if path.is_dir() else path)
         return cls(header, tensors)
 
     def _plan(self):

@@ -1,7 +1,10 @@
 """Stage 6: the container, one safetensors file that checks itself.
 
-It is deliberately named ``model.vaec.safetensors``, not ``model.safetensors``, so a stock loader
-finds no weights and fails loudly instead of loading something wrong. Nothing in it is pickled.
+It is deliberately named ``weights.vaec.safetensors``: no stock loader looks for that name, so one
+finds no weights and fails loudly instead of loading something wrong. Version-1 folders named it
+``model.vaec.safetensors``, which ``from_pretrained(repo, variant="vaec")`` asks for by name and
+reads as a plain checkpoint (random weights after a warning); that name is still read, never
+written. Nothing in it is pickled.
 
 This module is the safetensors layer shared by every format version: one metadata key,
 ``format = "hf-vae-compress/<version>"``, so foreign files are told apart at once and a reader
@@ -25,7 +28,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-CONTAINER_NAME = "model.vaec.safetensors"
+CONTAINER_NAME = "weights.vaec.safetensors"
+LEGACY_CONTAINER_NAMES = ("model.vaec.safetensors",)  # written by version 1: read, never written
 FORMAT_NAME = "hf-vae-compress"
 FORMAT_VERSION = 2  # the version written; every version from 1 up to it is read
 MAX_HEADER_BYTES = 64 << 20  # decompressed JSON header: far above any real model's, bounds a zip bomb
@@ -33,6 +37,15 @@ MAX_HEADER_BYTES = 64 << 20  # decompressed JSON header: far above any real mode
 
 class ContainerError(ValueError):
     """A file that is not a valid container of a format version this library can read."""
+
+
+def folder_container(directory: str | Path) -> Path:
+    """The container file of a folder: today's name, else a legacy one that exists."""
+    directory = Path(directory)
+    for name in (CONTAINER_NAME, *LEGACY_CONTAINER_NAMES):
+        if (directory / name).is_file():
+            return directory / name
+    return directory / CONTAINER_NAME
 
 
 def serialize(header: dict, tensors: dict[str, torch.Tensor]) -> bytes:
@@ -51,7 +64,9 @@ def read_container(path: str | Path) -> tuple[int, dict, dict[str, torch.Tensor]
     try:
         with safe_open(str(path), framework="pt") as f:
             version = _check_format(path, f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # copies: safetensors may hand out views of its memory map, and decoded tensors that
+            # alias the file would change if the file were rewritten after loading (found by the fuzzer)
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
     except (SafetensorError, OSError, RuntimeError) as err:
         raise ContainerError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
     packed = tensors.pop("header", None)

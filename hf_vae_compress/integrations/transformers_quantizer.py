@@ -1,4 +1,4 @@
-"""A transformers v5 quantizer that decodes ``model.vaec.safetensors`` while ``from_pretrained`` loads.
+"""A transformers v5 quantizer that decodes the container (``weights.vaec.safetensors``) while ``from_pretrained`` loads.
 
 Importing this module (``import hf_vae_compress`` does) registers ``quant_method="hf_vae_compress"``
 with ``transformers.quantizers``; a checkpoint whose ``config.json`` carries that
@@ -36,11 +36,10 @@ How the container reaches the loader (transformers 5.24, ``modeling_utils.PreTra
 4. ``postprocess_model`` -> ``_process_model_after_weight_loading``: we check that the op ran and
    loaded every key, so no path ends with randomly initialised weights.
 
-One hole is left open, and only by an explicit request: without this plugin,
-``from_pretrained(repo, variant="vaec")`` asks transformers for ``model.vaec.safetensors`` by name,
-reads the container as a plain checkpoint, and returns a randomly initialised model after its
-MISSING / UNEXPECTED load report (a warning, not an error). Closing it needs the container itself to
-break stock loading, a codec-core change.
+Without this plugin, ``from_pretrained(repo, variant=...)`` asks for ``model.<variant>.safetensors``:
+no variant names ``weights.vaec.safetensors``, so it raises ``OSError``. Repositories written before
+format 2 name their container ``model.vaec.safetensors``, which ``variant="vaec"`` still reaches there
+(a randomly initialised model after a warning): pushing them again renames it.
 
 The hook names and signatures used here are listed in :data:`API_SURFACE` and checked by
 :func:`check_transformers_api` (run by the tests), so an upgrade that moves them fails loudly.

@@ -1,10 +1,10 @@
 """Loading code for a checkpoint compressed with hf-vae-compress (https://pypi.org/project/hf-vae-compress/).
 
 Used by ``AutoModel*.from_pretrained(repo, trust_remote_code=True)``. The weights are in
-``model.vaec.safetensors``, a learned-codec container that only the ``hf_vae_compress`` package can
-decode; this file does nothing but make sure that package is imported, so that its transformers
+``weights.vaec.safetensors``, a learned-codec container that only the ``hf_vae_compress`` package
+can decode; this file does nothing but make sure that package is imported, so that its transformers
 quantizer is registered, and then hands over to the stock auto class. The decoding itself is the
-package's, checked against SHA-256 hashes of every tensor.
+package's, checked against the checksums and the SHA-256 recorded at compression time.
 """
 
 try:  # inside `try`: transformers' `check_imports` skips it and our own message below is raised instead
