@@ -56,15 +56,17 @@ ABSURD = [-1, 0, 1, 2 ** 31, 2 ** 40, 2 ** 63, -(2 ** 63), 1.5, -0.0, 1e308, "x"
 
 def container_for(name: str) -> bytes:
     """A v2 container of the reference model, post-hoc (identity, 2 bits/weight), cached in outputs/."""
-    path = WORK / name / "model.vaec.safetensors"
-    if not path.exists():
+    from hf_vae_compress.codec import folder_container
+
+    folder = WORK / name
+    if not folder_container(folder).exists():
         from hf_vae_compress import VAECompressionConfig
         from hf_vae_compress.pipeline import compress_folder
 
-        compress_folder(str(ROOT / "reference_models" / name), path.parent,
+        compress_folder(str(ROOT / "reference_models" / name), folder,
                         VAECompressionConfig(target_bits_per_weight=2.0, transform="identity"), dataset=None,
                         progress=False)
-    return path.read_bytes()
+    return folder_container(folder).read_bytes()
 
 
 def regions(data: bytes) -> tuple[int, list[int]]:
