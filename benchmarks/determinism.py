@@ -120,7 +120,12 @@ def main(argv: list[str] | None = None) -> None:
         else build(args.work)
     rows = []
     for folder in folders:
-        reference = digest(folder)
+        try:
+            reference = digest(folder)
+        except Exception as err:  # noqa: BLE001 - a container that does not decode here is the finding
+            rows.append(dict(container=folder.name, error=f"{type(err).__name__}: {err}"))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+            continue
         row = dict(container=folder.name, digest=reference,
                    threads={str(t): digest(folder, t) == reference for t in THREADS},
                    fresh_processes=[in_fresh_process(folder) == reference for _ in range(2)],
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     result = dict(platform=dict(python=platform.python_version(), torch=torch.__version__, machine=platform.machine(),
                                 processor=platform.processor(), cpu_threads=torch.get_num_threads(),
                                 cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
-                  all_bit_identical=all(all(r["threads"].values()) and all(r["fresh_processes"])
+                  all_bit_identical=all("error" not in r and all(r["threads"].values()) and all(r["fresh_processes"])
                                         and r["deterministic_algorithms"] for r in rows),
                   rows=rows)
     args.output.parent.mkdir(parents=True, exist_ok=True)

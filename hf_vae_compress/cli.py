@@ -13,6 +13,7 @@ import os
 import sys
 
 from .codec import CompressedModel, ContainerError, VAECompressionConfig
+from .codec.config import TRANSFORMS
 from .data import DataNotFoundError
 from .finetune import FinetuneConfig
 from .tasks import DEFAULT_DATASET
@@ -185,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="data for Fisher bit allocation and the accuracy check: a Hub id, a save_to_disk folder or "
                          "an imagefolder directory; 'default' is the task's own (fashion_mnist, or "
                          "fashion_mnist_scenes for a detector); 'none' is data-free (accuracy not checked)")
-    co.add_argument("--transform", choices=["vae", "identity"], default="vae")
+    co.add_argument("--transform", choices=TRANSFORMS, default=VAECompressionConfig.transform,
+                    help="identity: scalar quantization, decodes bit-identically everywhere (default); vae: the learned "
+                         "transform, whose float decoder is not yet portable across machines")
     co.add_argument("--chunk-size", type=int, default=VAECompressionConfig.chunk_size)
     co.add_argument("--hidden-size", type=int, default=VAECompressionConfig.hidden_size)
     co.add_argument("--train-steps", type=int, default=VAECompressionConfig.train_steps)

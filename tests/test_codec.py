@@ -12,7 +12,7 @@ from hf_vae_compress.codec.container import FORMAT_VERSION
 from tests.conftest import tiny_timm, tiny_vit
 from tests.test_detection import tiny_detector
 
-FAST = dict(train_steps=60, train_batch_chunks=1024)
+FAST = dict(transform="vae", train_steps=60, train_batch_chunks=1024)  # the VAE path: the one with a decoder
 
 
 def _relative_error(a: dict, b: dict) -> float:
