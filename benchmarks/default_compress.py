@@ -86,7 +86,7 @@ def measure(name: str, runs: tuple[str, ...], previous: dict | None) -> dict:
             run = cli_compress(folder, work / FOLDERS[kind])
         elif kind == "fixed_rate":
             chosen = row["default"]["rate_search"]
-            best = min((p for p in chosen if p["validation_drop_pt"] <= row["budget_pt"]), key=lambda p: p["bytes"])
+            best = min((p for p in chosen if p["accepted"]), key=lambda p: p["bytes"])
             run = cli_compress(folder, work / FOLDERS[kind], "--target-bpw", str(best["target_bits_per_weight"]))
         else:
             run = cli_compress(folder, work / FOLDERS[kind], "--dataset", "none")

@@ -154,8 +154,8 @@ def _describe_validation(result: dict) -> str:
     where = f"{v['examples']:,} {v['split']} examples"
     if v.get("holdout"):
         where += f", held out from {v['holdout']['carved_from']} (seed {v['holdout']['seed']})"
-    return (f"{v['metric']} {100 * v['compressed']:.2f} vs {100 * v['base']:.2f}: drop {v['drop_pt']:.2f} pt "
-            f"(budget {v['budget_pt']} pt; {where})")
+    return (f"{v['metric']} {100 * v['compressed']:.2f} vs {100 * v['base']:.2f}: drop {v['drop_pt']:.2f} "
+            f"± {v['drop_se_pt']:.2f} pt (budget {v['budget_pt']} pt; {where})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -30,7 +31,7 @@ from .data import (
 from .detection import (
     FASHION_MNIST_SCENES, detection_collate, evaluate_detection, is_detection_model, load_detection_dataset,
 )
-from .evaluate import as_tensors, evaluate, logits_of
+from .evaluate import as_tensors, evaluate, logits_of, predict
 
 DEFAULT_DATASET = "default"  # the task's own data: Fashion-MNIST items, or scenes of them for a detector
 CALIBRATION_SPLIT = "train"  # calibration and fine-tuning data: never the held-out validation split nor test
@@ -64,6 +65,12 @@ class Classification:
 
     def prepare(self, model: torch.nn.Module, dataset) -> tuple[torch.Tensor, torch.Tensor]:
         return as_tensors(fit_labels(model, dataset), image_transform(model))
+
+    def per_example(self, model: torch.nn.Module, data) -> np.ndarray:
+        """1 where the model is right on an example of ``prepare``'s tensors, else 0: what a paired
+        comparison of two models on the same examples needs."""
+        preds, labels = predict(model, data, progress=False)
+        return (preds == labels).astype(np.float64)
 
     def score(self, model: torch.nn.Module, data, batch_size: int = 256, progress: bool = False) -> dict:
         if not isinstance(data, tuple):  # a dataset, not tensors from `prepare`
@@ -125,6 +132,10 @@ class Detection:
 
     def score(self, model: torch.nn.Module, data, batch_size: int = 64, progress: bool = False) -> dict:
         return evaluate_detection(model, data, batch_size=batch_size, progress=progress)
+
+    def per_example(self, model: torch.nn.Module, data) -> None:
+        """mAP is a whole-set metric: no per-example scores to pair."""
+        return None
 
     def calibration(self, model: torch.nn.Module, num_batches: int, seed: int = 0) -> tuple[list, Callable]:
         """Labelled scenes and the detector's own loss (classification + box terms): the

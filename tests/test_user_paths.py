@@ -77,10 +77,11 @@ def test_default_compress_checks_accuracy_on_a_train_test_dataset(train_test_fol
     result = json.loads(capsys.readouterr().out)
     assert result["accuracy_checked"] and result["warning"] is None
     validation = result["validation"]
-    assert validation["budget_pt"] == 0.5 and validation["drop_pt"] <= 0.5 and validation["examples"] == validation["holdout"]["examples"]
+    assert validation["budget_pt"] == 0.5 and validation["examples"] == validation["holdout"]["examples"]
+    assert validation["within_budget"] and validation["drop_pt"] + validation["drop_se_pt"] <= 0.5
     assert validation["holdout"]["carved_from"] == "train" and validation["holdout"]["stratified_by"] == "label"
     assert len(result["rate_search"]) >= 3
-    kept = [p for p in result["rate_search"] if p["validation_drop_pt"] <= 0.5]
+    kept = [p for p in result["rate_search"] if p["accepted"]]
     assert result["total_bytes"] == min(p["bytes"] for p in kept) == (out / CONTAINER_NAME).stat().st_size
 
 
