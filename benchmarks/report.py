@@ -234,9 +234,11 @@ def default_lines(path: Path) -> list[str]:
              "container within the task's budget on the validation split. *Time* is against a fixed-rate "
              "`compress --target-bpw` at the rate the default chose, in the same run, on a machine shared with other "
              "jobs (the ratios are indicative). *Data-free*: `--dataset none`, whose accuracy the CLI says it did not "
-             "check, at the rate the run used.", "",
+             "check, at the rate the run used. Each row names the commit it was measured at: rows older than the "
+             "identity default (commit eeaf27d) ran the VAE transform, and the rate search's one-standard-error margin "
+             "came with commit 67c9581.", "",
              "| model | default: bytes (x fp32) | validation drop | test drop | probes | time vs fixed rate "
-             "| data-free: bits/weight, x fp32, test drop |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| data-free: bits/weight, x fp32, test drop | measured at commit |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in json.loads(path.read_text())["rows"]:
         d, free = r["default"], r["data_free"]
         unit = "pt" if r["metric"] == "top1" else "pt mAP"
@@ -244,7 +246,7 @@ def default_lines(path: Path) -> list[str]:
         lines.append(f"| {name} | {d['bytes']:,} ({d['ratio_vs_fp32']:.1f}x) | {d['validation']['drop_pt']:.2f} {unit} "
                      f"| {d['test_drop_pt']:.2f} {unit} | {d['probes']} | {d['compress_seconds']:.0f} s "
                      f"({r['default_time_vs_fixed_rate']:.1f}x) | {free['bits_per_weight']:.1f}, {free['ratio_vs_fp32']:.1f}x, "
-                     f"{free['test_drop_pt']:.2f} {unit} |")
+                     f"{free['test_drop_pt']:.2f} {unit} | `{(d.get('commit') or '?')[:7]}` |")
     return lines + [""]
 
 
