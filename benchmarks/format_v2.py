@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             compressed = compress_folder(str(bench.folder), out, config, dataset=bench.task.dataset, progress=False)
             v2 = CompressedModel.load(out)
             row[f"v2_mantissa{bits}"] = dict(_summary(v2, bench.score(v2.decode()), bench),
-                                             output=str(out), encode_s=compressed.header["encode_seconds"])
+                                             output=str(out), encode_s=compressed.stats["encode_seconds"])
         nnc = _nncodec_row(name, row["setting"])
         if nnc:
             row["nncodec_our_allocation"] = dict(bytes=nnc["bytes"], val_drop=nnc["val_drop"],

@@ -165,7 +165,7 @@ class Bench:
             cli = (f"hf-vae-compress compress {self.folder.relative_to(ROOT)} OUT --target-bpw {bpw} "
                    f"--transform {transform} --seed {seed}")
             self.add(method, bpw, cli, compressed.report()["total_bytes"], self.score(decoded),
-                     encode_s=compressed.header["encode_seconds"], decode_s=decode_s, seed=seed,
+                     encode_s=compressed.stats["encode_seconds"], decode_s=decode_s, seed=seed,
                      output=str(out.relative_to(ROOT)))
 
 
@@ -185,8 +185,8 @@ class Bench:
                    f"--rate-weight {tuning.rate_weight}")
             info = compressed.header["finetune"]
             self.add(method, dict(start_bpw=bpw, rate_weight=tuning.rate_weight), cli,
-                     compressed.report()["total_bytes"], self.score(decoded), encode_s=compressed.header["encode_seconds"],
-                     decode_s=decode_s, seed=tuning.seed, train_steps=info["steps"], train_seconds=info["seconds"],
+                     compressed.report()["total_bytes"], self.score(decoded), encode_s=compressed.stats["encode_seconds"],
+                     decode_s=decode_s, seed=tuning.seed, train_steps=info["steps"], train_seconds=compressed.stats["finetune_seconds"],
                      train_processes=info["processes"], output=str(out.relative_to(ROOT)))
 
 

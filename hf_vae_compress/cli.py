@@ -91,7 +91,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
     report.pop("layers")
     return dict(out_dir=str(args.out_dir), accuracy_checked=validation is not None, validation=validation,
                 warning=warning, rate_search=probes, compress_seconds=round(time.perf_counter() - start, 2),
-                encode_seconds=compressed.header["encode_seconds"], finetune=compressed.header.get("finetune"),
+                finetune=compressed.header.get("finetune"), **compressed.stats,
                 **report)
 
 

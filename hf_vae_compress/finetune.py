@@ -142,7 +142,8 @@ def finetune(compressed: CompressedModel, model: nn.Module, train_data, config: 
     bar.close()
     accelerator.wait_for_everyone()
     tuned = assemble(accelerator.unwrap_model(student).param.to_latents())
-    tuned.header["finetune"] = dict(config.to_dict(), seconds=round(time.perf_counter() - start, 1),
-                                    processes=accelerator.num_processes, resumed_from=str(resume_from or ""))
-    tuned.header["encode_seconds"] = compressed.header.get("encode_seconds", 0) + tuned.header["finetune"]["seconds"]
+    tuned.header["finetune"] = dict(config.to_dict(), processes=accelerator.num_processes)
+    seconds = round(time.perf_counter() - start, 1)
+    tuned.stats = dict(finetune_seconds=seconds, resumed_from=str(resume_from or ""),
+                       encode_seconds=compressed.stats.get("encode_seconds", 0) + seconds)
     return tuned

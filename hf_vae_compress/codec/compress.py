@@ -108,7 +108,7 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
         transform.refine(chunks, torch.cat(symbols), index, log_steps, config, shard)
 
     compressed = assemble(Latents(state_dict, coded, symbols, steps, stored, transform, config), progress, side)
-    compressed.header["encode_seconds"] = round(time.perf_counter() - start, 3)
+    compressed.stats["encode_seconds"] = round(time.perf_counter() - start, 3)
     compressed.header["lam"] = lam
     return compressed
 

@@ -24,6 +24,10 @@ class CompressedModel:
     def __init__(self, header: dict, tensors: dict[str, torch.Tensor]):
         self.header = header
         self.tensors = tensors
+        # How this object was produced (wall-clock seconds, the checkpoint a run resumed from).
+        # Never written: the header holds only what the inputs determine, so the same model,
+        # config and seed give the same bytes, however long the run took or how often it resumed.
+        self.stats: dict = {}
 
     @property
     def version(self) -> int:
