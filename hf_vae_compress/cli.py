@@ -13,7 +13,7 @@ import os
 import sys
 
 from .codec import CompressedModel, ContainerError, VAECompressionConfig
-from .codec.config import TRANSFORMS
+from .codec.config import ROUNDINGS, TRANSFORMS
 from .data import DataNotFoundError
 from .finetune import FinetuneConfig
 from .tasks import DEFAULT_DATASET
@@ -53,7 +53,8 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
         raise ValueError("--checkpoint-dir and --resume-from need a fixed rate (--target-bpw or --beta): "
                          "a rate search fine-tunes many candidates")
     fields = dict(transform=args.transform, chunk_size=args.chunk_size, hidden_size=args.hidden_size,
-                  train_steps=args.train_steps, seed=args.seed, calibration_batches=args.calibration_batches)
+                  train_steps=args.train_steps, seed=args.seed, calibration_batches=args.calibration_batches,
+                  rounding=args.rounding, correct_biases=args.correct_biases, correct_norms=args.correct_norms)
     if args.beta is not None:
         fields.update(beta=args.beta, target_bits_per_weight=None)
     else:
@@ -193,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--hidden-size", type=int, default=VAECompressionConfig.hidden_size)
     co.add_argument("--train-steps", type=int, default=VAECompressionConfig.train_steps)
     co.add_argument("--calibration-batches", type=int, default=VAECompressionConfig.calibration_batches)
+    co.add_argument("--rounding", choices=ROUNDINGS, default=VAECompressionConfig.rounding,
+                    help="output_aware: GPTQ error compensation against each layer's calibration inputs (default; "
+                         "identity transform, needs data); nearest: round each weight to its nearest level")
+    co.add_argument("--correct-biases", action=argparse.BooleanOptionalAction, default=VAECompressionConfig.correct_biases,
+                    help="shift stored biases by the output-mean change quantization causes (needs data)")
+    co.add_argument("--correct-norms", action=argparse.BooleanOptionalAction, default=VAECompressionConfig.correct_norms,
+                    help="shift norm layers' running means to their inputs' mean in the quantized model (needs data)")
     co.add_argument("--seed", type=int, default=0)
     co.add_argument("--finetune-steps", type=int, default=0,
                     help="task fine-tuning steps on the dataset's train split (0: post-hoc only)")

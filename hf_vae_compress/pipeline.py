@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .codec import CompressedModel, Shard, VAECompressionConfig, compress
-from .codec.importance import fisher_diagonal
+from .codec.calibration import Calibration, calibrate
 from .finetune import FinetuneConfig, finetune
 from .loading import load_compressed, load_folder
 from .models import load_model, resolve_folder
@@ -39,7 +39,7 @@ SELECTION_SPLIT = "validation"  # rate search judges accuracy here, never on tes
 # data-free MobileNet reference lost 0.79 pt of test top-1 (benchmarks/results/default_compress.json).
 # 6.0 quarters the error power again; the CLI still warns that nothing was checked.
 UNCHECKED_BPW = 6.0
-SEARCH_RANGE_BPW = (0.25, 8.0)
+SEARCH_RANGE_BPW = (0.125, 8.0)
 SEARCH_PROBES = 6
 
 
@@ -63,14 +63,15 @@ def _is_main(accelerator) -> bool:
 class Source:
     """A model to compress, with what every compression of it shares.
 
-    The Fisher diagonal (one calibration pass) and the preprocessed held-out split are computed
-    once, so a rate search's probes cost one compression and one scoring pass each.
+    The calibration statistics (Fisher, layer input moments, norm statistics) and the preprocessed
+    held-out split are computed once, so a rate search's probes cost one compression and one
+    scoring pass each.
     """
 
     folder: Path
     model: torch.nn.Module
     task: Task | None = None
-    fisher: dict[str, torch.Tensor] | None = None
+    calibration: Calibration | None = None
     _held_out: object = field(default=None, repr=False)
     _base: tuple | None = field(default=None, repr=False)
     _scorer: torch.nn.Module | None = field(default=None, repr=False)
@@ -84,15 +85,14 @@ class Source:
             return cls(folder, model)
         task = task_for(model, dataset)
         batches, loss_fn = task.calibration(model, calibration_batches)
-        fisher = fisher_diagonal(model, batches, calibration_batches, loss_fn, progress)
-        return cls(folder, model, task, fisher)
+        return cls(folder, model, task, calibrate(model, batches, calibration_batches, None, loss_fn, progress))
 
     def compress(self, config: VAECompressionConfig, finetune_config: FinetuneConfig | None = None,
                  accelerator=None, checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
                  progress: bool = True) -> CompressedModel:
         """Post-hoc compression at ``config``'s rate, then fine-tuning when ``finetune_config`` asks."""
         compressed = compress(self.model, config, progress=progress, shard=accelerate_shard(accelerator),
-                              fisher=self.fisher)
+                              calibration=self.calibration)
         if finetune_config is not None and finetune_config.steps > 0:
             if self.task is None:
                 raise ValueError("fine-tuning needs a dataset")

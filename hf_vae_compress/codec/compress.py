@@ -8,6 +8,7 @@ exactly.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Callable, Iterable
@@ -18,12 +19,17 @@ from . import streams
 from .chunking import ChunkLayout, row_scales, to_chunks
 from .compressed import CompressedModel
 from .config import VAECompressionConfig
-from .importance import fisher_diagonal, mean_normalised_fisher
+from .calibration import Calibration, calibrate
+from .correction import bias_corrections, norm_corrections
+from .importance import mean_normalised_fisher
 from .latents import CodedTensor, Latents
+from .output_aware import output_aware_symbols
 from .rate import lam_from_beta, search_lam, steps_for
 from .select import select_tensors
 from .transform import Shard, Transform, build_transform
 from .v2 import HEADER_BYTES_PER_TENSOR, assemble, code_side_parts
+
+logger = logging.getLogger(__name__)
 
 
 def _prepare(state_dict: dict[str, torch.Tensor], names: list[str], config: VAECompressionConfig) -> list[CodedTensor]:
@@ -36,13 +42,11 @@ def _prepare(state_dict: dict[str, torch.Tensor], names: list[str], config: VAEC
     return out
 
 
-def _sensitivities(model, coded: list[CodedTensor], calibration_data, config, loss_fn, progress,
-                   fisher: dict[str, torch.Tensor] | None = None) -> list[float]:
+def _sensitivities(coded: list[CodedTensor], calibration: Calibration | None) -> list[float]:
     """Mean normalised Fisher per coded tensor; all 1 (equal relative precision) without data."""
-    if fisher is None:
-        if calibration_data is None or not isinstance(model, torch.nn.Module):
-            return [1.0] * len(coded)
-        fisher = fisher_diagonal(model, calibration_data, config.calibration_batches, loss_fn, progress)
+    if calibration is None:
+        return [1.0] * len(coded)
+    fisher = calibration.fisher
     values = [mean_normalised_fisher(fisher[c.name], c.scales) if c.name in fisher else None for c in coded]
     known = sorted(v for v in values if v)
     fallback = known[len(known) // 2] if known else 1.0
@@ -58,7 +62,7 @@ def _stored(state_dict: dict[str, torch.Tensor], names: list[str], config: VAECo
 def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompressionConfig | None = None,
              calibration_data: Iterable | None = None, loss_fn: Callable | None = None,
              progress: bool = True, shard: Shard | None = None,
-             fisher: dict[str, torch.Tensor] | None = None) -> CompressedModel:
+             calibration: Calibration | None = None) -> CompressedModel:
     """Compress a model (or a bare state dict) post-hoc.
 
     ``calibration_data`` yields model inputs; with it, steps are allocated by Fisher sensitivity,
@@ -66,8 +70,10 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
     (loss, batch_size)`` replaces the sampled-label classification loss for other tasks.
     With a ``shard`` the VAE fit is data-parallel over processes; everything else is
     deterministic and computed identically by each process, which all return the same result.
-    ``fisher`` (from :func:`~.importance.fisher_diagonal`) replaces the calibration pass: a rate
-    search that compresses one model many times measures it once.
+    ``calibration`` (from :func:`~.calibration.calibrate`) replaces the calibration pass: a rate
+    search that compresses one model many times measures it once. Output-aware rounding and the
+    bias and norm corrections (``config.rounding``, ``config.correct_biases``,
+    ``config.correct_norms``) need it; without data they are skipped, and say so in the log.
     """
     config = config or VAECompressionConfig()
     start = time.perf_counter()
@@ -76,7 +82,9 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
                   (model.state_dict() if isinstance(model, torch.nn.Module) else model).items()}
     coded_names, stored_names = select_tensors(state_dict, config)
     coded = _prepare(state_dict, coded_names, config)
-    sens = _sensitivities(model, coded, calibration_data, config, loss_fn, progress, fisher)
+    if calibration is None and calibration_data is not None and isinstance(model, torch.nn.Module):
+        calibration = calibrate(model, calibration_data, config.calibration_batches, coded_names, loss_fn, progress)
+    sens = _sensitivities(coded, calibration)
     stored = _stored(state_dict, stored_names, config)
     num_weights = sum(v.numel() for v in state_dict.values() if v.is_floating_point())
     side = code_side_parts(coded, stored, config)
@@ -103,14 +111,56 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
             lam = search_lam(lambda l: total_bits(transform, l), target, sens)
     steps = steps_for(lam, sens)
     symbols = [transform.encode_all(c.chunks, step, i) for i, (c, step) in enumerate(zip(coded, steps))]
+    if config.rounding == "output_aware":
+        symbols = _round_output_aware(state_dict, coded, steps, symbols, transform, calibration)
     if coded:
         chunks, index, log_steps = _flat(coded, steps)
         transform.refine(chunks, torch.cat(symbols), index, log_steps, config, shard)
 
-    compressed = assemble(Latents(state_dict, coded, symbols, steps, stored, transform, config), progress, side)
+    latents = Latents(state_dict, coded, symbols, steps, stored, transform, config)
+    corrected = _corrections(model, latents, calibration)
+    if corrected:
+        latents.stored = _stored(dict(state_dict, **corrected), stored_names, config)
+        side = None  # the stored tensors changed: code them again
+    compressed = assemble(latents, progress, side)
     compressed.stats["encode_seconds"] = round(time.perf_counter() - start, 3)
     compressed.header["lam"] = lam
     return compressed
+
+
+def _round_output_aware(state_dict: dict[str, torch.Tensor], coded: list[CodedTensor], steps: list[float],
+                        symbols: list[torch.Tensor], transform: Transform,
+                        calibration: Calibration | None) -> list[torch.Tensor]:
+    """GPTQ symbols for every coded tensor whose layer inputs were measured; the others keep
+    their nearest-rounded symbols. Only the identity transform has a grid in weight space."""
+    if transform.kind != "identity" or calibration is None:
+        logger.info("nearest rounding: output-aware rounding needs calibration data and the identity transform")
+        return symbols
+    out = list(symbols)
+    for i, c in enumerate(coded):
+        if c.name not in calibration.layers:
+            continue
+        factors = (c.scales.double() * steps[i]).float()  # the decoder's per-row factor, exactly
+        rows = output_aware_symbols(state_dict[c.name], factors, calibration.inverse_cholesky(c.name))
+        rows = torch.nn.functional.pad(rows, (0, c.layout.padded_len - c.layout.row_len))
+        out[i] = rows.reshape(c.layout.num_chunks, c.layout.chunk_size)
+    return out
+
+
+def _corrections(model, latents: Latents, calibration: Calibration | None) -> dict[str, torch.Tensor]:
+    """Corrected biases and norm statistics (by name) for the quantized weights, as configured."""
+    config = latents.config
+    if not (config.correct_biases or config.correct_norms):
+        return {}
+    if calibration is None or not isinstance(model, torch.nn.Module):
+        logger.warning("bias and norm corrections skipped: they need a model and calibration data")
+        return {}
+    original = latents.reference
+    decoded = {c.name: latents.decode_tensor(i) for i, c in enumerate(latents.coded)}
+    corrected = bias_corrections(original, decoded, calibration.layers) if config.correct_biases else {}
+    if config.correct_norms:
+        corrected.update(norm_corrections(model, dict(original, **decoded, **corrected), calibration))
+    return corrected
 
 
 def _flat(coded: list[CodedTensor], steps: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
