@@ -75,7 +75,9 @@ def test_drop(src: Source, compressed, held_out, base: float) -> float:
     return 100 * (base - src.task.score(scorer, held_out)[src.task.metric])
 
 
-def measure_model(name: str, variants: list[str]) -> dict:
+def measure_model(name: str, variants: list[str], previous: dict | None) -> dict:
+    """Search every variant of ``variants`` on one model; variants not asked for keep their
+    ``previous`` rows."""
     start = time.perf_counter()
     src = Source.open(ROOT / "reference_models" / name, "default", VAECompressionConfig.calibration_batches,
                       progress=False)
@@ -83,7 +85,8 @@ def measure_model(name: str, variants: list[str]) -> dict:
     test = src.task.prepare(src.model, src.task.load("test"))
     base = src.task.score(src.model, test)[src.task.metric]
     out = dict(model=name, calibration_seconds=round(calibration_seconds, 1), budget_pt=src.task.budget_pt,
-               metric=src.task.metric, previous_headline=previous_headline(name), variants={})
+               metric=src.task.metric, previous_headline=previous_headline(name),
+               variants=dict((previous or {}).get("variants", {})))
     for variant in variants:
         config = VAECompressionConfig(**VARIANTS[variant])
         result = search_smallest(src, None, src.task.budget_pt, "default", config, progress=False)
@@ -145,7 +148,7 @@ def main() -> None:
     models = dict(previous.get("models", {}))
     if not args.timing_only:
         for name in args.models:
-            models[name] = measure_model(name, args.variants)
+            models[name] = measure_model(name, args.variants, models.get(name))
             _write(previous, models, previous.get("timing"))
     if args.timing or args.timing_only:
         _write(previous, models, measure_timing(0.5))
