@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test bench fuzz data clean
+.PHONY: demo test bench bench-posthoc fuzz data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,11 @@ bench: $(STAMP) data
 	$(PY) benchmarks/load_speed.py
 	$(PY) benchmarks/hub_roundtrip.py
 	$(PY) benchmarks/default_compress.py
+	$(PY) benchmarks/posthoc_quality.py --calibration-seeds 0 1 --timing
+	$(PY) benchmarks/report.py
+
+bench-posthoc: $(STAMP) data
+	$(PY) benchmarks/posthoc_quality.py --calibration-seeds 0 1 --timing
 	$(PY) benchmarks/report.py
 
 fuzz: $(STAMP) data

@@ -8,9 +8,12 @@ The chosen container is then scored on the **test** split. Variants (config fiel
 - ``nearest``: round to the nearest level (the previous pipeline, in format v2);
 - ``nearest+corrections``: the same, with bias and norm corrections;
 - ``output_aware``: GPTQ error compensation on the entropy-coded grid (the default);
-- ``output_aware+corrections``: with bias and norm corrections as well.
+- ``output_aware+corrections``: with bias and norm corrections as well;
+- ``output_aware+tensor_steps``: one absolute step per tensor (``normalization="tensor"``, as
+  NNCodec does) instead of a step relative to each row's RMS.
 
-Every step is deterministic (fixed calibration subset, no sampling), so one seed is run.
+Every step is deterministic given the calibration subset; the subset is a random draw, so
+``--calibration-seeds`` reruns the search on other draws (rows ``variant (calibration seed N)``).
 ``previous_headline`` is last session's post-hoc headline from ``rate_accuracy.json`` (the
 smallest container of our pipeline within budget on validation, any transform), the reference
 the ratio ``vs_previous`` is measured against.
@@ -50,6 +53,7 @@ VARIANTS = {
     "nearest+corrections": dict(rounding="nearest", correct_biases=True, correct_norms=True),
     "output_aware": dict(rounding="output_aware"),
     "output_aware+corrections": dict(rounding="output_aware", correct_biases=True, correct_norms=True),
+    "output_aware+tensor_steps": dict(rounding="output_aware", normalization="tensor"),
 }
 PREVIOUS_METHODS = ("ours", "ours-identity-ablation")
 
@@ -75,12 +79,12 @@ def test_drop(src: Source, compressed, held_out, base: float) -> float:
     return 100 * (base - src.task.score(scorer, held_out)[src.task.metric])
 
 
-def measure_model(name: str, variants: list[str], previous: dict | None) -> dict:
-    """Search every variant of ``variants`` on one model; variants not asked for keep their
-    ``previous`` rows."""
+def measure_model(name: str, variants: list[str], previous: dict | None, seed: int = 0) -> dict:
+    """Search every variant of ``variants`` on one model, calibrated on draw ``seed``; rows not
+    measured here keep their ``previous`` values."""
     start = time.perf_counter()
     src = Source.open(ROOT / "reference_models" / name, "default", VAECompressionConfig.calibration_batches,
-                      progress=False)
+                      progress=False, calibration_seed=seed)
     calibration_seconds = time.perf_counter() - start
     test = src.task.prepare(src.model, src.task.load("test"))
     base = src.task.score(src.model, test)[src.task.metric]
@@ -100,8 +104,9 @@ def measure_model(name: str, variants: list[str], previous: dict | None) -> dict
             previous = out["previous_headline"]
             if previous:
                 row["vs_previous"] = previous["bytes"] / report["total_bytes"]
-        logger.info("%s %s: %s", name, variant, {k: v for k, v in row.items() if k not in ("probes", "validation")})
-        out["variants"][variant] = row
+        key = variant if seed == 0 else f"{variant} (calibration seed {seed})"
+        logger.info("%s %s: %s", name, key, {k: v for k, v in row.items() if k not in ("probes", "validation")})
+        out["variants"][key] = dict(row, calibration_seed=seed)
     return out
 
 
@@ -140,6 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=REFERENCES)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--calibration-seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--timing", action="store_true", help="also time resnet18 and a timm resnet50")
     parser.add_argument("--timing-only", action="store_true")
     args = parser.parse_args()
@@ -148,8 +154,9 @@ def main() -> None:
     models = dict(previous.get("models", {}))
     if not args.timing_only:
         for name in args.models:
-            models[name] = measure_model(name, args.variants, models.get(name))
-            _write(previous, models, previous.get("timing"))
+            for seed in args.calibration_seeds:
+                models[name] = measure_model(name, args.variants, models.get(name), seed)
+                _write(previous, models, previous.get("timing"))
     if args.timing or args.timing_only:
         _write(previous, models, measure_timing(0.5))
 

@@ -78,13 +78,15 @@ class Source:
 
     @classmethod
     def open(cls, source: str | Path, dataset: str | None, calibration_batches: int, progress: bool = True,
-             **hub_kwargs) -> "Source":
+             calibration_seed: int = 0, **hub_kwargs) -> "Source":
+        """Load the model and, with a dataset, calibrate on ``calibration_batches`` batches drawn
+        from its train split with ``calibration_seed``."""
         folder = resolve_folder(str(source), **hub_kwargs)
         model = load_model(folder)
         if not dataset:
             return cls(folder, model)
         task = task_for(model, dataset)
-        batches, loss_fn = task.calibration(model, calibration_batches)
+        batches, loss_fn = task.calibration(model, calibration_batches, calibration_seed)
         return cls(folder, model, task, calibrate(model, batches, calibration_batches, None, loss_fn, progress))
 
     def compress(self, config: VAECompressionConfig, finetune_config: FinetuneConfig | None = None,
