@@ -47,8 +47,9 @@ def output_aware_symbols(weight: torch.Tensor, factors: torch.Tensor,
     """Integer symbols (rows x d) for ``weight`` viewed as (rows, d), on the grid
     ``symbol * factors[row]``, chosen by GPTQ with ``factor`` from :func:`inverse_cholesky`."""
     order, u = factor
-    w = weight.detach().double().reshape(len(factors), -1)[:, order].clone()
-    grid = factors.double()[:, None]
+    u = u.float()  # the factor is computed in float64; the updates need no more than float32
+    w = weight.detach().float().reshape(len(factors), -1)[:, order].clone()
+    grid = factors.float()[:, None]
     d = w.shape[1]
     symbols = torch.empty_like(w)
     for start in range(0, d, BLOCK):
