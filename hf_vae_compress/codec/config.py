@@ -62,10 +62,10 @@ class VAECompressionConfig(JsonConfig):
     calibration_batches: int = 8
     # How weights are rounded to the grid: "output_aware" (GPTQ error compensation against each
     # layer's calibration inputs; identity transform, with calibration data: otherwise nearest) or
-    # "nearest". Output-aware rounding is the default because, at the same accuracy budget, its
-    # containers were 1.5-2x smaller on three of four reference models
-    # (benchmarks/results/posthoc_quality.json). Bias and norm corrections (no extra bytes) did
-    # not pay there, so they are off by default.
+    # "nearest". Output-aware rounding is the default because the rate search's containers within
+    # the same accuracy budget were 1.47-2.48x smaller than nearest rounding's on all four reference
+    # models (benchmarks/results/posthoc_quality.json). Bias and norm corrections (no extra bytes)
+    # were never smaller there, and 6 % and 29 % larger on MobileNet and RT-DETR: off by default.
     rounding: str = "output_aware"
     correct_biases: bool = False
     correct_norms: bool = False
