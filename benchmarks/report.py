@@ -236,7 +236,9 @@ def default_lines(path: Path) -> list[str]:
              "jobs (the ratios are indicative). *Data-free*: `--dataset none`, whose accuracy the CLI says it did not "
              "check, at the rate the run used. Each row names the commit it was measured at: rows older than the "
              "identity default (commit eeaf27d) ran the VAE transform, and the rate search's one-standard-error margin "
-             "came with commit 67c9581.", "",
+             "came with commit 67c9581. The commit is the default run's: output-aware rounding is the default from "
+             "commit dad2d4c on. The data-free runs, which have no data to round against and so did not change, were "
+             "not rerun with it (they date from 67c9581).", "",
              "| model | default: bytes (x fp32) | validation drop | test drop | probes | time vs fixed rate "
              "| data-free: bits/weight, x fp32, test drop | measured at commit |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in json.loads(path.read_text())["rows"]:
