@@ -141,11 +141,21 @@ def _describe(task: Task, metrics: dict | None) -> str:
 
 def _settings_table(compressed: CompressedModel) -> str:
     config = compressed.config.to_dict()
-    keys = ["target_bits_per_weight", "beta", "transform", "chunk_size", "hidden_size", "normalization",
-            "min_numel", "raw_dtype", "train_steps", "calibration_batches", "seed"]
+    keys = ["target_bits_per_weight", "beta", "transform", "rounding", "correct_biases", "correct_norms", "chunk_size",
+            "hidden_size", "normalization", "min_numel", "raw_dtype", "train_steps", "calibration_batches", "seed"]
     lines = ["| setting | value |", "|---|---|"]
     lines += [f"| `{k}` | `{config[k]}` |" for k in keys if k in config and config[k] is not None]
     return "\n".join(lines)
+
+
+def _coding_summary(compressed: CompressedModel) -> str:
+    """One phrase for the card: how this container's weights were coded."""
+    config = compressed.config
+    if config.transform == "vae":
+        return "a learned variational (VAE) transform whose latents are quantized and entropy-coded"
+    rounding = ("output-aware GPTQ rounding against calibration data" if config.rounding == "output_aware"
+                else "nearest rounding")
+    return f"entropy-coded scalar quantization on a Fisher-allocated grid, with {rounding}"
 
 
 def render_card(compressed: CompressedModel, config: dict, info: CardInfo, task: Task, *, base_bytes: int | None,
@@ -196,7 +206,7 @@ def render_card(compressed: CompressedModel, config: dict, info: CardInfo, task:
         num_examples=compressed_metrics.get("num_examples"), plot=plot, container=CONTAINER_NAME,
         remote_code_file=f"{REMOTE_CODE_MODULE}.py", settings=_settings_table(compressed),
         metric_title=task.metric_title, bootstrap=task.metric == "top1", auto_class=task.auto_class,
-        task_name=task.pipeline_tag.replace("-", " "),
+        task_name=task.pipeline_tag.replace("-", " "), method=_coding_summary(compressed),
         codec_version=config["quantization_config"]["codec_version"])
 
 

@@ -111,3 +111,14 @@ def test_rounding_is_validated_and_round_trips():
     assert VAECompressionConfig.from_json(config.to_json()) == config
     with pytest.raises(ValueError, match="rounding"):
         VAECompressionConfig(rounding="stochastic")
+
+
+def test_the_header_records_the_rounding_that_was_done():
+    model = tiny_timm().eval()
+    config = VAECompressionConfig(target_bits_per_weight=2.0, correct_norms=True)  # output-aware by default
+    without_data = compress(model, config, progress=False)
+    assert without_data.config.rounding == "nearest" and not without_data.config.correct_norms
+    with_data = compress(model, config, calibration_data=[torch.randn(8, 1, 28, 28)], progress=False)
+    assert with_data.config.rounding == "output_aware" and with_data.config.correct_norms
+    del with_data.header["config"]["rounding"]  # a container written before output-aware rounding existed
+    assert with_data.config.rounding == "nearest"

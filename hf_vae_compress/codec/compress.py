@@ -8,6 +8,7 @@ exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -123,8 +124,12 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
             lam = search_lam(lambda l: total_bits(transform, l), target * target / actual, sens)
             steps = steps_for(lam, sens)
             symbols = _round_output_aware(state_dict, coded, steps, nearest(steps), calibration)
-    elif config.rounding == "output_aware":
+    elif config.rounding == "output_aware":  # the header records what was done, not what was asked
         logger.info("nearest rounding: output-aware rounding needs calibration data and the identity transform")
+        config = dataclasses.replace(config, rounding="nearest")
+    if (config.correct_biases or config.correct_norms) and (calibration is None or not isinstance(model, torch.nn.Module)):
+        logger.warning("bias and norm corrections skipped: they need a model and calibration data")
+        config = dataclasses.replace(config, correct_biases=False, correct_norms=False)
     if coded:
         chunks, index, log_steps = _flat(coded, steps)
         transform.refine(chunks, torch.cat(symbols), index, log_steps, config, shard)
@@ -156,12 +161,10 @@ def _round_output_aware(state_dict: dict[str, torch.Tensor], coded: list[CodedTe
 
 
 def _corrections(model, latents: Latents, calibration: Calibration | None) -> dict[str, torch.Tensor]:
-    """Corrected biases and norm statistics (by name) for the quantized weights, as configured."""
+    """Corrected biases and norm statistics (by name) for the quantized weights, as configured
+    (the caller has turned the corrections off where there is no model or calibration)."""
     config = latents.config
     if not (config.correct_biases or config.correct_norms):
-        return {}
-    if calibration is None or not isinstance(model, torch.nn.Module):
-        logger.warning("bias and norm corrections skipped: they need a model and calibration data")
         return {}
     original = latents.reference
     decoded = {c.name: latents.decode_tensor(i) for i, c in enumerate(latents.coded)}

@@ -35,7 +35,9 @@ class CompressedModel:
 
     @property
     def config(self) -> VAECompressionConfig:
-        return VAECompressionConfig.from_dict(self.header["config"])
+        """The configuration the container was written with. Containers older than output-aware
+        rounding do not name a rounding: they were rounded to nearest."""
+        return VAECompressionConfig.from_dict({"rounding": "nearest", **self.header["config"]})
 
     def to_bytes(self) -> bytes:
         """The exact bytes of the container file."""
