@@ -56,6 +56,10 @@ def _pct(x: float) -> str:
 METRIC_NAMES = {"top1": "top-1", "map": "mAP@[.5:.95]"}
 
 
+def _unit(metric: str) -> str:
+    return "pt" if metric == "top1" else "pt mAP"
+
+
 def _score(r: dict) -> str:
     """A row's test score as the table prints it: top-1 with its interval, or mAP with mAP@0.5."""
     if r["metric"] == "top1":
@@ -243,7 +247,7 @@ def default_lines(path: Path) -> list[str]:
              "| data-free: bits/weight, x fp32, test drop | measured at commit |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in json.loads(path.read_text())["rows"]:
         d, free = r["default"], r["data_free"]
-        unit = "pt" if r["metric"] == "top1" else "pt mAP"
+        unit = _unit(r["metric"])
         name = f"`{r['model']}`" + ("" if r["reference"] else " (not a reference model)")
         lines.append(f"| {name} | {d['bytes']:,} ({d['ratio_vs_fp32']:.1f}x) | {d['validation']['drop_pt']:.2f} {unit} "
                      f"| {d['test_drop_pt']:.2f} {unit} | {d['probes']} | {d['compress_seconds']:.0f} s "
@@ -268,7 +272,7 @@ def posthoc_lines(path: Path) -> list[str]:
              "| model | variant | bytes (x fp32) | bits/weight | validation drop | test drop | vs previous | search s |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, m in data["models"].items():
-        unit = "pt" if m["metric"] == "top1" else "pt mAP"
+        unit = _unit(m["metric"])
         prev = m.get("previous_headline")
         if prev:
             lines.append(f"| {name} | previous headline ({prev['method']}, {prev['setting']} bpw) "
@@ -294,7 +298,7 @@ def posthoc_lines(path: Path) -> list[str]:
         if not draws or not prev:
             continue
         worst = max(draws, key=lambda r: r["bytes"])
-        unit = "pt" if m["metric"] == "top1" else "pt mAP"
+        unit = _unit(m["metric"])
         lines.append(f"| {name} | {prev['bytes']:,} ({prev['ratio_vs_fp32']:.1f}x) | {worst['bytes']:,} "
                      f"({worst['ratio_vs_fp32']:.1f}x) | {prev['bytes'] / worst['bytes']:.2f}x "
                      f"| {max(r['test_drop_pt'] for r in draws):.2f} {unit} |")

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from hf_vae_compress.codec import VAECompressionConfig, compress
-from hf_vae_compress.codec.calibration import (LayerInputs, calibrate, layer_statistics, norm_layers,
-                                               norm_statistics, output_aware_layers)
+from hf_vae_compress.codec.calibration import (LayerInputs, calibrate, layer_statistics, norm_input_means,
+                                               norm_layers, output_aware_layers)
 from hf_vae_compress.codec.correction import bias_corrections, norm_corrections
 from hf_vae_compress.codec.output_aware import inverse_cholesky, output_aware_symbols
 from tests.conftest import tiny_timm
@@ -26,7 +26,7 @@ def test_gptq_lowers_the_output_error_of_nearest_rounding_on_the_same_grid():
     x = _correlated_inputs(4096, 48)
     w = torch.randn(16, 48)
     factors = torch.full((16,), 0.5) * torch.linspace(0.5, 1.5, 16)  # one grid step per row
-    inputs = LayerInputs(x.T @ x / len(x), x.mean(0), len(x))
+    inputs = LayerInputs(x.T @ x / len(x), x.mean(0))
     symbols = output_aware_symbols(w, factors, inverse_cholesky(inputs))
     assert symbols.dtype == torch.int32 and symbols.shape == w.shape
     nearest = torch.round(w / factors[:, None])
@@ -38,7 +38,7 @@ def test_gptq_lowers_the_output_error_of_nearest_rounding_on_the_same_grid():
 def test_gptq_is_nearest_rounding_when_inputs_are_uncorrelated():
     w = torch.randn(8, 300)
     factors = torch.full((8,), 0.3)
-    inputs = LayerInputs(torch.diag(torch.rand(300) + 0.5), torch.zeros(300), 1000)  # diagonal H: nothing to push
+    inputs = LayerInputs(torch.diag(torch.rand(300) + 0.5), torch.zeros(300))  # diagonal H: nothing to push
     symbols = output_aware_symbols(w, factors, inverse_cholesky(inputs))
     assert torch.equal(symbols, torch.round(w / 0.3).to(torch.int32))
 
@@ -62,7 +62,7 @@ def test_layer_moments_match_a_direct_computation_in_any_grouping():
 def test_bias_correction_restores_the_output_mean():
     layer = nn.Linear(6, 3)
     x = torch.randn(500, 6) + 2.0
-    inputs = LayerInputs(x.T @ x / len(x), x.mean(0), len(x))
+    inputs = LayerInputs(x.T @ x / len(x), x.mean(0))
     original = {"weight": layer.weight.detach(), "bias": layer.bias.detach()}
     shifted = layer.weight.detach() + 0.1  # a correlated error: every weight rounded up
     corrected = bias_corrections(original, {"weight": shifted}, {"weight": inputs})
@@ -76,13 +76,13 @@ def test_norm_correction_moves_running_means_by_the_measured_shift():
     model = nn.Sequential(nn.Conv2d(2, 3, 1, bias=False), nn.BatchNorm2d(3)).eval()
     batches = [torch.randn(8, 2, 4, 4) + 1.0 for _ in range(2)]
     calibration = calibrate(model, batches, 2, loss_fn=lambda m, b: (m(b).pow(2).sum(), len(b)), progress=False)
-    assert set(calibration.norms) == {"1"} and set(norm_layers(model)) == {"1"}
+    assert set(calibration.norm_means(model)) == {"1"} and set(norm_layers(model)) == {"1"}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["0.weight"] = state["0.weight"] + 0.25  # shifts every output channel's mean
     corrected = norm_corrections(model, state, calibration)
     quantized = nn.Sequential(nn.Conv2d(2, 3, 1, bias=False), nn.BatchNorm2d(3)).eval()
     quantized.load_state_dict(state)
-    shift = norm_statistics(quantized, batches, {"1": quantized[1]})["1"].mean - calibration.norms["1"].mean
+    shift = norm_input_means(quantized, batches, {"1": quantized[1]})["1"] - calibration.norm_means(model)["1"]
     assert shift.abs().min() > 0.1
     assert torch.allclose(corrected["1.running_mean"], model[1].running_mean + shift, atol=1e-5)
 

@@ -5,8 +5,9 @@ compression of it (a rate search compresses one model many times).
 - Per coded layer, the second moment of its inputs, ``H = E[x xᵀ]``: the output error of a weight
   error ``ΔW`` is ``tr(ΔW H ΔWᵀ)``, which is what output-aware rounding (:mod:`.output_aware`)
   minimises and what bias correction (:mod:`.correction`) needs the mean of.
-- Per normalisation layer with running statistics, the mean and variance of its inputs on the
-  same batches: norm correction compares them with the quantized model's.
+- Per normalisation layer with running statistics, the mean of its inputs on the same batches,
+  measured when norm correction first asks (it is off by default): the correction compares them
+  with the quantized model's.
 
 Inputs are captured with forward hooks and reduced to ``d x d`` sums as each batch passes: no
 activation is kept. Layers are taken in groups whose statistics fit ``max_bytes``, one forward
@@ -41,15 +42,6 @@ class LayerInputs:
 
     second: torch.Tensor
     mean: torch.Tensor
-    samples: int
-
-
-@dataclass
-class NormInputs:
-    """Per-channel mean and variance of a normalisation layer's input (over batch and space)."""
-
-    mean: torch.Tensor
-    var: torch.Tensor
 
 
 @dataclass
@@ -59,18 +51,25 @@ class Calibration:
 
     fisher: dict[str, torch.Tensor]
     layers: dict[str, LayerInputs] = field(default_factory=dict)  # keyed by the weight's name
-    norms: dict[str, NormInputs] = field(default_factory=dict)  # keyed by the module's name
     batches: list = field(default_factory=list)
-    _factors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _norm_means: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
-    def inverse_cholesky(self, name: str) -> torch.Tensor:
-        """The GPTQ factor of a layer's input moments, computed once and kept (it does not depend
-        on the rate, so every probe of a rate search reuses it)."""
+    def inverse_cholesky(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The GPTQ column order and factor of a layer's input moments, computed once and kept (they
+        do not depend on the rate, so every probe of a rate search reuses them)."""
         from .output_aware import inverse_cholesky
 
         if name not in self._factors:
             self._factors[name] = inverse_cholesky(self.layers[name])
         return self._factors[name]
+
+    def norm_means(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Per-channel input mean of every norm layer of the original ``model`` on the calibration
+        batches (by module name), measured on first use and kept."""
+        if self._norm_means is None:
+            self._norm_means = norm_input_means(model, self.batches, norm_layers(model))
+        return self._norm_means
 
 
 def model_inputs(batch) -> tuple[tuple, dict]:
@@ -123,32 +122,19 @@ def layer_rows(module: nn.Module, x: torch.Tensor, generator: torch.Generator) -
     return rows
 
 
-def norm_statistics(model: nn.Module, batches: list, modules: dict[str, nn.Module]) -> dict[str, NormInputs]:
-    """Per-channel input mean and variance of each module in ``modules`` over ``batches``."""
-    sums: dict[str, list] = {}
+def _accumulate(model: nn.Module, batches: list, modules: dict[str, nn.Module],
+                reduce: Callable[[nn.Module, torch.Tensor], tuple]) -> dict[str, tuple]:
+    """Run ``batches`` through ``model`` (eval, no grad) and sum, per module of ``modules``,
+    the tuple ``reduce(module, input)`` over batches: statistics without keeping activations."""
+    sums: dict[str, tuple] = {}
 
     def hook(name):
-        def record(_module, args):
-            x = args[0].detach().float()
-            x = x.transpose(0, 1).reshape(x.shape[1], -1)  # channels first (N, C, ...) -> (C, rest)
-            s = sums.setdefault(name, [0.0, 0.0, 0])
-            s[0], s[1], s[2] = s[0] + x.sum(1), s[1] + x.pow(2).sum(1), s[2] + x.shape[1]
+        def record(module, args):
+            terms = reduce(module, args[0].detach().float())
+            sums[name] = terms if name not in sums else tuple(a + b for a, b in zip(sums[name], terms))
         return record
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
-    try:
-        _run(model, batches)
-    finally:
-        for h in handles:
-            h.remove()
-    out = {}
-    for name, (total, squares, n) in sums.items():
-        mean = total / n
-        out[name] = NormInputs(mean, (squares / n - mean.pow(2)).clamp_min(0))
-    return out
-
-
-def _run(model: nn.Module, batches: list) -> None:
     was_training = model.training
     model.eval()
     try:
@@ -158,6 +144,18 @@ def _run(model: nn.Module, batches: list) -> None:
                 model(*args, **kwargs)
     finally:
         model.train(was_training)
+        for h in handles:
+            h.remove()
+    return sums
+
+
+def norm_input_means(model: nn.Module, batches: list, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Per-channel input mean of each module in ``modules`` over ``batches`` (channels are dim 1)."""
+    def reduce(_module, x):
+        x = x.transpose(0, 1).reshape(x.shape[1], -1)
+        return x.sum(1), x.shape[1]
+
+    return {name: total / n for name, (total, n) in _accumulate(model, batches, modules, reduce).items()}
 
 
 def _groups(layers: dict[str, nn.Module], max_bytes: int) -> list[list[str]]:
@@ -181,35 +179,23 @@ def layer_statistics(model: nn.Module, batches: list, layers: dict[str, nn.Modul
     out = {}
     groups = _groups(layers, max_bytes)
     for group in tqdm(groups, desc="input moments", disable=not progress or len(groups) == 1, leave=False):
-        sums: dict[str, list] = {}
         generator = torch.Generator().manual_seed(0)
 
-        def hook(name):
-            def record(module, args):
-                rows = layer_rows(module, args[0], generator)
-                s = sums.setdefault(name, [0.0, 0.0, 0])
-                s[0], s[1], s[2] = s[0] + rows.T @ rows, s[1] + rows.sum(0), s[2] + len(rows)
-            return record
+        def reduce(module, x):
+            rows = layer_rows(module, x, generator)
+            return rows.T @ rows, rows.sum(0), len(rows)
 
-        handles = [layers[n].register_forward_pre_hook(hook(n)) for n in group]
-        try:
-            _run(model, batches)
-        finally:
-            for h in handles:
-                h.remove()
-        for name, (second, total, n) in sums.items():
-            out[name] = LayerInputs(second / n, total / n, n)
+        sums = _accumulate(model, batches, {n: layers[n] for n in group}, reduce)
+        out.update({name: LayerInputs(second / n, total / n) for name, (second, total, n) in sums.items()})
     return out
 
 
 def calibrate(model: nn.Module, batches: Iterable, num_batches: int, coded_names: Iterable[str] | None = None,
               loss_fn: Callable | None = None, progress: bool = True) -> Calibration:
-    """Fisher, layer input moments (of ``coded_names``, or of every eligible layer) and norm input
-    statistics from ``num_batches`` batches."""
+    """Fisher and layer input moments (of ``coded_names``, or of every eligible layer) from
+    ``num_batches`` batches, which are kept for the norm statistics."""
     batches = [b for _, b in zip(range(num_batches), batches)]
     fisher = fisher_diagonal(model, batches, num_batches, loss_fn, progress)
     layers = layer_statistics(model, batches, output_aware_layers(model, coded_names), progress=progress)
-    norms = norm_statistics(model, batches, norm_layers(model))
-    logger.info("calibration: %d batches, input moments of %d layers, %d norm layers",
-                len(batches), len(layers), len(norms))
-    return Calibration(fisher, layers, norms, batches)
+    logger.info("calibration: %d batches, input moments of %d layers", len(batches), len(layers))
+    return Calibration(fisher, layers, batches)

@@ -1,10 +1,9 @@
 """Corrections that cost no bytes: after quantization, shift the stored biases and normalisation
-statistics so that each layer's output keeps its calibration mean (and, for norms, variance).
+means so that each layer's output keeps its calibration mean.
 
 Quantization errors are correlated across a layer, so they shift its output mean; a batch norm
-downstream, whose statistics were measured on the original model, then normalises with the wrong
-mean and scale (Nagel et al. 2019, "Data-free quantization"). Both fixes edit tensors the
-container stores anyway:
+downstream, whose statistics were measured on the original model, then subtracts the wrong mean
+(Nagel et al. 2019, "Data-free quantization"). Both fixes edit tensors the container stores anyway:
 
 - **bias correction**: a coded layer with a bias gets ``b - (W_q - W) E[x]``, the exact shift of
   its output mean on the calibration inputs;
@@ -22,7 +21,7 @@ import copy
 import torch
 from torch import nn
 
-from .calibration import Calibration, LayerInputs, norm_layers, norm_statistics
+from .calibration import Calibration, LayerInputs, norm_input_means, norm_layers
 
 NORM_PASSES = 2
 
@@ -49,17 +48,15 @@ def norm_corrections(model: nn.Module, state_dict: dict[str, torch.Tensor],
     the quantizer nearly erased: on resnet18 at 0.7 bits/weight one convolution rounded to all
     zeros, its norm's variance was set to 0, and the division by ``sqrt(eps)`` lost 81 pt of top-1.
     """
-    if not calibration.norms:
+    reference = calibration.norm_means(model)
+    if not reference:
         return {}
     quantized = copy.deepcopy(model)
     quantized.load_state_dict(state_dict, strict=False)
-    modules = {n: m for n, m in norm_layers(quantized).items() if n in calibration.norms}
+    modules = {n: m for n, m in norm_layers(quantized).items() if n in reference}
     for _ in range(NORM_PASSES):
-        measured = norm_statistics(quantized, calibration.batches, modules)
-        for name, stats in measured.items():
-            module = modules[name]
-            shift = stats.mean - calibration.norms[name].mean
+        for name, mean in norm_input_means(quantized, calibration.batches, modules).items():
             with torch.no_grad():
-                module.running_mean.copy_(state_dict[f"{name}.running_mean"].float() + shift)
+                modules[name].running_mean.copy_(state_dict[f"{name}.running_mean"].float() + mean - reference[name])
     buffers = dict(quantized.named_buffers())
     return {f"{n}.running_mean": buffers[f"{n}.running_mean"].detach().clone() for n in modules}
