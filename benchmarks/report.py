@@ -305,7 +305,7 @@ def posthoc_lines(path: Path) -> list[str]:
     timing = data.get("timing")
     if timing:
         lines += ["", f"Fixed-rate compress at {timing['target_bits_per_weight']} bits/weight, {timing['threads']} "
-                  "threads (calibration: Fisher, input moments and norm statistics; compress: allocation, rounding, "
+                  "threads (calibration: Fisher and layer input moments; compress: allocation, rounding, "
                   "entropy coding). The resnet50 has random weights and random 224 x 224 calibration images: only "
                   "its time means anything.", "",
                   "| model | weights | rounding | calibration s | compress s | total s |", "|---|---:|---|---:|---:|---:|"]
