@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 
 from .codec import CompressedModel, ContainerError, VAECompressionConfig
-from .codec.config import ROUNDINGS, TRANSFORMS
+from .codec.config import ROUNDINGS, TRANSFORMS, check_target_rate
 from .data import DataNotFoundError
-from .finetune import FinetuneConfig
+from .finetune import FinetuneConfig, check_resume, run_identity
+from .hub import check_output, save_pretrained
+from .models import check_model_folder, load_model, resolve_folder
 from .tasks import DEFAULT_DATASET
 
 logger = logging.getLogger("hf_vae_compress")
@@ -34,10 +37,37 @@ def _cmd_evaluate(args: argparse.Namespace) -> dict:
     return result
 
 
+def _check_compress_args(args: argparse.Namespace, fixed_rate: bool) -> None:
+    """Refuse combinations of flags that cannot work, before anything is loaded."""
+    if not args.dataset:
+        for flag, given in (("--max-accuracy-drop", args.max_accuracy_drop is not None),
+                            ("--finetune-steps", args.finetune_steps > 0), ("--validation-split", bool(args.validation_split))):
+            if given:
+                raise ValueError(f"{flag} needs a dataset (--dataset none gives none): pass --dataset or drop {flag}")
+    if (args.checkpoint_dir or args.resume_from) and not fixed_rate:
+        raise ValueError("--checkpoint-dir and --resume-from need a fixed rate (--target-bpw or --beta): "
+                         "a rate search fine-tunes many candidates")
+    if args.resume_from and not args.finetune_steps:
+        raise ValueError("--resume-from resumes fine-tuning: give --finetune-steps as in the run that wrote it")
+
+
+def _over_budget(validation: dict | None, rate: str) -> str | None:
+    """A warning when a fixed rate's measured validation drop does not fit the task's budget."""
+    if validation is None or validation.get("within_budget", True):
+        return None
+    return (f"{rate} loses {validation['drop_pt']:.2f} ± {validation.get('drop_se_pt', 0.0):.2f} pt of "
+            f"{validation['metric']} on the {validation['split']} split, over the task's budget of "
+            f"{validation['budget_pt']} pt: drop the rate argument to search the smallest container within budget")
+
+
 def _cmd_compress(args: argparse.Namespace) -> dict | None:
     """Fixed rate with ``--target-bpw`` / ``--beta``; otherwise the smallest container within an
     accuracy budget (``--max-accuracy-drop``, or the task's own budget when data is available).
-    Without data nothing can be checked: a conservative rate, and a warning that says so."""
+    Without data nothing can be checked: a conservative rate, and a warning that says so.
+
+    Every input is checked before the long work (loading data, calibrating, searching): the source
+    folder, the output folder (never the source, never another model's weights without
+    ``--overwrite``, writable) and a checkpoint to resume from."""
     import time
 
     import torch
@@ -47,32 +77,34 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
     start = time.perf_counter()
     budget = args.max_accuracy_drop
     fixed_rate = args.beta is not None or args.target_bpw is not None
-    if budget is not None and not args.dataset:
-        raise ValueError("--max-accuracy-drop needs a dataset to measure the drop on")
-    if (args.checkpoint_dir or args.resume_from) and not fixed_rate:
-        raise ValueError("--checkpoint-dir and --resume-from need a fixed rate (--target-bpw or --beta): "
-                         "a rate search fine-tunes many candidates")
+    _check_compress_args(args, fixed_rate)
+    folder = resolve_folder(args.source, local_files_only=args.local_files_only)
+    check_model_folder(folder)
+    check_output(args.out_dir, folder, args.overwrite)
     fields = dict(transform=args.transform, chunk_size=args.chunk_size, hidden_size=args.hidden_size,
                   train_steps=args.train_steps, seed=args.seed, calibration_batches=args.calibration_batches,
                   rounding=args.rounding, correct_biases=args.correct_biases, correct_norms=args.correct_norms)
     if args.beta is not None:
         fields.update(beta=args.beta, target_bits_per_weight=None)
     else:
-        fields.update(target_bits_per_weight=args.target_bpw or UNCHECKED_BPW)
+        fields.update(target_bits_per_weight=UNCHECKED_BPW if args.target_bpw is None else args.target_bpw)
     config = VAECompressionConfig(**fields)
     tuning = FinetuneConfig(steps=args.finetune_steps, rate_weight=args.rate_weight, seed=args.seed,
                             checkpoint_every=args.checkpoint_every)
+    if args.resume_from:
+        check_resume(args.resume_from, run_identity(load_model(folder), config.to_dict(), tuning))
     accelerator = None
     if args.finetune_steps or os.environ.get("WORLD_SIZE", "1") != "1":  # under accelerate launch / torchrun
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main_process = accelerator is None or accelerator.is_main_process
-    src = Source.open(args.source, args.dataset, config.calibration_batches, local_files_only=args.local_files_only)
-    probes, warning = None, None
+    split = {"validation_split": args.validation_split} if args.validation_split else {}
+    src = Source.open(folder, args.dataset, config.calibration_batches, **split)
+    probes, warnings = None, []
     if not fixed_rate and src.task is not None:
         budget = src.task.budget_pt if budget is None else budget
-        result = search_smallest(src, args.out_dir, budget, args.dataset, config, tuning, accelerator=accelerator)
+        result = search_smallest(src, None, budget, args.dataset, config, tuning, accelerator=accelerator, **split)
         if result.compressed is None:
             raise ValueError(f"no rate tried kept the validation drop within {budget} pt "
                              f"(probes: {result.probes}); give --target-bpw to choose a rate yourself")
@@ -80,20 +112,24 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
     else:
         compressed = src.compress(config, tuning, accelerator, args.checkpoint_dir, args.resume_from)
         validation = src.validation_drop(compressed) if src.task is not None and main_process else None
-        if main_process:
-            src.save(compressed, args.out_dir)
+        rate = f"--beta {args.beta}" if args.beta is not None else f"{config.target_bits_per_weight} bits/weight"
+        warnings.append(_over_budget(validation, f"the fixed rate {rate}"))
     if validation is None:
-        warning = (f"accuracy was not checked: no dataset was given, so {config.target_bits_per_weight} bits/weight "
-                   "was used without measuring its effect. Pass --dataset to get the smallest container within "
-                   "the task's accuracy budget.")
+        warnings.append(f"accuracy was not checked: no dataset was given, so {config.target_bits_per_weight} "
+                        "bits/weight was used without measuring its effect. Pass --dataset to get the smallest "
+                        "container within the task's accuracy budget.")
     if not main_process:
         return None
+    compressed.stats.setdefault("validation", validation)
+    save_pretrained(compressed, folder, args.out_dir, overwrite=args.overwrite)
     report = compressed.report()
     report.pop("layers")
-    return dict(out_dir=str(args.out_dir), accuracy_checked=validation is not None, validation=validation,
-                warning=warning, rate_search=probes, compress_seconds=round(time.perf_counter() - start, 2),
-                finetune=compressed.header.get("finetune"), **compressed.stats,
-                **report)
+    warning = " ".join(w for w in warnings if w) or None
+    return {**compressed.stats, **report,
+            **dict(out_dir=str(args.out_dir), accuracy_checked=validation is not None, validation=validation,
+                   over_budget=validation is not None and not validation.get("within_budget", True),
+                   warning=warning, rate_search=probes, compress_seconds=round(time.perf_counter() - start, 2),
+                   finetune=compressed.header.get("finetune"))}
 
 
 def _open_container(path: str) -> CompressedModel:
@@ -159,6 +195,34 @@ def _describe_validation(result: dict) -> str:
             f"± {v['drop_se_pt']:.2f} pt (budget {v['budget_pt']} pt; {where})")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def _bits_per_weight(text: str) -> float:
+    try:
+        return check_target_rate(_finite(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _positive(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _budget_pt(text: str) -> float:
+    value = _finite(text)
+    if not 0 <= value < 100:
+        raise argparse.ArgumentTypeError(f"an accuracy drop in points must be at least 0 and below 100, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-vae-compress", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
@@ -176,11 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("source")
     co.add_argument("out_dir")
     rate = co.add_mutually_exclusive_group()
-    rate.add_argument("--target-bpw", type=float,
+    rate.add_argument("--target-bpw", type=_bits_per_weight,
                       help="a fixed rate: bits per weight, all side information included (accuracy is still "
                            "measured on the validation split when there is data)")
-    rate.add_argument("--beta", type=float, help="fixed rate-distortion trade-off instead of a target rate")
-    rate.add_argument("--max-accuracy-drop", type=float, metavar="PT",
+    rate.add_argument("--beta", type=_positive, help="fixed rate-distortion trade-off instead of a target rate")
+    rate.add_argument("--max-accuracy-drop", type=_budget_pt, metavar="PT",
                       help="the smallest container whose metric drop on the validation split is at most PT "
                            "(default when no rate is given: the task's budget, 0.5 pt top-1 or 1 pt mAP)")
     co.add_argument("--dataset", default=DEFAULT_DATASET,
@@ -201,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shift stored biases by the output-mean change quantization causes (needs data)")
     co.add_argument("--correct-norms", action=argparse.BooleanOptionalAction, default=VAECompressionConfig.correct_norms,
                     help="shift norm layers' running means to their inputs' mean in the quantized model (needs data)")
+    co.add_argument("--validation-split", metavar="SPLIT",
+                    help="the split (or slice) the accuracy check selects on; default: validation/valid/dev, else "
+                         "half of test; it must hold examples the model did not train on")
+    co.add_argument("--overwrite", action="store_true",
+                    help="replace an output folder that already holds model weights (its stale weights are removed)")
     co.add_argument("--seed", type=int, default=0)
     co.add_argument("--finetune-steps", type=int, default=0,
                     help="task fine-tuning steps on the dataset's train split (0: post-hoc only)")
@@ -249,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dataset = None
     try:
         result = COMMANDS[args.command](args)
-    except (ContainerError, DataNotFoundError, FileNotFoundError, ValueError) as err:
+    except (ContainerError, DataNotFoundError, OSError, ValueError) as err:
         print(f"hf-vae-compress {args.command}: error: {err}", file=sys.stderr)
         return 2
     if result is None:  # a non-main process of a distributed run

@@ -13,6 +13,8 @@ from an ``accelerator.save_state`` checkpoint sees exactly the batches it would 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import time
@@ -72,13 +74,59 @@ class _Progress:
         self.step = int(state["step"])
 
 
-def _save_checkpoint(accelerator, folder: Path) -> None:
+RUN_FILE = "run.json"  # in every checkpoint: what a run resuming from it must match
+# The compression settings that shape the latents a checkpoint holds (rounding and corrections are
+# left out: the header records what was applied, which can differ from what was asked).
+_LATENT_FIELDS = ("target_bits_per_weight", "beta", "transform", "chunk_size", "hidden_size", "normalization",
+                  "min_numel", "raw_dtype", "train_steps", "calibration_batches", "seed", "modules_to_not_convert")
+
+
+def run_identity(model: nn.Module, compression: dict, config: FinetuneConfig) -> dict:
+    """What a checkpoint must match to be resumed: the model's weights (a SHA-256 over names,
+    shapes and bytes), the settings that shape its latents, and the fine-tuning settings other than
+    the number of steps and the checkpoint interval. Computable before calibration, so ``compress``
+    refuses a foreign checkpoint before any long work."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    tuning = {k: v for k, v in config.to_dict().items() if k not in ("steps", "checkpoint_every")}
+    return dict(model_sha256=digest.hexdigest(), compression={k: compression.get(k) for k in _LATENT_FIELDS},
+                finetune=tuning)
+
+
+def check_resume(folder: str | Path, identity: dict) -> None:
+    """Raise unless ``folder`` is a checkpoint of a run with this ``identity`` (see :func:`run_identity`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot resume from {folder}: no such checkpoint folder (checkpoints are "
+                                "CHECKPOINT_DIR/step_N)")
+    run_file = folder / RUN_FILE
+    if not run_file.is_file():
+        raise ValueError(f"cannot resume from {folder}: it holds no {RUN_FILE}, so it is not a checkpoint of "
+                         "hf-vae-compress fine-tuning (or one written before checkpoints recorded their run); "
+                         "start again without --resume-from")
+    recorded = json.loads(run_file.read_text())
+    if recorded.get("model_sha256") != identity["model_sha256"]:
+        raise ValueError(f"cannot resume from {folder}: it was written while fine-tuning another model (its weights "
+                         "differ from this source's); resume with the same source model, or start without --resume-from")
+    for part in ("compression", "finetune"):
+        theirs, ours = recorded.get(part) or {}, identity[part]
+        changed = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
+        if changed:
+            detail = ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in sorted(changed.items()))
+            raise ValueError(f"cannot resume from {folder}: it was written with other settings ({detail}); resume with "
+                             "the same settings, or start without --resume-from")
+
+
+def _save_checkpoint(accelerator, folder: Path, identity: dict) -> None:
     """``accelerator.save_state`` under a temporary name, renamed once every process has written:
     a run killed mid-write leaves no half-written ``step_N`` for ``--resume-from`` to trip over."""
     partial = folder.with_name(folder.name + ".partial")
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (partial / RUN_FILE).write_text(json.dumps(identity, indent=2) + "\n")
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)
     accelerator.wait_for_everyone()
@@ -99,6 +147,9 @@ def finetune(compressed: CompressedModel, model: nn.Module, train_data, config: 
     task = task or Classification()
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     start = time.perf_counter()
+    identity = run_identity(model, compressed.header["config"], config) if checkpoint_dir or resume_from else None
+    if resume_from:
+        check_resume(resume_from, identity)
     latents = compressed.unpack()
     model.eval().requires_grad_(False)
     trainable = {n for n, _ in model.named_parameters()}
@@ -138,7 +189,7 @@ def finetune(compressed: CompressedModel, model: nn.Module, train_data, config: 
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", bpw=f"{bits.item() / num_weights:.3f}")
         if checkpoint_dir and state.step % config.checkpoint_every == 0 and state.step < config.steps:
-            _save_checkpoint(accelerator, Path(checkpoint_dir) / f"step_{state.step}")
+            _save_checkpoint(accelerator, Path(checkpoint_dir) / f"step_{state.step}", identity)
     bar.close()
     accelerator.wait_for_everyone()
     tuned = assemble(accelerator.unwrap_model(student).param.to_latents())

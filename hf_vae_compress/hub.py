@@ -28,15 +28,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import tempfile
+import urllib.error
+import urllib.request
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .codec import CONTAINER_NAME, CompressedModel
-from .codec.container import LEGACY_CONTAINER_NAMES
 from .integrations import REMOTE_CODE_AUTO_MAP, REMOTE_CODE_DIR, REMOTE_CODE_MODULE
 from .loading import QUANT_METHOD, container_name, find_container, is_compressed_config, load_compressed, load_into
 from .models import WEIGHT_SUFFIXES, copy_side_files, model_format, read_config, resolve_folder, weights_bytes
@@ -158,6 +162,26 @@ def _coding_summary(compressed: CompressedModel) -> str:
     return f"entropy-coded scalar quantization on a Fisher-allocated grid, with {rounding}"
 
 
+def _validation_summary(validation: dict | None) -> str | None:
+    """The card's "How accuracy was checked" paragraph, from the pipeline's ``stats["validation"]``:
+    where the rate was chosen, the measured drop against its budget, and the pipeline's own words on
+    which split was used and whether the model may have trained on it."""
+    if not isinstance(validation, dict):
+        return None
+    metric = validation.get("metric", "the task metric")
+    text = f"The rate was chosen on {validation.get('examples', 'an unknown number of')} examples of the " \
+           f"`{validation.get('split', '?')}` split"
+    if isinstance(validation.get("base"), (int, float)) and isinstance(validation.get("compressed"), (int, float)):
+        text += (f": {metric} {100 * validation['base']:.2f} % for the base model, {100 * validation['compressed']:.2f} % "
+                 f"compressed, a drop of {validation.get('drop_pt', 100 * (validation['base'] - validation['compressed'])):.2f} pt")
+    if validation.get("budget_pt") is not None:
+        text += f" (budget {validation['budget_pt']} pt)"
+    text += "."
+    if validation.get("selection"):
+        text += f" {validation['selection']}"
+    return text
+
+
 def render_card(compressed: CompressedModel, config: dict, info: CardInfo, task: Task, *, base_bytes: int | None,
                 base_files: list[str], container_bytes: int, metrics: dict | None, repo_id: str, plot: str | None):
     """The model card (a ``huggingface_hub.ModelCard``) from the template in ``model_cards/``."""
@@ -207,22 +231,131 @@ def render_card(compressed: CompressedModel, config: dict, info: CardInfo, task:
         remote_code_file=f"{REMOTE_CODE_MODULE}.py", settings=_settings_table(compressed),
         metric_title=task.metric_title, bootstrap=task.metric == "top1", auto_class=task.auto_class,
         task_name=task.pipeline_tag.replace("-", " "), method=_coding_summary(compressed),
-        codec_version=config["quantization_config"]["codec_version"])
+        codec_version=config["quantization_config"]["codec_version"],
+        validation=_validation_summary(compressed.stats.get("validation")))
+
+
+def _weight_files(folder: Path) -> list[str]:
+    """Top-level files of a folder that a loader would take for weights: weight files, shard
+    indexes and containers (all end in a weight suffix or ``.index.json``)."""
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_file() and p.name.endswith((*WEIGHT_SUFFIXES, ".index.json")))
+
+
+def _check_writable(out: Path) -> None:
+    """Create and remove a probe folder where ``out`` will be staged: a read-only or missing
+    location fails here, before any work, rather than after it."""
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise NotADirectoryError(f"cannot write the output {out}: {parent} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".hf-vae-compress-probe-", dir=parent))
+    except OSError as err:
+        raise PermissionError(f"cannot write the output {out}: {parent} is not writable ({err.strerror}); "
+                              "choose another output folder") from err
+
+
+def check_output(out_dir: str | Path, source: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Refuse an output folder that would cost the user a model, before any long work.
+
+    The output may not be the source folder, lie inside it, or contain it (replacing the output
+    would take the source with it). A folder that already holds weights (a model's weight files,
+    shards or a container) is refused unless ``overwrite``; then the stale weights are not kept.
+    """
+    out = Path(out_dir).expanduser()
+    target = out.resolve()
+    src = Path(source).expanduser() if source is not None else None
+    if src is not None and src.is_dir():
+        src = src.resolve()
+        if target == src or src in target.parents:
+            where = "is the source folder" if target == src else f"is inside the source folder {src}"
+            raise ValueError(f"the output {out} {where}: the source is never written to; choose an output folder "
+                             "outside it")
+        if target in src.parents:
+            raise ValueError(f"the output {out} contains the source folder {src}: replacing it would delete the source; "
+                             "choose another output folder")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"the output {out} is a file, not a folder: choose a new folder name")
+    if out.is_dir() and not overwrite:
+        weights = _weight_files(out)
+        if weights:
+            raise FileExistsError(f"the output folder {out} already holds model weights ({', '.join(weights)}): pass "
+                                  "--overwrite (overwrite=True) to replace them, or choose an empty folder")
+    _check_writable(out)
+    return out
+
+
+def _write(path: Path, data: bytes | str) -> None:
+    """Write a file and flush it to disk, so the rename that publishes its folder publishes its bytes."""
+    with open(path, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _copy_user_files(old: Path, new: Path) -> None:
+    """Keep what the user had in an output folder beside what is rewritten (notes, a checkpoint
+    folder), except stale weights: hard links where possible, so nothing is copied twice."""
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    stale = set(_weight_files(old))
+    for entry in old.iterdir():
+        if (new / entry.name).exists() or entry.name in stale:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=link)
+        else:
+            link(str(entry), str(new / entry.name))
+
+
+@contextmanager
+def staged_folder(out: Path):
+    """Yield a temporary sibling of ``out`` to write into; on success it replaces ``out``.
+
+    A run killed while writing leaves ``out`` as it was (the hidden ``.NAME.partial-*`` sibling is
+    never loaded). An existing ``out`` is renamed aside, the new folder renamed in, the old one
+    deleted: between the two renames ``out`` is briefly absent, never half-written.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the published folder private
+    try:
+        yield tmp
+        if out.exists():
+            _copy_user_files(out, tmp)
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_pretrained(compressed: CompressedModel, source_folder: str | Path, out_dir: str | Path,
-                    card_info: CardInfo | dict | None = None, **hub_kwargs) -> Path:
+                    card_info: CardInfo | dict | None = None, *, overwrite: bool = False, **hub_kwargs) -> Path:
     """Write a loadable, documented folder: config, container, remote-code shim, model card.
 
     ``source_folder`` is the uncompressed base model (folder or Hub id): its config and
     preprocessing files are copied, its weights measured for the size table and, when
     ``card_info.dataset`` is set, evaluated next to the compressed model. A compressed folder (as
     written by ``hf-vae-compress compress``) also works, without the base row of the table.
+
+    The folder is written whole into a temporary sibling and renamed into place (see
+    :func:`staged_folder`). ``out_dir`` may not be or hold the source, and a folder that already
+    holds weights is replaced only with ``overwrite=True`` (see :func:`check_output`).
     """
     info = _as_card_info(card_info)
     src = resolve_folder(str(source_folder), **hub_kwargs)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output(out_dir, src, overwrite)
     config = read_config(src)
     fmt = model_format(config)
     base_meta = _base_card_metadata(src)
@@ -236,34 +369,46 @@ def save_pretrained(compressed: CompressedModel, source_folder: str | Path, out_
                         if p.name.endswith(WEIGHT_SUFFIXES) and (source_container is None or p != source_container))
     base_bytes = weights_bytes(src) - (source_container.stat().st_size if source_container else 0)
 
-    same = src.resolve() == out.resolve()
-    if not same:  # configs and preprocessing travel; weights are replaced by the container
-        copy_side_files(src, out, skip=("config.json",))
-    container = out / CONTAINER_NAME
-    container.write_bytes(compressed.to_bytes())
-    for legacy in LEGACY_CONTAINER_NAMES:  # re-saved in place: one container, under today's name
-        (out / legacy).unlink(missing_ok=True)
-    container_bytes = container.stat().st_size
-    bits_per_weight = 8 * container_bytes / compressed.report()["num_weights"]
-    task = task_for(config, info.dataset)
-    config = _config_with_quantization(config, compressed, bits_per_weight, task)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for shim in sorted(REMOTE_CODE_DIR.glob("modeling_*.py")):
-        shutil.copyfile(shim, out / shim.name)
-    plot = None
-    if info.plot:
-        plot = Path(info.plot).name
-        if Path(info.plot).resolve() != (out / plot).resolve():
-            shutil.copyfile(info.plot, out / plot)
-
-    metrics = _measure(src, out, info, task, base_bytes > 0) if info.dataset else None
-    repo_id = info.model_name or out.name
-    card = render_card(compressed, config, info, task, base_bytes=base_bytes or None, base_files=base_files,
-                       container_bytes=container_bytes, metrics=metrics, repo_id=repo_id, plot=plot)
-    text = str(card)
-    (out / "README.md").write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    with staged_folder(out) as tmp:
+        copy_side_files(src, tmp, skip=("config.json",))  # configs and preprocessing; weights become the container
+        _write(tmp / CONTAINER_NAME, compressed.to_bytes())
+        container_bytes = (tmp / CONTAINER_NAME).stat().st_size
+        bits_per_weight = 8 * container_bytes / compressed.report()["num_weights"]
+        task = task_for(config, info.dataset)
+        config = _config_with_quantization(config, compressed, bits_per_weight, task)
+        _write(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        for shim in sorted(REMOTE_CODE_DIR.glob("modeling_*.py")):
+            shutil.copyfile(shim, tmp / shim.name)
+        plot = None
+        if info.plot:
+            plot = Path(info.plot).name
+            shutil.copyfile(info.plot, tmp / plot)
+        metrics = _measure(src, tmp, info, task, base_bytes > 0) if info.dataset else None
+        card = render_card(compressed, config, info, task, base_bytes=base_bytes or None, base_files=base_files,
+                           container_bytes=container_bytes, metrics=metrics, repo_id=info.model_name or out.name,
+                           plot=plot)
+        text = str(card)
+        _write(tmp / "README.md", text if text.endswith("\n") else text + "\n")
     logger.info("saved %s model (%s, %.2f bits/weight) to %s", fmt, CONTAINER_NAME, bits_per_weight, out)
     return out
+
+
+def check_reachable(endpoint: str, timeout_s: float = 10.0) -> None:
+    """Raise ``ConnectionError`` (naming the endpoint and what to do) unless the Hub at ``endpoint``
+    answers a HEAD request: any HTTP answer will do, even an error status."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ConnectionError(f"cannot push to {endpoint}: HF_HUB_OFFLINE is set; unset it to push")
+    try:
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint.rstrip('/')}/api/whoami-v2", method="HEAD"),
+                               timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # the server answered
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConnectionError(f"the Hub at {endpoint} is not reachable ({reason}): check the network, --endpoint or "
+                              "HF_ENDPOINT; nothing was evaluated or uploaded") from err
 
 
 def push_to_hub(compressed: CompressedModel, repo_id: str, source_folder: str | Path,
@@ -283,6 +428,7 @@ def push_to_hub(compressed: CompressedModel, repo_id: str, source_folder: str | 
     info = _as_card_info(card_info)
     info = dataclasses.replace(info, model_name=info.model_name or repo_id)
     api = HfApi(endpoint=endpoint, token=token)
+    check_reachable(api.endpoint)  # before save_pretrained's evaluation, which can take minutes
     with tempfile.TemporaryDirectory(prefix="hf-vae-compress-push-") as tmp:
         folder = save_pretrained(compressed, source_folder, Path(tmp) / repo_id.split("/")[-1], info)
         api.create_repo(repo_id, private=private, exist_ok=True)

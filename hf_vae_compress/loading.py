@@ -13,20 +13,13 @@ holds a container file under today's or the version-1 name.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .codec import CONTAINER_NAME, CompressedModel, ContainerError, folder_container
-from .models import build_empty, load_model
-
-QUANT_METHOD = "hf_vae_compress"
-
-
-def is_compressed_config(config: dict) -> bool:
-    return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+from .models import QUANT_METHOD, build_empty, is_compressed_config, load_model, read_config
 
 
 def container_name(config: dict) -> str:
@@ -40,8 +33,7 @@ def container_name(config: dict) -> str:
 def find_container(folder: str | Path) -> Path | None:
     """The container of a compressed model folder; None for a plain (uncompressed) folder."""
     folder = Path(folder)
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_config(folder) if (folder / "config.json").is_file() else {}
     if is_compressed_config(config):
         path = folder / container_name(config)
         if not path.is_file():

@@ -19,7 +19,7 @@ import torch
 from . import streams
 from .chunking import ChunkLayout, row_scales, to_chunks
 from .compressed import CompressedModel
-from .config import VAECompressionConfig
+from .config import VAECompressionConfig, check_target_rate
 from .calibration import Calibration, calibrate
 from .correction import bias_corrections, norm_corrections
 from .importance import mean_normalised_fisher
@@ -31,6 +31,29 @@ from .transform import Shard, Transform, build_transform
 from .v2 import HEADER_BYTES_PER_TENSOR, assemble, code_side_parts
 
 logger = logging.getLogger(__name__)
+
+
+def _untied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict with every tensor that shares storage with an earlier one (tied weights, e.g.
+    an embedding and its output head) copied out.
+
+    Each name is then coded on its own and decodes under its own name, so strict loaders find every
+    key and a model that ties the two ties them again on load; the shared values are paid for once
+    per name. Without the copy the container cannot be written at all (safetensors refuses tensors
+    that share memory), which used to fail only after the whole encode.
+    """
+    owners: dict[int, str] = {}
+    out = {}
+    for name, tensor in state_dict.items():
+        pointer = tensor.untyped_storage().data_ptr() if tensor.numel() else None
+        if pointer is not None and pointer in owners:
+            logger.warning("%s shares its storage with %s (tied weights): coded separately, so the tied values "
+                           "are stored twice", name, owners[pointer])
+            tensor = tensor.clone()
+        elif pointer is not None:
+            owners[pointer] = name
+        out[name] = tensor
+    return out
 
 
 def _prepare(state_dict: dict[str, torch.Tensor], names: list[str], config: VAECompressionConfig) -> list[CodedTensor]:
@@ -77,11 +100,19 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
     ``config.correct_norms``) need it; without data they are skipped, and say so in the log.
     """
     config = config or VAECompressionConfig()
+    if config.target_bits_per_weight is not None:
+        check_target_rate(config.target_bits_per_weight)
     start = time.perf_counter()
     torch.manual_seed(config.seed)
-    state_dict = {k: v.detach().cpu() for k, v in
-                  (model.state_dict() if isinstance(model, torch.nn.Module) else model).items()}
+    state_dict = _untied({k: v.detach().cpu() for k, v in
+                          (model.state_dict() if isinstance(model, torch.nn.Module) else model).items()})
     coded_names, stored_names = select_tensors(state_dict, config)
+    if not coded_names:
+        raise ValueError(
+            f"nothing to compress: none of the model's {len(state_dict)} tensors is a floating-point weight with "
+            f"two or more dimensions and at least min_numel={config.min_numel} values (conv, linear, attention or "
+            "embedding weights)" + (f" outside modules_to_not_convert={config.modules_to_not_convert}"
+                                    if config.modules_to_not_convert else ""))
     coded = _prepare(state_dict, coded_names, config)
     if calibration is None and calibration_data is not None and isinstance(model, torch.nn.Module):
         calibration = calibrate(model, calibration_data, config.calibration_batches, coded_names, loss_fn, progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 class JsonConfig:
@@ -29,6 +30,11 @@ class JsonConfig:
 
 
 TRANSFORMS = ("vae", "identity")
+# The bits per weight a compression may be asked for. Below the floor every weight rounds to zero on
+# real models (0.01 coded a classifier to chance); above the ceiling the container is larger than an
+# fp16 checkpoint of the same weights. The rate search's bracket (pipeline.SEARCH_RANGE_BPW) starts
+# at the same floor.
+TARGET_BPW_RANGE = (0.125, 16.0)
 ROUNDINGS = ("nearest", "output_aware")
 NORMALIZATIONS = ("channel", "tensor")
 
@@ -76,10 +82,10 @@ class VAECompressionConfig(JsonConfig):
     def __post_init__(self) -> None:
         if (self.target_bits_per_weight is None) == (self.beta is None):
             raise ValueError("set exactly one of target_bits_per_weight and beta")
-        if self.target_bits_per_weight is not None and self.target_bits_per_weight <= 0:
-            raise ValueError("target_bits_per_weight must be positive")
-        if self.beta is not None and self.beta <= 0:
-            raise ValueError("beta must be positive")
+        for name in ("target_bits_per_weight", "beta"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):  # nan passed `<= 0`
+                raise ValueError(f"{name} must be a positive finite number, got {value}")
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {self.transform!r}")
         if self.rounding not in ROUNDINGS:
@@ -94,3 +100,14 @@ class VAECompressionConfig(JsonConfig):
             raise ValueError("table_precision must be between 8 and 15 bits")
         if self.chunk_size < 1 or self.hidden_size < 1:
             raise ValueError("chunk_size and hidden_size must be positive")
+
+
+def check_target_rate(bits_per_weight: float) -> float:
+    """``bits_per_weight`` when a compression may be asked for it, else a ValueError that says
+    the allowed range. Checked when encoding, not when reading a container's stored config, so
+    containers written before the range existed still load."""
+    low, high = TARGET_BPW_RANGE
+    if not (math.isfinite(bits_per_weight) and low <= bits_per_weight <= high):
+        raise ValueError(f"target bits per weight must be between {low} and {high}, got {bits_per_weight}: below "
+                         f"{low} every weight rounds to zero, above {high} the container outgrows an fp16 checkpoint")
+    return bits_per_weight
