@@ -2,7 +2,9 @@
 
 import logging
 
-from .codec import CONTAINER_NAME, CompressedModel, ContainerError, IntegrityError, VAECompressionConfig, compress
+from .codec import (
+    CONTAINER_NAME, CompressedModel, ContainerError, IntegrityError, MachineDependentError, VAECompressionConfig, compress,
+)
 from .evaluate import evaluate
 from .finetune import FinetuneConfig, finetune
 from .hub import CardInfo, create_model, push_to_hub, save_pretrained
@@ -18,6 +20,6 @@ except ImportError as _err:  # transformers missing or too different: timm loadi
 
 __all__ = [
     "CONTAINER_NAME", "CardInfo", "CompressedModel", "ContainerError", "FinetuneConfig", "IntegrityError",
-    "VAECompressionConfig", "compress", "create_model", "evaluate", "finetune", "push_to_hub", "save_pretrained",
+    "MachineDependentError", "VAECompressionConfig", "compress", "create_model", "evaluate", "finetune", "push_to_hub", "save_pretrained",
 ]
 __version__ = "0.1.0"

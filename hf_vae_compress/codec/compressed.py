@@ -13,6 +13,7 @@ from . import v1, v2
 from .config import VAECompressionConfig
 from .container import CONTAINER_NAME, ContainerError, folder_container, read_container, serialize
 from .latents import Latents
+from .transform import transform_class
 
 # what report() counts as side information: not the coded weights themselves
 SIDE_PARTS = ("tables", "scales", "decoder", "header")
@@ -40,8 +41,9 @@ class CompressedModel:
         return VAECompressionConfig.from_dict({"rounding": "nearest", **self.header["config"]})
 
     def to_bytes(self) -> bytes:
-        """The exact bytes of the container file."""
-        return serialize(self.header, self.tensors)
+        """The exact bytes of the container file (a v2 header sealed with its stored-bytes hash)."""
+        header = self.header if self.version == 1 else v2.seal(self.header, self.tensors)
+        return serialize(header, self.tensors)
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -63,20 +65,36 @@ class CompressedModel:
                                  "edited: recompress the model")
         return v2.plan(self.header, self.tensors)
 
-    def iter_decoded(self, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    @property
+    def portable(self) -> bool:
+        """Whether this container decodes to the same bits on every machine (no float decoder network)."""
+        return transform_class(self.header["transform"]["kind"]).portable
+
+    def iter_decoded(self, progress: bool = False,
+                     allow_unverified: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` pairs in state-dict order, decoded one tensor at a time (a lower memory
         peak than :meth:`decode`), each checked as soon as it is decoded.
 
-        A v2 container's whole-model SHA-256 is checked when the generator ends: the last pair
-        comes out before it, and :class:`IntegrityError` is raised after it on a mismatch.
+        A v2 container's stored bytes are checked first (a mismatch is corruption); its whole-model
+        SHA-256 is checked when the generator ends: the last pair comes out before it, and
+        :class:`IntegrityError` is raised after it on a mismatch. A float decoder network's output
+        that differs on this machine raises :class:`MachineDependentError`, unless
+        ``allow_unverified`` (default: the ``HF_VAE_COMPRESS_ALLOW_UNVERIFIED_DECODE`` environment
+        variable) lets it through, unverified, with a warning.
         """
         if self.version == 1:
-            return v1.iter_decoded(self.header, self.tensors)
-        return v2.iter_decoded(self._plan(), progress)
+            return v1.iter_decoded(self.header, self.tensors, allow_unverified)
+        return v2.iter_decoded(self._plan(), progress, unverified_ok=allow_unverified)
 
-    def decode(self, progress: bool = False) -> dict[str, torch.Tensor]:
-        """The dense state dict, every tensor and the whole model checked."""
-        return dict(self.iter_decoded(progress))
+    def decode(self, progress: bool = False, allow_unverified: bool | None = None) -> dict[str, torch.Tensor]:
+        """The dense state dict, every tensor and the whole model checked (see :meth:`iter_decoded`)."""
+        return dict(self.iter_decoded(progress, allow_unverified))
+
+    def stored_bytes_verified(self) -> bool:
+        """Check the stored bytes alone, without decoding: True when they match their SHA-256 (raises
+        :class:`IntegrityError` when they do not), False when the container records no such hash
+        (version 1, and version 2 before it was added)."""
+        return self.version != 1 and self._plan().stored_verified
 
     def unpack(self) -> Latents:
         """The container as editable :class:`Latents` (no checks: what fine-tuning starts from)."""

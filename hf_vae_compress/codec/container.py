@@ -31,6 +31,7 @@ from safetensors.torch import save
 CONTAINER_NAME = "weights.vaec.safetensors"
 LEGACY_CONTAINER_NAMES = ("model.vaec.safetensors",)  # written by version 1: read, never written
 FORMAT_NAME = "hf-vae-compress"
+CONFIG_QUANT_METHOD = "hf_vae_compress"  # config.json's quantization_config.quant_method of a compressed folder
 FORMAT_VERSION = 2  # the version written; every version from 1 up to it is read
 MAX_HEADER_BYTES = 64 << 20  # decompressed JSON header: far above any real model's, bounds a zip bomb
 
@@ -40,12 +41,36 @@ class ContainerError(ValueError):
 
 
 def folder_container(directory: str | Path) -> Path:
-    """The container file of a folder: today's name, else a legacy one that exists."""
+    """The container file of a folder: the one its ``config.json`` names, else the one file under
+    today's or a legacy name (two of them, with no config to choose, is refused: picking one would
+    be a guess); a path that does not exist when there is none."""
     directory = Path(directory)
-    for name in (CONTAINER_NAME, *LEGACY_CONTAINER_NAMES):
-        if (directory / name).is_file():
-            return directory / name
-    return directory / CONTAINER_NAME
+    named = _config_container(directory)
+    if named is not None:
+        return directory / named
+    present = [name for name in (CONTAINER_NAME, *LEGACY_CONTAINER_NAMES) if (directory / name).is_file()]
+    if len(present) > 1:
+        raise ContainerError(f"{directory} holds {len(present)} containers ({', '.join(present)}) and no config.json "
+                             "names one: remove the stale one, or load the file by its path")
+    return directory / (present[0] if present else CONTAINER_NAME)
+
+
+def _config_container(directory: Path) -> str | None:
+    """The container file name a compressed folder's ``config.json`` records, if it records one."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ContainerError(f"{path} is not valid JSON: {err}") from err
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != CONFIG_QUANT_METHOD:
+        return None
+    name = quantization.get("container") or CONTAINER_NAME
+    if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
+        raise ContainerError(f"{path}: quantization_config names the container {name!r}, which is not a plain file name")
+    return name
 
 
 def serialize(header: dict, tensors: dict[str, torch.Tensor]) -> bytes:

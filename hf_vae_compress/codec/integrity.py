@@ -8,6 +8,16 @@ Format v2 keeps one cryptographic hash and one cheap checksum per tensor:
 * one SHA-256 over the whole decoded model (every tensor's bytes in header order), checked when
   the last tensor is out: a cryptographic identity of exactly the weights the encoder measured.
 
+and, written since format v2 gained it, one SHA-256 of the *stored* bytes (the header's JSON and
+every stored part), checked before anything is decoded. It is what tells the two failures apart:
+
+* the stored bytes fail their hash: the file is corrupt (damaged in transfer or on disk);
+* the stored bytes are intact but a decoded tensor fails its CRC-32: for a transform whose decoder
+  is a float network (the VAE), that network gave other bits on this machine than on the writer's
+  (other CPU kernels: AVX2, AVX-512, MKL's code paths, CUDA). That is :class:`MachineDependentError`,
+  never "corrupt". An integer-only decoder (the identity transform) cannot differ: there it is
+  corruption, or a decoder bug.
+
 Version 1 stored one SHA-256 per tensor; at 32 B each that was most of a small model's header.
 """
 
@@ -15,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import struct
 import zlib
 
@@ -23,9 +35,52 @@ import torch
 
 from .container import ContainerError
 
+logger = logging.getLogger(__name__)
+
+# The explicit opt-in that loads a container whose float decoder output cannot be verified bit for
+# bit on this machine. An environment variable, so that every loader (transformers'
+# from_pretrained, timm's create_model, the CLI, remote code) honours it without a new argument.
+ALLOW_UNVERIFIED_ENV = "HF_VAE_COMPRESS_ALLOW_UNVERIFIED_DECODE"
+
 
 class IntegrityError(ContainerError):
     """Decoded data does not match the checksums recorded at compression time."""
+
+
+class MachineDependentError(IntegrityError):
+    """A float decoder network gave other bits here than where the container was written.
+
+    Not corruption: the stored bytes are intact (or, in containers older than the stored-bytes
+    hash, decoded cleanly). The weights are close to the measured ones but cannot be verified.
+    """
+
+
+def allow_unverified(explicit: bool | None = None) -> bool:
+    """Whether unverifiable float-decoder output may load: the argument, else the environment."""
+    if explicit is not None:
+        return explicit
+    return os.environ.get(ALLOW_UNVERIFIED_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def machine_dependent(name: str, kind: str, stored_verified: bool) -> MachineDependentError:
+    """The error for a float decoder's output that fails its checksum on this machine."""
+    stored = ("its stored bytes are intact (their SHA-256 matches)" if stored_verified else
+              "its bitstreams decoded cleanly (this container predates the stored-bytes hash, so damage "
+              "cannot be ruled out separately)")
+    return MachineDependentError(
+        f"decoded {name!r} differs from the weights measured when the container was written, but {stored}. "
+        f"The container uses the {kind!r} transform, whose float decoder network gives other bits on other "
+        "CPUs and GPUs (AVX2, AVX-512, MKL or CUDA kernels), so its weights cannot be verified bit for bit on this "
+        f"machine. To load them anyway, unverified, set {ALLOW_UNVERIFIED_ENV}=1 (or pass allow_unverified=True); "
+        "to publish a container that decodes identically everywhere, recompress with --transform identity "
+        "(the default).")
+
+
+def warn_unverified(names: list[str], kind: str) -> None:
+    if names:
+        logger.warning("%d tensors decoded by the %r transform's float decoder could not be verified bit for bit "
+                       "on this machine (%s set): loaded unverified, e.g. %s", len(names), kind,
+                       ALLOW_UNVERIFIED_ENV, names[:3])
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -61,3 +116,21 @@ class ModelHash:
 
     def digest(self) -> bytes:
         return self._hash.digest()
+
+
+STORED_HASH_FIELD = "stored_sha256"
+
+
+def stored_sha256(header: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of everything a container stores: its header JSON (without this hash's own field)
+    and every part, by name, dtype, shape and bytes, in name order.
+
+    The header is hashed as compact JSON in its own key order, which ``json.loads`` keeps and
+    Python's float repr round-trips, so writer and reader hash the same text.
+    """
+    digest = ModelHash()
+    text = json.dumps({k: v for k, v in header.items() if k != STORED_HASH_FIELD}, separators=(",", ":"))
+    digest.update("header", torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8))
+    for name in sorted(tensors):
+        digest.update(name, tensors[name])
+    return digest.digest().hex()

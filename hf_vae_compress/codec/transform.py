@@ -97,9 +97,15 @@ class Transform(nn.Module):
     the steps). ``fit``/``refine`` learn whatever the transform learns (nothing for the identity);
     ``stored_state``/``spec`` are what the container keeps of it, ``load_stored_state`` reads it
     back; ``trainable_decoder`` is the network fine-tuning trains, if any.
+
+    ``portable`` says whether decoding gives the same bits on every machine: true only for a
+    decoder without float kernels whose results depend on the CPU (matmuls, transcendental
+    functions); a container of a non-portable transform is verified bit for bit only where its
+    float output happens to match the writer's.
     """
 
     kind: str
+    portable: bool = False
 
     def encode(self, chunks: torch.Tensor, step: float, index: int) -> torch.Tensor:
         raise NotImplementedError
@@ -209,6 +215,7 @@ class IdentityTransform(Transform):
     """The ablation: the same pipeline with no learned transform (plain scalar quantization)."""
 
     kind = "identity"
+    portable = True  # one IEEE multiply per weight: correctly rounded on every machine
 
     def encode(self, chunks: torch.Tensor, step: float, index: int) -> torch.Tensor:
         return quantize(chunks, step)
@@ -230,12 +237,17 @@ class IdentityTransform(Transform):
         return torch.from_numpy(out).reshape(layout.shape)
 
 
+def transform_class(kind: str) -> type[Transform]:
+    """The transform a container's ``transform.kind`` names."""
+    classes = {cls.kind: cls for cls in (WeightVAE, IdentityTransform)}
+    if kind not in classes:
+        raise ValueError(f"unknown transform {kind!r}")
+    return classes[kind]
+
+
 def build_transform(kind: str, chunk_size: int, hidden_size: int, num_tensors: int) -> Transform:
-    if kind == "vae":
-        return WeightVAE(chunk_size, hidden_size, num_tensors)
-    if kind == "identity":
-        return IdentityTransform()
-    raise ValueError(f"unknown transform {kind!r}")
+    cls = transform_class(kind)
+    return cls(chunk_size, hidden_size, num_tensors) if cls is WeightVAE else cls()
 
 
 def laplace_bits(value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

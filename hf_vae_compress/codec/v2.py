@@ -6,6 +6,9 @@ Safetensors entries (every byte is counted in :meth:`~.compressed.CompressedMode
   cannot be derived (name, shape, dtype, codec, step, stream layout, scale offset, and the byte
   lengths of its streams: their symbol counts follow from the shape);
 * ``checks``: the SHA-256 of the whole decoded model, then a CRC-32 (little-endian) per tensor;
+  the header's ``stored_sha256`` hashes the header and every part as stored (see
+  :func:`~.integrity.stored_sha256`), so damage is told apart from a float decoder that gives other
+  bits on another machine (containers written before it are still read, without that check);
 * ``streams``: the pcodec pages of the coded (multi-dimensional) tensors, in header order;
 * ``tables``: the pcodec chunk metadata (its bins: the probability tables) of every stream;
 * ``scales``: the row scales, as quarter-octave exponents minus a per-tensor offset, one pooled
@@ -15,12 +18,14 @@ Safetensors entries (every byte is counted in :meth:`~.compressed.CompressedMode
   whichever is smaller;
 * ``raw.<dtype>``: integer tensors, exact; ``decoder.*``: the VAE decoder (fp16), if any.
 
-Decoding runs tensor by tensor on a thread pool (pcodec and the CRC release the GIL), each tensor
-checked as soon as it is decoded; the model hash is checked at the end.
+Decoding checks the stored bytes first, then runs tensor by tensor on a thread pool (pcodec and
+the CRC release the GIL), each tensor checked as soon as it is decoded; the model hash is checked
+at the end.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import struct
@@ -39,9 +44,14 @@ from . import streams
 from .chunking import ChunkLayout
 from .config import TRANSFORMS, VAECompressionConfig
 from .container import FORMAT_NAME, ContainerError
-from .integrity import IntegrityError, ModelHash, crc32
+from .integrity import (
+    STORED_HASH_FIELD, IntegrityError, ModelHash, allow_unverified, crc32, machine_dependent, stored_sha256,
+    warn_unverified,
+)
 from .latents import CodedTensor, Latents
 from .transform import Transform, build_transform
+
+logger = logging.getLogger(__name__)
 
 VERSION = 2
 HEADER_BYTES_PER_TENSOR = 16  # compressed JSON (measured: 9-14 B) + the CRC-32, for the rate search
@@ -95,6 +105,10 @@ def assemble(latents: Latents, progress: bool = False,
     from .compressed import CompressedModel  # the container object wraps what is built here
 
     config, transform = latents.config, latents.transform
+    if not transform.portable:
+        logger.warning("the %r transform's decoder is a float network: this container is verified bit for bit only "
+                       "on machines whose float kernels match this one's; use the identity transform to publish",
+                       transform.kind)
     side = side or code_side_parts(latents.coded, latents.stored, config)
     entries, decoded = {}, {}
     pages, tables = [], []
@@ -142,6 +156,16 @@ def assemble(latents: Latents, progress: bool = False,
         fp32_safetensors_bytes=fp32_bytes, library=_library_versions(),
     )
     return CompressedModel(header, tensors)
+
+
+def seal(header: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """The header as written: with the stored-bytes SHA-256 of exactly what is written.
+
+    Sealed when the bytes are made, not when the container is built, so header fields added later
+    (the rate search's ``lam``, fine-tuning's settings) are covered too.
+    """
+    return {**{k: v for k, v in header.items() if k != STORED_HASH_FIELD},
+            STORED_HASH_FIELD: stored_sha256(header, tensors)}
 
 
 def _fp32_safetensors_bytes(reference: dict[str, torch.Tensor]) -> int:
@@ -210,6 +234,7 @@ class _Plan:
     raw: dict[str, torch.Tensor]
     model_sha256: bytes
     crcs: list[int]
+    stored_verified: bool  # False: a container written before the stored-bytes hash
 
 
 def _fail(field_name: str, problem: str) -> ContainerError:
@@ -350,6 +375,7 @@ def plan(header: dict, tensors: dict[str, torch.Tensor]) -> _Plan:
     checks = _part_bytes(tensors, "checks")
     if len(checks) != 32 + 4 * len(entries):
         raise _fail("tensors", f"{len(entries)} tensors but {len(checks)} bytes of checks")
+    stored_verified = _check_stored(header, tensors)
     try:
         scales = _decode_scales(pcodec, scale_streams, rows, entries)
         vectors = _decode_vectors(pcodec, vectors_layout, vector_streams, float_sizes, config.vector_mantissa_bits)
@@ -357,7 +383,18 @@ def plan(header: dict, tensors: dict[str, torch.Tensor]) -> _Plan:
         raise ContainerError(f"container side data is corrupt: {err}") from err
     return _Plan(entries, config, transform.eval(), chunk_size, config.vector_mantissa_bits, pcodec, coded_streams,
                  scales, vectors, _raw_tensors(tensors, entries, raw_sizes), checks[:32],
-                 list(struct.unpack(f"<{len(entries)}I", checks[32:])))
+                 list(struct.unpack(f"<{len(entries)}I", checks[32:])), stored_verified)
+
+
+def _check_stored(header: dict, tensors: dict[str, torch.Tensor]) -> bool:
+    """Check the stored-bytes SHA-256; False when the container predates it (nothing to check)."""
+    if STORED_HASH_FIELD not in header:
+        return False
+    recorded = _get(header, STORED_HASH_FIELD, str, "header")
+    if stored_sha256(header, tensors) != recorded:
+        raise IntegrityError("the container's stored bytes do not match their SHA-256: the file is corrupt "
+                             "(damaged on disk or in transfer); download or copy it again")
+    return True
 
 
 def _part_bytes(tensors: dict[str, torch.Tensor], key: str) -> bytes:
@@ -447,10 +484,12 @@ def _coded_symbols(p: _Plan, entry: dict, reuse: bool = False) -> tuple[torch.Te
     return torch.from_numpy(symbols), layout
 
 
-def _decode_one(p: _Plan, i: int, coded_index: int) -> torch.Tensor:
-    """Tensor ``i`` of the header, decoded and checked against its CRC-32."""
+def _decode_one(p: _Plan, i: int, coded_index: int, unverified_ok: bool) -> tuple[torch.Tensor, bool]:
+    """Tensor ``i`` of the header, decoded and checked against its CRC-32; the flag says whether it
+    passed (False only for a float decoder's output let through by ``unverified_ok``)."""
     entry = p.entries[i]
     name, dtype = entry["name"], getattr(torch, entry["dtype"])
+    float_network = name in p.coded_streams and not p.transform.portable
     if name in p.coded_streams:
         symbols, layout = _coded_symbols(p, entry, reuse=True)
         tensor = p.transform.decode_weights(symbols, entry["step"], coded_index, layout, p.scales[name]).to(dtype)
@@ -458,16 +497,29 @@ def _decode_one(p: _Plan, i: int, coded_index: int) -> torch.Tensor:
         tensor = torch.from_numpy(p.vectors[name]).reshape(entry["shape"]).to(dtype)
     else:
         tensor = p.raw[name]
-    if crc32(tensor) != p.crcs[i]:
-        raise IntegrityError(f"decoded {name!r} does not match its checksum: the file is corrupt")
-    return tensor
+    if crc32(tensor) == p.crcs[i]:
+        return tensor, True
+    if float_network:
+        if unverified_ok:
+            return tensor, False
+        raise machine_dependent(name, p.transform.kind, p.stored_verified)
+    if p.stored_verified:  # intact bytes, exact arithmetic: only a decoder that changed can get here
+        raise IntegrityError(f"decoded {name!r} does not match its checksum although the stored bytes are intact: "
+                             "this library's decoder differs from the writer's (a bug; please report it with the "
+                             "file and `pip show hf-vae-compress pcodec`)")
+    raise IntegrityError(f"decoded {name!r} does not match its checksum: the file is corrupt")
 
 
-def iter_decoded(p: _Plan, progress: bool = False, workers: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_decoded(p: _Plan, progress: bool = False, workers: int | None = None,
+                 unverified_ok: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` in header order, decoded on a thread pool a few tensors ahead.
 
-    The whole-model SHA-256 is checked when the last tensor has been yielded.
+    The whole-model SHA-256 is checked when the last tensor has been yielded. ``unverified_ok``
+    (default: the environment's opt-in, see :func:`~.integrity.allow_unverified`) lets a float
+    decoder's output that fails its checksum through with a warning; everything else is still checked.
     """
+    unverified_ok = allow_unverified(unverified_ok)
+    unverified: list[str] = []
     workers = workers or min(os.cpu_count() or 1, torch.get_num_threads())
     coded_index, jobs = {}, []
     for i, e in enumerate(p.entries):
@@ -480,11 +532,16 @@ def iter_decoded(p: _Plan, progress: bool = False, workers: int | None = None) -
         todo = iter(jobs)
         for job in tqdm(jobs, desc="decode", unit="tensor", disable=not progress, leave=False):
             while len(pending) < LOOKAHEAD and (nxt := next(todo, None)) is not None:
-                pending.append(pool.submit(_decode_one, p, *nxt))
-            name, tensor = p.entries[job[0]]["name"], pending.popleft().result()
+                pending.append(pool.submit(_decode_one, p, *nxt, unverified_ok))
+            name = p.entries[job[0]]["name"]
+            tensor, verified = pending.popleft().result()
+            if not verified:
+                unverified.append(name)
             model_hash.update(name, tensor)
             yield name, tensor
-    if model_hash.digest() != p.model_sha256:
+    if unverified:  # the model hash cannot match either; every other tensor passed its own check
+        warn_unverified(unverified, p.transform.kind)
+    elif model_hash.digest() != p.model_sha256:
         raise IntegrityError("the decoded model does not match its SHA-256: the file is corrupt")
 
 
