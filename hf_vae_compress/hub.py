@@ -395,13 +395,13 @@ def save_pretrained(compressed: CompressedModel, source_folder: str | Path, out_
 
 def check_reachable(endpoint: str, timeout_s: float = 10.0) -> None:
     """Raise ``ConnectionError`` (naming the endpoint and what to do) unless the Hub at ``endpoint``
-    answers a HEAD request: any HTTP answer will do, even an error status."""
+    answers a cheap ``whoami`` request (no token sent): any HTTP answer will do, even an error status."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         raise ConnectionError(f"cannot push to {endpoint}: HF_HUB_OFFLINE is set; unset it to push")
     try:
-        urllib.request.urlopen(urllib.request.Request(f"{endpoint.rstrip('/')}/api/whoami-v2", method="HEAD"),
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint.rstrip('/')}/api/whoami-v2"),
                                timeout=timeout_s).close()
     except urllib.error.HTTPError:
         return  # the server answered
