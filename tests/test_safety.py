@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForImageClassification
 
-from hf_vae_compress import VAECompressionConfig, compress
+from hf_vae_compress import ContainerError, VAECompressionConfig, compress, save_pretrained
 from hf_vae_compress.cli import main
 from hf_vae_compress.codec import CONTAINER_NAME
 from hf_vae_compress.finetune import FinetuneConfig, RUN_FILE, run_identity
 from hf_vae_compress.loading import load_folder
-from tests.conftest import tiny_timm
+from tests.conftest import tiny_timm, tiny_vit
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--transform", "identity", "--calibration-batches", "1"]
@@ -362,3 +363,14 @@ def test_tied_weights_compress_and_load_tied_again():
     fresh.load_state_dict(decoded, strict=True)
     assert fresh.head.weight.data_ptr() == fresh.embed.weight.data_ptr()  # still tied
     assert torch.allclose(fresh.embed.weight, model.embed.weight, atol=0.05)
+
+
+def test_a_truncated_container_through_from_pretrained_names_the_file(vit_folder, tmp_path):
+    compressed = compress(tiny_vit(), VAECompressionConfig(target_bits_per_weight=4.0, rounding="nearest"),
+                          progress=False)
+    out = tmp_path / "out"
+    save_pretrained(compressed, vit_folder, out)
+    container = out / CONTAINER_NAME
+    container.write_bytes(container.read_bytes()[:1000])
+    with pytest.raises(ContainerError, match=f"{container}.*truncated or corrupt"):
+        AutoModelForImageClassification.from_pretrained(out)

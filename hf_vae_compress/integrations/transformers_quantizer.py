@@ -51,15 +51,17 @@ import contextlib
 import inspect
 import logging
 import re
+import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming, rename_source_key
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..codec import CONTAINER_NAME
+from ..codec import CONTAINER_NAME, ContainerError
 from ..loading import QUANT_METHOD, decode_container, fit_state_dict
 
 logger = logging.getLogger(__name__)
@@ -150,9 +152,6 @@ class HfVaeCompressQuantizer(HfQuantizer):
 
     # 2. model built on meta, checkpoint files known: decode and check everything here
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        import time
-
-        from safetensors import safe_open
         from transformers.conversion_mapping import get_model_conversion_mapping
 
         name = self.quantization_config.container
@@ -160,8 +159,12 @@ class HfVaeCompressQuantizer(HfQuantizer):
         if len(files) != 1 or Path(files[0]).name != name:
             raise OSError(f"hf_vae_compress expected the checkpoint file {name!r}, transformers resolved {files}")
         self.container_path = files[0]
-        with safe_open(self.container_path, framework="pt") as f:
-            self.container_keys = list(f.keys())
+        try:
+            with safe_open(self.container_path, framework="pt") as f:
+                self.container_keys = list(f.keys())
+        except (SafetensorError, OSError) as err:  # truncated or not safetensors: say which file
+            raise ContainerError(f"{self.container_path} is not a readable safetensors file (truncated or corrupt?): "
+                                 f"{err}") from err
         start = time.perf_counter()
         with _plain_torch():  # from_pretrained runs this hook inside its init context (meta device, model dtype)
             decoded = decode_container(self.container_path)  # ContainerError, IntegrityError propagate
