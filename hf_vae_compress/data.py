@@ -5,15 +5,24 @@ Fashion-MNIST is read offline from the IDX files of the Debian package `dataset-
 The 60k training images are split once, deterministically, into ``train`` (55k) and a held-out
 ``validation`` split (5k): reference models never see ``validation``, so codec settings can be
 chosen on it without touching ``test``.
+
+Any other dataset gets a selection split by one rule (:func:`dataset_split`, :func:`selection`):
+the accuracy check selects only on data the model did not train on. Its own ``validation`` (or
+``valid`` / ``val`` / ``dev``) split when it has one; else a stratified, seeded half of ``test``
+(``test[selection]``), leaving the other half (``test[report]``) to report the final model on;
+only when there is neither, a hold-out of ``train``, flagged as data the model may have trained
+on. A user can name any split or slice instead (``validation_split``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -158,13 +167,46 @@ class DatasetError(ValueError):
     that do not fit the model. The message names what was found."""
 
 
-VALIDATION_NAMES = ("validation", "valid", "val")
-HOLDOUT_FRACTION = 0.1  # of ``train``, per class, when a dataset has no validation split ...
+VALIDATION_NAMES = ("validation", "valid", "val", "dev")  # a dataset's own held-out split, by any of its usual names
+SELECTION = "validation"  # what callers ask for to get the split the accuracy check selects on
+HOLDOUT_FRACTION = 0.1  # of ``train``, per class, when a dataset has no validation and no test split ...
 HOLDOUT_MAX = 5000  # ... at most this many examples: enough to resolve a 0.5 pt drop, cheap to score
 HOLDOUT_SEED = 0
+TEST_HALF = 0.5  # share of ``test`` in its selection half (``test[selection]``, at most HOLDOUT_MAX examples)
+HALVES = ("selection", "report")
 
 
-def load_image_dataset(name: str, split: str = "test"):
+@dataclass(frozen=True)
+class Selection:
+    """Which examples an accuracy check selects on, where the final model should be reported, and
+    whether the model may have trained on the selected examples.
+
+    ``split`` loads with :func:`dataset_split` (``validation``, ``test[selection]``, a user's
+    ``train[:10%]``). ``report_split`` is data the selection never touched (None when nothing is
+    left). ``comparison_split`` is held-out data the model cannot have trained on if it trained on
+    ``train`` only, to compare the base model's accuracy with (see the pipeline's memorisation
+    check); None when there is none.
+    """
+
+    split: str
+    report_split: str | None
+    comparison_split: str | None
+    trained_on_risk: bool
+    description: str
+    holdout: dict | None = None  # how the examples were carved out of a larger split (None: a split used whole)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FASHION_MNIST_SELECTION = Selection(
+    split="validation", report_split="test", comparison_split="test", trained_on_risk=False,
+    description=f"Selected on Fashion-MNIST's validation split: {VALIDATION_SIZE:,} of its 60,000 training images, "
+                "held out of the reference models' training (a model trained on all 60,000 has seen them; the "
+                "memorisation check compares with test).")
+
+
+def load_image_dataset(name: str, split: str = "test", validation_split: str | None = None):
     """One split of an image-classification dataset, with its columns named ``image`` and ``label``.
 
     ``name`` is ``fashion_mnist``, a ``save_to_disk`` folder (one dataset or a ``DatasetDict``), an
@@ -172,57 +214,165 @@ def load_image_dataset(name: str, split: str = "test"):
     Hub id. The image and label columns are found by their feature types (``Image``,
     ``ClassLabel``). Splits follow :func:`dataset_split`.
     """
-    if name in (FASHION_MNIST, FASHION_MNIST_HUB_ID):
+    if name in (FASHION_MNIST, FASHION_MNIST_HUB_ID) and split in SPLITS and validation_split is None:
         return load_fashion_mnist(split)
-    return dataset_split(name, split, image_columns)
+    return dataset_split(name, split, image_columns, validation_split)
 
 
-def dataset_split(name: str, split: str, columns: Callable | None = None):
-    """One split of any dataset by name, with ``validation`` carved from ``train`` when it has none.
+def dataset_split(name: str, split: str, columns: Callable | None = None, validation_split: str | None = None):
+    """One split of any dataset by name, where ``validation`` is the split the accuracy check selects on.
 
-    Most datasets have no ``validation`` split. One is then held out of ``train`` (see
-    :func:`holdout_indices`, stratified by ``label`` when there is one), and ``train`` means what
-    is left, so calibration and fine-tuning never see the held-out examples. A folder with a
-    single dataset and no splits serves ``test`` whole and carves ``validation`` / ``train`` the
-    same way. ``columns(dataset, name, splits)`` selects and renames the columns a task needs.
+    ``split`` is a split name, a ``datasets`` slice (``train[:10%]``, ``test[100:200]``, parts
+    joined by ``+``), or a half of a split (``test[selection]``, ``test[report]``: see
+    :func:`selection_half`). ``validation`` means ``validation_split`` when given, else, in order:
+    the dataset's own validation split (``validation``, ``valid``, ``val`` or ``dev``); the
+    selection half of ``test``; a hold-out of ``train`` (see :func:`holdout_indices`). ``train``
+    means what is left of it once the selection took its examples, so calibration and fine-tuning
+    never see them. A folder with a single dataset and no splits serves ``test`` whole and carves
+    ``validation`` / ``train`` out of it. ``columns(dataset, name, splits)`` selects and renames
+    the columns a task needs.
     """
-    splits = _open_splits(name)
-    columns = columns or (lambda dataset, *_: dataset)
-    validation = next((s for s in VALIDATION_NAMES if s in splits), None)
-    if split in VALIDATION_NAMES and validation is not None:
-        return columns(splits[validation], name, splits)
-    whole = splits.get("train", splits.get(None)) if split in (*VALIDATION_NAMES, "train") else None
-    if whole is not None and validation is None:
-        whole = columns(whole, name, splits)
-        held_out = holdout_indices(_strata(whole))
-        if split == "train":
-            return whole.select(np.setdiff1d(np.arange(len(whole)), held_out))
-        logger.info("%s has no validation split: holding out %d examples of its training data (seed %d)",
-                    name, len(held_out), HOLDOUT_SEED)
-        return whole.select(held_out)
-    if split in splits or (None in splits and split == "test"):
-        return columns(splits.get(split, splits.get(None)), name, splits)
-    raise DatasetError(f"dataset {name!r} has no split {split!r}; its splits: {_split_names(splits)}")
+    import datasets
+
+    view = _View(name, _open_splits(name), columns)
+    parts = [view.rows(key, rows) for key, rows in view.resolve(split, _selection_spec(view.splits, validation_split))]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def selection(name: str, validation_split: str | None = None, columns: Callable | None = None) -> Selection:
+    """What :func:`dataset_split` (with the same ``columns`` and ``validation_split``) serves as
+    ``validation``, described for logs, JSON and the model card."""
+    if name in (FASHION_MNIST, FASHION_MNIST_HUB_ID) and validation_split in (None, SELECTION):
+        return FASHION_MNIST_SELECTION
+    view = _View(name, _open_splits(name), columns)
+    spec = _selection_spec(view.splits, validation_split)
+    pieces = view.selection(spec)
+    keys = {key for key, _ in pieces}
+    examples = sum(len(view.rows(key, rows)) for key, rows in pieces)
+    trained_on_risk = bool(keys & {"train", None})
+    untouched_test = "test" in view.splits and "test" not in keys
+    report = "test" if untouched_test else "test[report]" if spec == "test[selection]" else None
+    stratified = "label" if "label" in view.rows(next(iter(keys))).column_names else None
+    if validation_split not in (None, SELECTION):
+        description = f"Selected on {examples:,} examples of {spec!r}, named by the user."
+        holdout = None
+    elif spec in view.splits:
+        description = f"Selected on the dataset's own {spec!r} split ({examples:,} examples)."
+        holdout = None
+    elif spec == "test[selection]":
+        description = (f"Selected on {examples:,} examples of 'test' (a half, stratified by {stratified}, seed "
+                       f"{HOLDOUT_SEED}), as the dataset has no validation split; the final model is to be reported on "
+                       "the other half, 'test[report]'.")
+        holdout = dict(carved_from="test", examples=examples, fraction=TEST_HALF, max_examples=HOLDOUT_MAX,
+                       seed=HOLDOUT_SEED, stratified_by=stratified)
+    else:
+        carved_from = "train" if "train" in view.splits else "the whole dataset"
+        lacking = "no validation and no test split" if "train" in view.splits else "no splits"
+        description = (f"Selected on {examples:,} examples held out of {carved_from} (stratified by {stratified}, "
+                       f"seed {HOLDOUT_SEED}), as the dataset has {lacking}.")
+        holdout = dict(carved_from=carved_from, examples=examples, fraction=HOLDOUT_FRACTION,
+                       max_examples=HOLDOUT_MAX, seed=HOLDOUT_SEED, stratified_by=stratified)
+    if trained_on_risk:
+        description += " The model may have trained on these examples."
+    return Selection(split=spec, report_split=report, comparison_split="test" if untouched_test else None,
+                     trained_on_risk=trained_on_risk, description=description, holdout=holdout)
+
+
+def _selection_spec(splits: dict, validation_split: str | None) -> str:
+    """The split the accuracy check selects on: the user's, else the dataset's own validation split,
+    else the selection half of ``test``, else ``validation`` (a hold-out of ``train``)."""
+    if validation_split not in (None, SELECTION):
+        return validation_split
+    own = next((s for s in VALIDATION_NAMES if s in splits), None)
+    if own is not None:
+        return own
+    return "test[selection]" if "test" in splits else SELECTION
+
+
+Piece = tuple  # (split key, sorted row indices or None for every row); key None: a folder with no splits
+
+
+@dataclass
+class _View:
+    """A dataset's splits with a task's columns, resolving split specs into rows of them."""
+
+    name: str
+    splits: dict
+    columns: Callable | None
+
+    def rows(self, key: str | None, rows: np.ndarray | None = None):
+        dataset = self.splits[key]
+        dataset = self.columns(dataset, self.name, self.splits) if self.columns else dataset
+        return dataset if rows is None else dataset.select(rows)
+
+    def key(self, split: str) -> str | None:
+        if split in self.splits:
+            return split
+        if None in self.splits and split in ("test", "train"):
+            return None
+        raise DatasetError(f"dataset {self.name!r} has no split {split!r}; its splits: {_split_names(self.splits)}")
+
+    def resolve(self, spec: str, selection_spec: str | None) -> list[Piece]:
+        """Rows of ``spec``. ``selection_spec`` is what ``validation`` means and what ``train``
+        leaves out; None while resolving the selection itself, where every name means its raw split."""
+        if "+" in spec:
+            return [piece for part in spec.split("+") for piece in self.resolve(part.strip(), selection_spec)]
+        if spec == SELECTION and selection_spec is not None:
+            return self.selection(selection_spec)
+        if spec == "train" and selection_spec is not None:
+            return [self._train_rest(selection_spec)]
+        base, bracket, inner = spec.partition("[")
+        if not bracket:
+            return [(self.key(spec), None)]
+        key = self.key(base)
+        if inner.endswith("]") and inner[:-1] in HALVES:
+            return [(key, selection_half(_strata(self.rows(key)), report=inner[:-1] == "report"))]
+        import datasets
+
+        try:
+            absolute = datasets.ReadInstruction.from_spec(spec).to_absolute({base: len(self.splits[key])})
+        except (ValueError, AssertionError) as err:
+            raise DatasetError(f"cannot read split {spec!r} of {self.name!r}: {err}. Use the datasets slice syntax "
+                               "('train[:10%]', 'test[100:200]'), 'test[selection]' or 'test[report]'") from err
+        return [(key, np.arange(a.from_, a.to)) for a in absolute]
+
+    def selection(self, spec: str) -> list[Piece]:
+        """Rows of the selection split ``spec`` (from :func:`_selection_spec`)."""
+        if spec == SELECTION and spec not in self.splits:  # nothing held out by the dataset: carve from train
+            key = self.key("train")
+            return [(key, holdout_indices(_strata(self.rows(key))))]
+        return self.resolve(spec, None)
+
+    def _train_rest(self, selection_spec: str) -> Piece:
+        """``train`` less the examples the selection took from it."""
+        key = self.key("train")
+        taken = [rows if rows is not None else np.arange(len(self.splits[key]))
+                 for k, rows in self.selection(selection_spec) if k == key]
+        if not taken:
+            return key, None
+        rest = np.setdiff1d(np.arange(len(self.splits[key])), np.concatenate(taken))
+        if len(rest) == 0:
+            raise DatasetError(f"the validation split {selection_spec!r} takes every example of {self.name!r}'s "
+                               "training data, leaving none to calibrate on; name a part of it, e.g. 'train[:10%]'")
+        return key, rest
 
 
 def _strata(dataset) -> np.ndarray:
-    """What the hold-out is stratified by: the class label when there is one."""
+    """What hold-outs and halves are stratified by: the class label when there is one."""
     return np.asarray(dataset["label"]) if "label" in dataset.column_names else np.zeros(len(dataset), np.int64)
 
 
-def holdout(name: str, columns: Callable | None = None) -> dict | None:
-    """How :func:`dataset_split` (with the same ``columns``) made the validation split of ``name``,
-    for logs and JSON; None when the dataset has its own."""
-    if name in (FASHION_MNIST, FASHION_MNIST_HUB_ID):
-        return None
-    splits = _open_splits(name)
-    if any(s in splits for s in VALIDATION_NAMES):
-        return None
-    whole = splits.get("train", splits.get(None))
-    whole = columns(whole, name, splits) if columns else whole
-    return dict(carved_from="train" if "train" in splits else "the whole dataset",
-                examples=len(holdout_indices(_strata(whole))), fraction=HOLDOUT_FRACTION, max_examples=HOLDOUT_MAX,
-                seed=HOLDOUT_SEED, stratified_by="label" if "label" in whole.column_names else None)
+def selection_half(labels, report: bool = False) -> np.ndarray:
+    """Sorted indices of ``test[selection]`` (a stratified, seeded half, at most ``HOLDOUT_MAX``
+    examples), or with ``report`` of ``test[report]``, every other example: disjoint, and the same
+    on every machine and every run."""
+    half = holdout_indices(labels, fraction=TEST_HALF)
+    return np.setdiff1d(np.arange(len(labels)), half) if report else half
+
+
+def stratified_sample(dataset, max_examples: int = HOLDOUT_MAX):
+    """At most ``max_examples`` rows of ``dataset``, the same share of every class, seeded."""
+    return dataset.select(holdout_indices(_strata(dataset), fraction=1.0, max_examples=max_examples))
 
 
 def holdout_indices(labels, fraction: float = HOLDOUT_FRACTION, max_examples: int = HOLDOUT_MAX,
@@ -250,6 +400,8 @@ def _open_splits(name: str) -> dict:
     """Every split of a dataset by name (``None``: a folder holding one dataset and no splits)."""
     import datasets
 
+    if name in (FASHION_MNIST, FASHION_MNIST_HUB_ID):
+        return {split: load_fashion_mnist(split) for split in SPLITS}
     path = Path(name)
     try:
         if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):

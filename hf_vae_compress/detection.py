@@ -3,7 +3,7 @@
 A scene is a black canvas with 1 to ``max_items`` real Fashion-MNIST items pasted at random
 scale and position, each with a COCO-style ``[x, y, w, h]`` box tight around its non-zero pixels.
 Scenes of a split are built only from that split's items (``train``, ``validation`` and ``test``
-never share an item), and they are a pure function of the seed, so a detector's test mAP means
+never share an item, and the accuracy check selects on ``validation``: :func:`scenes_selection`), and they are a pure function of the seed, so a detector's test mAP means
 the same on every machine. mAP is measured by torchmetrics (pycocotools underneath), never by
 hand-written box matching.
 """
@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import (
-    FASHION_MNIST_CLASSES, SPLITS, dataset_split, fashion_mnist_arrays, image_mode, load_image_processor,
+    FASHION_MNIST_CLASSES, SELECTION, SPLITS, DatasetError, Selection, dataset_split, fashion_mnist_arrays, image_mode,
+    load_image_processor,
 )
 
 logger = logging.getLogger(__name__)
@@ -139,13 +140,34 @@ def load_fashion_mnist_scenes(split: str = "test", num_scenes: int | None = None
     return datasets.Dataset.from_dict(rows, features=scene_features())
 
 
-def load_detection_dataset(name: str, split: str = "test", num_scenes: int | None = None):
+def load_detection_dataset(name: str, split: str = "test", num_scenes: int | None = None,
+                           validation_split: str | None = None):
     """``fashion_mnist_scenes`` (``num_scenes`` of them: default, every item once), or any COCO-style
-    dataset by name (see :func:`~hf_vae_compress.data.dataset_split`)."""
+    dataset by name (see :func:`~hf_vae_compress.data.dataset_split`, which also says what
+    ``validation`` means and how ``validation_split`` changes it)."""
     if name == FASHION_MNIST_SCENES:
-        return load_fashion_mnist_scenes(split, num_scenes)
-    dataset = dataset_split(name, split)
+        return load_fashion_mnist_scenes(scenes_selection(validation_split).split if split == SELECTION else split,
+                                         num_scenes)
+    dataset = dataset_split(name, split, validation_split=validation_split)
     return dataset.select(range(min(num_scenes, len(dataset)))) if num_scenes else dataset
+
+
+def scenes_selection(validation_split: str | None = None) -> Selection:
+    """What the accuracy check selects on for ``fashion_mnist_scenes``: its ``validation`` scenes,
+    built from Fashion-MNIST's held-out validation items, or the whole split the user names.
+
+    Scenes are rendered per split, so only whole splits can be named (no slices). mAP is a
+    whole-set metric with no per-example scores, so there is no comparison split.
+    """
+    split = validation_split or SELECTION
+    if split not in SPLITS:
+        raise DatasetError(f"{FASHION_MNIST_SCENES} builds scenes per split; name one of {list(SPLITS)}, "
+                           f"not {split!r}")
+    trained = split == "train"
+    return Selection(
+        split=split, report_split="test" if split != "test" else None, comparison_split=None, trained_on_risk=trained,
+        description=f"Selected on {FASHION_MNIST_SCENES}' {split!r} scenes, built from Fashion-MNIST's {split} items only."
+                    + (" The model may have trained on these items." if trained else ""))
 
 
 def is_detection_model(model_or_config) -> bool:

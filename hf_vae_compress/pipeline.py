@@ -7,8 +7,14 @@ container in place of the weights, the remote-code shim and a model card. Every 
 
 Accuracy is measured, not assumed: :func:`search_smallest` returns the smallest container whose
 drop on the held-out split stays within a budget, and :meth:`Source.validation_drop` measures the
-drop of any container. Both score the model on ``validation`` (carved from ``train`` when a
-dataset has none), never on ``test``.
+drop of any container. Both select only on data the model did not train on, by the rule of
+:func:`hf_vae_compress.data.dataset_split`: the dataset's own validation split, else a half of
+``test`` (the other half is left to report on), a hold-out of ``train`` only when there is
+nothing else (flagged as possibly trained on), or the split the user names (``validation_split``).
+Before any long work :meth:`Source.check_selection` scores the base model there: if it looks
+memorised (see :func:`memorisation_check`), nothing measured there is called an accuracy check,
+and a rate search refuses to start (:class:`UncheckedAccuracyError`). The measured drop, with how
+its split was chosen, goes into ``CompressedModel.stats["validation"]`` for the JSON and the card.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 
 from .codec import CompressedModel, Shard, VAECompressionConfig, compress
 from .codec.calibration import Calibration, calibrate
+from .data import HOLDOUT_MAX, stratified_sample
 from .finetune import FinetuneConfig, finetune
 from .loading import load_compressed, load_folder
 from .models import load_model, resolve_folder
@@ -33,7 +40,10 @@ from .tasks import Task, task_for
 
 logger = logging.getLogger(__name__)
 
-SELECTION_SPLIT = "validation"  # rate search judges accuracy here, never on test
+# Standard errors by which the base model's accuracy on the selection split may exceed its accuracy
+# on held-out comparison data before the split counts as memorised: a one-sided normal tail of
+# 0.13 % under "it scores both alike" (see memorisation_check).
+MEMORISATION_Z = 3.0
 # Bits per weight when no data can check accuracy. Without data every tensor gets the same
 # relative precision (no Fisher allocation), which costs compact models most: at 4.0 the
 # data-free MobileNet reference lost 0.79 pt of test top-1 (benchmarks/results/default_compress.json).
@@ -59,6 +69,43 @@ def _is_main(accelerator) -> bool:
     return accelerator is None or accelerator.is_main_process
 
 
+class UncheckedAccuracyError(ValueError):
+    """An accuracy budget was asked for, but the selection split cannot check accuracy: the base
+    model looks memorised there. Raised before the rate search's first probe."""
+
+
+def memorisation_check(base: float, examples: int, comparison: tuple[float, int] | None,
+                       known_held_out: bool) -> dict:
+    """Whether the base model's score on the selection split (``base`` over ``examples``) says it
+    trained on those examples.
+
+    A model memorises what it trained on: it scores (near) 100 % there, and so do compressed
+    copies of it that have lost accuracy everywhere else, so the drop measured there is too small
+    (a 240x container measured at "0.0 pt" on memorised examples lost 3.3 pt of test top-1).
+
+    * With ``comparison`` (score and size of held-out data of the same task, e.g. ``test`` when
+      selecting on ``validation``): memorised when the selection score exceeds it by more than
+      ``MEMORISATION_Z`` standard errors of a difference of two independent binomial proportions,
+      ``sqrt(p1 (1 - p1) / n1 + p2 (1 - p2) / n2)``. A split the model merely finds a little easier
+      is not flagged (0.13 % false alarms when both score alike); a split it trained on, which it
+      scores far higher than new data, is.
+    * At 100 % on a split not ``known_held_out`` (carved from ``train``, or with nothing to compare
+      with): there is no error left, so a model that trained on the split and one that is perfect
+      on it look alike; the run cannot tell, so it claims no check.
+    """
+    result = dict(base=base, examples=examples, saturated=base >= 1.0, comparison=None, comparison_examples=None,
+                  gap_pt=None, gap_se_pt=None, z_threshold=MEMORISATION_Z)
+    above = False
+    if comparison is not None:
+        other, count = comparison
+        se = math.sqrt(base * (1 - base) / examples + other * (1 - other) / count)
+        gap = base - other
+        above = gap > MEMORISATION_Z * se
+        result.update(comparison=other, comparison_examples=count, gap_pt=100 * gap, gap_se_pt=100 * se)
+    result["detected"] = above or (result["saturated"] and not known_held_out)
+    return result
+
+
 @dataclass
 class Source:
     """A model to compress, with what every compression of it shares.
@@ -72,22 +119,72 @@ class Source:
     model: torch.nn.Module
     task: Task | None = None
     calibration: Calibration | None = None
+    selection: dict | None = None  # from check_selection: where accuracy is checked and whether it can be
     _held_out: object = field(default=None, repr=False)
     _base: tuple | None = field(default=None, repr=False)
     _scorer: torch.nn.Module | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, source: str | Path, dataset: str | None, calibration_batches: int, progress: bool = True,
-             calibration_seed: int = 0, **hub_kwargs) -> "Source":
-        """Load the model and, with a dataset, calibrate on ``calibration_batches`` batches drawn
-        from its train split with ``calibration_seed``."""
+             calibration_seed: int = 0, validation_split: str | None = None, **hub_kwargs) -> "Source":
+        """Load the model and, with a dataset, check its selection split (:meth:`check_selection`),
+        then calibrate on ``calibration_batches`` batches drawn from its train split with
+        ``calibration_seed``. ``validation_split`` names the split or slice the accuracy check
+        selects on (``"test"``, ``"train[:10%]"``); None: the automatic rule (module docstring)."""
         folder = resolve_folder(str(source), **hub_kwargs)
         model = load_model(folder)
         if not dataset:
+            if validation_split is not None:
+                raise ValueError(f"validation_split {validation_split!r} needs a dataset to take it from")
             return cls(folder, model)
-        task = task_for(model, dataset)
-        batches, loss_fn = task.calibration(model, calibration_batches, calibration_seed)
-        return cls(folder, model, task, calibrate(model, batches, calibration_batches, None, loss_fn, progress))
+        src = cls(folder, model, task_for(model, dataset, validation_split))
+        src.check_selection()
+        batches, loss_fn = src.task.calibration(model, calibration_batches, calibration_seed)
+        src.calibration = calibrate(model, batches, calibration_batches, None, loss_fn, progress)
+        return src
+
+    def check_selection(self) -> dict:
+        """Where the accuracy check selects and whether it can call itself one, computed once.
+
+        Scores the base model on the task's selection split and, where the task has per-example
+        scores and the dataset a comparison split, on a stratified sample of at most
+        ``HOLDOUT_MAX`` examples of it, then runs :func:`memorisation_check`. The dict is the
+        task's :class:`~hf_vae_compress.data.Selection` plus ``memorisation``, ``accuracy_checked``
+        and ``warning`` (None when there is nothing to warn about); warnings are also logged.
+        """
+        if self.selection is not None:
+            return self.selection
+        task = self.task
+        chosen = task.selection()
+        self._held_out = task.prepare(self.model, task.load(chosen.split))
+        self._base = self._measure(self.model)
+        self._scorer = copy.deepcopy(self.model)
+        base, base_examples = self._base
+        comparison = None
+        if base_examples is not None and chosen.comparison_split is not None:
+            held = task.prepare(self.model, stratified_sample(task.load(chosen.comparison_split), HOLDOUT_MAX))
+            scores = task.per_example(self.model, held)
+            comparison = float(scores.mean()), len(scores)
+        memorisation = memorisation_check(base, task.num_examples(self._held_out), comparison,
+                                          known_held_out=comparison is not None and not chosen.trained_on_risk)
+        warning = None
+        if memorisation["detected"]:
+            versus = "" if comparison is None else \
+                f" against {100 * comparison[0]:.2f} % on {chosen.comparison_split!r}"
+            warning = (f"the base model scores {100 * base:.2f} % on the selection split {chosen.split!r}{versus}: "
+                       "it has likely trained on these examples, so the drop measured there is not an accuracy check "
+                       f"({chosen.description}) Name held-out data with validation_split (--validation-split)"
+                       f"{f', e.g. {chosen.comparison_split!r}' if comparison else ''}, or give a fixed rate.")
+        elif chosen.trained_on_risk:
+            warning = (f"the accuracy check selects on {chosen.split!r} ({chosen.description}) If the model trained "
+                       "on them, the measured drop is too small: name held-out data with validation_split "
+                       "(--validation-split).")
+        logger.info("accuracy check on %s: %s", chosen.split, chosen.description)
+        if warning:
+            logger.warning(warning)
+        self.selection = dict(chosen.as_dict(), memorisation=memorisation, accuracy_checked=not memorisation["detected"],
+                              warning=warning)
+        return self.selection
 
     def compress(self, config: VAECompressionConfig, finetune_config: FinetuneConfig | None = None,
                  accelerator=None, checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
@@ -104,20 +201,22 @@ class Source:
         return compressed
 
     def validation_drop(self, compressed: CompressedModel, budget_pt: float | None = None) -> dict:
-        """The task metric of the base and of the decoded container on the held-out split, the drop
-        in points, and the budget it is held to (the task's unless given).
+        """The task metric of the base and of the decoded container on the selection split, the
+        drop in points, and the budget it is held to (the task's unless given); also stored as
+        ``compressed.stats["validation"]``, for the JSON and the model card.
 
         Where the metric is a mean over examples (top-1), ``drop_se_pt`` is the standard error of
         the paired drop (the same examples scored by both models), and ``within_budget`` asks that
         the drop *plus* one standard error fit: a search that keeps the smallest of many noisy
         probes otherwise picks one whose drop was measured low (on 5,000 examples the noise is
-        about 0.2 pt, as large as the budget's margin).
+        about 0.2 pt, as large as the budget's margin). On a split where the base model looks
+        memorised, ``accuracy_checked`` is False and nothing is ``within_budget``. ``selection``
+        says in words which split was scored and how it was chosen, ``report_split`` where the
+        final model should be reported, ``trained_on_risk`` whether the model may have trained on
+        the split, ``warning`` what to tell the user (None: nothing).
         """
         task = self.task
-        if self._held_out is None:
-            self._held_out = task.prepare(self.model, task.load(SELECTION_SPLIT))
-            self._base = self._measure(self.model)
-            self._scorer = copy.deepcopy(self.model)
+        selection = self.check_selection()
         self._scorer.load_state_dict(compressed.decode(), strict=True)  # exactly the weights a loader gets
         (base, base_examples), (score, examples) = self._base, self._measure(self._scorer)
         drop = 100 * (base - score)
@@ -125,9 +224,15 @@ class Source:
         if examples is not None and len(examples) > 1:
             se = float(100 * np.std(base_examples - examples, ddof=1) / np.sqrt(len(examples)))
         budget = task.budget_pt if budget_pt is None else budget_pt
-        return dict(metric=task.metric, split=SELECTION_SPLIT, examples=task.num_examples(self._held_out),
-                    base=base, compressed=score, drop_pt=drop, drop_se_pt=se, budget_pt=budget,
-                    within_budget=drop + se <= budget, holdout=task.holdout())
+        checked = selection["accuracy_checked"]
+        result = dict(metric=task.metric, split=selection["split"], examples=task.num_examples(self._held_out),
+                      base=base, compressed=score, drop_pt=drop, drop_se_pt=se, budget_pt=budget,
+                      within_budget=checked and drop + se <= budget, holdout=selection["holdout"],
+                      selection=selection["description"], report_split=selection["report_split"],
+                      trained_on_risk=selection["trained_on_risk"], accuracy_checked=checked,
+                      memorisation=selection["memorisation"], warning=selection["warning"])
+        compressed.stats["validation"] = result
+        return result
 
     def _measure(self, model: torch.nn.Module) -> tuple[float, np.ndarray | None]:
         """The metric on the held-out split, and the per-example scores where the metric has them."""
@@ -146,16 +251,20 @@ def compress_folder(source: str, out_dir: str | Path, config: VAECompressionConf
                     dataset: str | None = None, progress: bool = True,
                     finetune_config: FinetuneConfig | None = None, accelerator=None,
                     checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
-                    **hub_kwargs) -> CompressedModel:
+                    validation_split: str | None = None, **hub_kwargs) -> CompressedModel:
     """Compress a local or Hub model folder into ``out_dir`` at ``config``'s rate, optionally
-    fine-tuning on ``dataset``.
+    fine-tuning on ``dataset``. With a dataset, the drop on the selection split (``validation_split``,
+    or the automatic rule) is measured and saved with the container (``stats["validation"]``).
 
     Under ``accelerate launch`` pass the ``accelerator``: the VAE fit is sharded and fine-tuning
     is data-parallel; every process computes the result and the main process writes it.
     """
-    src = Source.open(source, dataset, config.calibration_batches, progress, **hub_kwargs)
+    src = Source.open(source, dataset, config.calibration_batches, progress, validation_split=validation_split,
+                      **hub_kwargs)
     compressed = src.compress(config, finetune_config, accelerator, checkpoint_dir, resume_from, progress)
     if _is_main(accelerator):
+        if src.task is not None:
+            src.validation_drop(compressed)
         src.save(compressed, out_dir)
     return compressed
 
@@ -174,7 +283,7 @@ class SearchResult:
 def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_pt: float, dataset: str | None,
                     config: VAECompressionConfig, finetune_config: FinetuneConfig | None = None,
                     bpw_range: tuple[float, float] = SEARCH_RANGE_BPW, probes: int = SEARCH_PROBES,
-                    accelerator=None, progress: bool = True) -> SearchResult:
+                    accelerator=None, progress: bool = True, validation_split: str | None = None) -> SearchResult:
     """The smallest container whose task-metric drop (top-1 or mAP, in points) on the held-out
     split is at most ``max_drop_pt``.
 
@@ -182,12 +291,28 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
     after a probe that keeps the budget (its drop plus one standard error, see
     :meth:`Source.validation_drop`) and up after one that does not. Each probe is a full
     compression (and fine-tuning, when configured) from one shared calibration pass, judged on
-    ``validation``. The best container is saved to ``out_dir`` (when given).
+    the selection split (``validation_split``, or the automatic rule: see the module docstring).
+    The best container is saved to ``out_dir`` (when given), its drop in ``stats["validation"]``.
+
+    Where the base model looks memorised on the selection split, :class:`UncheckedAccuracyError`
+    is raised before the first probe rather than falling back to some rate: a budget is a promise
+    about accuracy, no rate can be shown to keep it there, and a run that exits 0 with a model is
+    read as having kept it. The error names the scores and what to do (held-out data, or a fixed
+    rate, whose drop is then reported as not checked).
     """
     start = time.perf_counter()
-    src = source if isinstance(source, Source) else Source.open(source, dataset, config.calibration_batches, progress)
+    if isinstance(source, Source):
+        src = source
+        if validation_split is not None and src.task is not None and validation_split != src.task.validation_split:
+            raise ValueError(f"validation_split {validation_split!r} differs from the one the source was opened with "
+                             f"({src.task.validation_split!r}); give it to Source.open")
+    else:
+        src = Source.open(source, dataset, config.calibration_batches, progress, validation_split=validation_split)
     if src.task is None:
         raise ValueError("an accuracy budget needs a dataset to measure the drop on")
+    selection = src.check_selection()
+    if not selection["accuracy_checked"]:
+        raise UncheckedAccuracyError(f"no rate search: {selection['warning']}")
     lo, hi = math.log(bpw_range[0]), math.log(bpw_range[1])
     best, best_validation, log = None, None, []
     for _ in range(probes):
@@ -224,5 +349,5 @@ def load_any(source: str | Path, **hub_kwargs) -> tuple[torch.nn.Module, Path, f
     return model, folder, time.perf_counter() - start
 
 
-__all__ = ["SELECTION_SPLIT", "UNCHECKED_BPW", "SearchResult", "Source", "compress_folder", "load_any",
-           "load_compressed", "search_smallest"]
+__all__ = ["MEMORISATION_Z", "UNCHECKED_BPW", "SearchResult", "Source", "UncheckedAccuracyError",
+           "compress_folder", "load_any", "load_compressed", "memorisation_check", "search_smallest"]

@@ -3,8 +3,10 @@
 The codec core is task-agnostic; the rate search, fine-tuning, the CLI, the Hub card and the
 benchmarks get what depends on the task a model was trained for from here:
 
-* ``load(split)`` and ``prepare(model, dataset)``: the held-out data, preprocessed once so that
-  many candidate weights can be scored on it;
+* ``selection()``, ``load(split)`` and ``prepare(model, dataset)``: which held-out split the
+  accuracy check selects on (the dataset's ``validation`` split, a half of ``test``, or what the
+  user names in ``validation_split``) and that data, preprocessed once so that many candidate
+  weights can be scored on it;
 * ``score(model, data)``: a dict whose ``metric`` entry (``top1`` or COCO ``map``) is the number
   budgets are written against;
 * ``calibration(model, num_batches)``: training-split batches, and the loss whose gradients
@@ -25,16 +27,17 @@ import torch
 import torch.nn.functional as F
 
 from .data import (
-    FASHION_MNIST, collate, fit_labels, holdout, image_columns, image_mode, image_transform, load_image_dataset,
-    load_image_processor, with_transform,
+    FASHION_MNIST, Selection, collate, fit_labels, image_columns, image_mode, image_transform, load_image_dataset,
+    load_image_processor, selection, with_transform,
 )
 from .detection import (
     FASHION_MNIST_SCENES, detection_collate, evaluate_detection, is_detection_model, load_detection_dataset,
+    scenes_selection,
 )
 from .evaluate import as_tensors, evaluate, logits_of, predict
 
 DEFAULT_DATASET = "default"  # the task's own data: Fashion-MNIST items, or scenes of them for a detector
-CALIBRATION_SPLIT = "train"  # calibration and fine-tuning data: never the held-out validation split nor test
+CALIBRATION_SPLIT = "train"  # calibration and fine-tuning data: ``train`` less whatever the selection took from it
 CALIBRATION_BATCH = 32
 
 
@@ -45,6 +48,7 @@ class Classification:
     dataset: str = FASHION_MNIST
     metric: str = "top1"
     budget_pt: float = 0.5  # the drop a "no meaningful loss" claim is held to
+    validation_split: str | None = None  # the user's selection split or slice; None: the automatic rule
     # how the Hub names the task, its auto class and its metric (model card metadata)
     pipeline_tag: ClassVar[str] = "image-classification"
     auto_class: ClassVar[str] = "AutoModelForImageClassification"
@@ -57,11 +61,11 @@ class Classification:
         return f"{100 * scores['top1']:.2f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
 
     def load(self, split: str):
-        return load_image_dataset(self.dataset, split)
+        return load_image_dataset(self.dataset, split, self.validation_split)
 
-    def holdout(self) -> dict | None:
-        """How the validation split was carved from ``train``; None when the dataset has its own."""
-        return holdout(self.dataset, image_columns)
+    def selection(self) -> Selection:
+        """The split the accuracy check selects on, and how it was chosen."""
+        return selection(self.dataset, self.validation_split, image_columns)
 
     def prepare(self, model: torch.nn.Module, dataset) -> tuple[torch.Tensor, torch.Tensor]:
         return as_tensors(fit_labels(model, dataset), image_transform(model))
@@ -111,6 +115,7 @@ class Detection:
     dataset: str = FASHION_MNIST_SCENES
     metric: str = "map"
     budget_pt: float = 1.0  # detectors are scored on a coarser metric; the detection issue's budget
+    validation_split: str | None = None  # the user's selection split or slice; None: the automatic rule
     pipeline_tag: ClassVar[str] = "object-detection"
     auto_class: ClassVar[str] = "AutoModelForObjectDetection"
     metric_title: ClassVar[str] = "COCO box mAP@[.5:.95]"
@@ -121,11 +126,13 @@ class Detection:
         return f"{100 * scores['map']:.2f} (mAP@0.5 {100 * scores['map_50']:.2f})"
 
     def load(self, split: str, num_scenes: int | None = None):
-        return load_detection_dataset(self.dataset, split, num_scenes)
+        return load_detection_dataset(self.dataset, split, num_scenes, self.validation_split)
 
-    def holdout(self) -> dict | None:
-        """How the validation split was carved from ``train``; None when the dataset has its own."""
-        return None if self.dataset == FASHION_MNIST_SCENES else holdout(self.dataset)
+    def selection(self) -> Selection:
+        """The split the accuracy check selects on, and how it was chosen."""
+        if self.dataset == FASHION_MNIST_SCENES:
+            return scenes_selection(self.validation_split)
+        return selection(self.dataset, self.validation_split)
 
     def prepare(self, model: torch.nn.Module, dataset):
         return dataset  # scenes are preprocessed per batch by the model's image processor
@@ -151,7 +158,8 @@ class Detection:
         return self.load(CALIBRATION_SPLIT), detection_collate(load_image_processor(model), image_mode(model.config))
 
     def num_examples(self, data) -> int:
-        return len(data[0])
+        """Scenes in ``train_data``'s ``(scenes, collate)`` or in ``prepare``'s dataset."""
+        return len(data[0]) if isinstance(data, tuple) else len(data)
 
     def sample(self, data, index: torch.Tensor) -> dict:
         scenes, collate_fn = data
@@ -183,8 +191,11 @@ def _subset(dataset, num_batches: int, seed: int):
 Task = Classification | Detection
 
 
-def task_for(model, dataset: str | None = None) -> Task:
+def task_for(model, dataset: str | None = None, validation_split: str | None = None) -> Task:
     """The task a model (or its config, or a ``config.json`` dict) was trained for, on ``dataset``
-    (or that task's default dataset)."""
+    (or that task's default dataset), selecting on ``validation_split`` (None: the automatic rule
+    of :func:`~hf_vae_compress.data.dataset_split`)."""
     kind = Detection if is_detection_model(model) else Classification
-    return kind(dataset) if dataset and dataset != DEFAULT_DATASET else kind()
+    default = kind()
+    return kind(dataset if dataset and dataset != DEFAULT_DATASET else default.dataset,
+                validation_split=validation_split)

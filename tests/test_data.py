@@ -74,3 +74,20 @@ def test_model_preprocessing_matches_its_config(timm_folder, vit_folder):
         x = data.image_transform(load_model(folder))(image)
         assert x.shape == (1, 28, 28)
         np.testing.assert_allclose(x[0].numpy(), expected, atol=1e-5)
+
+
+def test_fashion_mnist_still_selects_on_its_held_out_validation_split():
+    """The reference models' own data: the accuracy check keeps selecting on the 5,000 training
+    images they never saw, reports on test, and calibrates on the other 55,000."""
+    from hf_vae_compress.tasks import Classification
+
+    chosen = data.selection(data.FASHION_MNIST)
+    assert (chosen.split, chosen.report_split, chosen.trained_on_risk, chosen.holdout) == \
+        ("validation", "test", False, None)
+    task = Classification()
+    validation, train = task.load(task.selection().split), task.load("train")
+    assert len(validation) == data.VALIDATION_SIZE and len(train) == 55_000
+    val_x, val_y = data.fashion_mnist_arrays("validation")
+    assert np.array_equal(np.asarray(validation[:5]["image"][0]), val_x[0]) and validation["label"] == val_y.tolist()
+    report = task.load("test[report]")  # halves work on the built-in data too
+    assert len(report) + len(task.load("test[selection]")) == 10_000
