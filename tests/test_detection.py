@@ -6,6 +6,7 @@ import torch
 
 from hf_vae_compress import detection
 from hf_vae_compress.cli import main
+from hf_vae_compress.codec.integrity import STORED_HASH_FIELD
 from hf_vae_compress.data import FASHION_MNIST_CLASSES
 from hf_vae_compress.detection import (
     detection_collate, evaluate_detection, is_detection_model, load_detection_dataset, load_fashion_mnist_scenes,
@@ -234,9 +235,26 @@ def test_a_compressed_detector_saves_with_a_detection_card_and_loads_with_transf
     assert "AutoModelForObjectDetection.from_pretrained" in card.text and "mAP@0.5" in card.text
 
     reference = load_compressed(out).state_dict()
-    assert CompressedModel.load(out).header == compressed.header
+    written = CompressedModel.load(out).header  # sealed on writing with the stored bytes' hash (codec.v2.seal)
+    assert {k: v for k, v in written.items() if k != STORED_HASH_FIELD} == compressed.header
     for kwargs in ({}, {"trust_remote_code": True}):
         model = AutoModelForObjectDetection.from_pretrained(out, **kwargs)
         state = model.state_dict()
         assert type(model).__name__ == "RTDetrForObjectDetection"
         assert all(torch.equal(state[k], v) for k, v in reference.items())
+
+
+def test_the_detector_keeps_selecting_on_its_held_out_validation_scenes():
+    """fashion_mnist_scenes: validation scenes (from items no training scene uses) unless a whole
+    split is named; scenes are rendered per split, so a slice is refused by name."""
+    from hf_vae_compress.data import DatasetError
+    from hf_vae_compress.tasks import Detection
+
+    chosen = Detection().selection()
+    assert (chosen.split, chosen.report_split, chosen.trained_on_risk) == ("validation", "test", False)
+    named = Detection(validation_split="train").selection()
+    assert named.split == "train" and named.trained_on_risk and "may have trained" in named.description
+    first = load_detection_dataset(detection.FASHION_MNIST_SCENES, "validation", 3, validation_split="test")
+    assert first["image"] == load_fashion_mnist_scenes("test", num_scenes=3)["image"]
+    with pytest.raises(DatasetError, match=r"builds scenes per split.*'test\[:10%\]'"):
+        Detection(validation_split="test[:10%]").selection()
