@@ -53,8 +53,8 @@ def _check_compress_args(args: argparse.Namespace, fixed_rate: bool) -> None:
 
 def _over_budget(validation: dict | None, rate: str) -> str | None:
     """A warning when a fixed rate's measured validation drop does not fit the task's budget."""
-    if validation is None or validation.get("within_budget", True):
-        return None
+    if validation is None or validation.get("within_budget", True) or not validation.get("accuracy_checked", True):
+        return None  # nothing measured, or measured on data that cannot show a drop (its own warning says so)
     return (f"{rate} loses {validation['drop_pt']:.2f} ± {validation.get('drop_se_pt', 0.0):.2f} pt of "
             f"{validation['metric']} on the {validation['split']} split, over the task's budget of "
             f"{validation['budget_pt']} pt: drop the rate argument to search the smallest container within budget")
@@ -114,6 +114,8 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
         validation = src.validation_drop(compressed) if src.task is not None and main_process else None
         rate = f"--beta {args.beta}" if args.beta is not None else f"{config.target_bits_per_weight} bits/weight"
         warnings.append(_over_budget(validation, f"the fixed rate {rate}"))
+    if validation is not None:
+        warnings.append(validation.get("warning"))
     if validation is None:
         warnings.append(f"accuracy was not checked: no dataset was given, so {config.target_bits_per_weight} "
                         "bits/weight was used without measuring its effect. Pass --dataset to get the smallest "
@@ -126,8 +128,9 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
     report.pop("layers")
     warning = " ".join(w for w in warnings if w) or None
     return {**compressed.stats, **report,
-            **dict(out_dir=str(args.out_dir), accuracy_checked=validation is not None, validation=validation,
-                   over_budget=validation is not None and not validation.get("within_budget", True),
+            **dict(out_dir=str(args.out_dir), validation=validation,
+                   accuracy_checked=validation is not None and validation.get("accuracy_checked", True),
+                   over_budget=_over_budget(validation, "") is not None,
                    warning=warning, rate_search=probes, compress_seconds=round(time.perf_counter() - start, 2),
                    finetune=compressed.header.get("finetune"))}
 
@@ -191,6 +194,10 @@ def _describe_validation(result: dict) -> str:
     where = f"{v['examples']:,} {v['split']} examples"
     if v.get("holdout"):
         where += f", held out from {v['holdout']['carved_from']} (seed {v['holdout']['seed']})"
+    if v.get("report_split"):
+        where += f"; report the final model on {v['report_split']}"
+    if not v.get("accuracy_checked", True):
+        where += "; NOT an accuracy check: the model may have trained on these examples"
     return (f"{v['metric']} {100 * v['compressed']:.2f} vs {100 * v['base']:.2f}: drop {v['drop_pt']:.2f} "
             f"± {v['drop_se_pt']:.2f} pt (budget {v['budget_pt']} pt; {where})")
 

@@ -38,19 +38,22 @@ def train_test_folder(tmp_path_factory):
     return folder
 
 
-def test_validation_is_a_stratified_deterministic_holdout_calibration_never_sees(train_test_folder):
+def test_validation_is_a_stratified_deterministic_half_of_test_the_model_never_trained_on(train_test_folder):
+    """No validation split: the accuracy check selects on half of `test`, never on `train`
+    (tests/test_selection.py shows why, with a model that memorised its train split)."""
     name = str(train_test_folder)
-    validation, train = load_image_dataset(name, "validation"), load_image_dataset(name, "train")
+    validation, report = load_image_dataset(name, "validation"), load_image_dataset(name, "test[report]")
+    train = load_image_dataset(name, "train")
     assert validation.column_names == ["image", "label"] == train.column_names
-    assert len(validation) + len(train) == 400 and 36 <= len(validation) <= 44  # 10 % held out, per class
+    assert len(train) == 400 and len(validation) + len(report) == 100 and 45 <= len(validation) <= 55
     ids = {np.asarray(im).tobytes() for im in validation["image"]}
-    assert not ids & {np.asarray(im).tobytes() for im in train["image"]}  # disjoint
-    full = np.bincount(list(train["label"]) + list(validation["label"]), minlength=10)
+    assert not ids & {np.asarray(im).tobytes() for im in report["image"]}  # disjoint
+    full = np.bincount(list(report["label"]) + list(validation["label"]), minlength=10)
     held = np.bincount(validation["label"], minlength=10)
-    assert np.all(np.abs(held - 0.1 * full) <= 1)  # every class held out in proportion
+    assert np.all(np.abs(held - 0.5 * full) <= 1)  # every class halved
     again = load_image_dataset(name, "validation")
     assert [np.asarray(im).tobytes() for im in again["image"]] == [np.asarray(im).tobytes() for im in validation["image"]]
-    assert data.holdout(name, data.image_columns)["examples"] == len(validation)
+    assert data.selection(name, None, data.image_columns).holdout["examples"] == len(validation)
 
 
 def test_unusable_datasets_get_errors_that_name_what_was_found(tmp_path, train_test_folder):
@@ -79,7 +82,8 @@ def test_default_compress_checks_accuracy_on_a_train_test_dataset(train_test_fol
     validation = result["validation"]
     assert validation["budget_pt"] == 0.5 and validation["examples"] == validation["holdout"]["examples"]
     assert validation["within_budget"] and validation["drop_pt"] + validation["drop_se_pt"] <= 0.5
-    assert validation["holdout"]["carved_from"] == "train" and validation["holdout"]["stratified_by"] == "label"
+    assert validation["holdout"]["carved_from"] == "test" and validation["holdout"]["stratified_by"] == "label"
+    assert validation["split"] == "test[selection]" and validation["report_split"] == "test[report]"
     assert len(result["rate_search"]) >= 3
     kept = [p for p in result["rate_search"] if p["accepted"]]
     assert result["total_bytes"] == min(p["bytes"] for p in kept) == (out / CONTAINER_NAME).stat().st_size
@@ -89,7 +93,7 @@ def test_fixed_rate_still_reports_the_drop_and_no_data_warns(timm_folder, train_
     assert main(["compress", str(timm_folder), str(tmp_path / "fixed"), "--dataset", str(train_test_folder), *FAST,
                  "--target-bpw", "3"]) == 0
     summary = capsys.readouterr().out  # the human summary states the measured drop and where
-    assert "validation: top1" in summary and "drop" in summary and "held out from train" in summary
+    assert "validation: top1" in summary and "drop" in summary and "held out from test" in summary
     assert "rate_search" not in summary
 
     assert main(["compress", str(timm_folder), str(tmp_path / "blind"), "--dataset", "none", *FAST, "--json"]) == 0
@@ -125,7 +129,7 @@ def test_imagefolder_directory_works(tmp_path, timm_folder, capsys):
     assert main(["compress", str(timm_folder), str(tmp_path / "out"), "--dataset", images, *FAST,
                  "--max-accuracy-drop", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["validation"]["holdout"]["carved_from"] == "train" and result["validation"]["budget_pt"] == 2
+    assert result["validation"]["holdout"]["carved_from"] == "test" and result["validation"]["budget_pt"] == 2
     assert result["validation"]["drop_pt"] <= 2 and len(result["rate_search"]) >= 3
 
 
