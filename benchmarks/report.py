@@ -241,14 +241,17 @@ def default_lines(path: Path) -> list[str]:
              "check, at the rate the run used. Each row names the commit it was measured at: rows older than the "
              "identity default (commit eeaf27d) ran the VAE transform, and the rate search's one-standard-error margin "
              "came with commit 67c9581. The commit is the default run's: output-aware rounding is the default from "
-             "commit dad2d4c on. The data-free runs, which have no data to round against and so did not change, were "
-             "not rerun with it (they date from 67c9581).", "",
+             "commit dad2d4c on, and the selection rule that never trusts training data (issue 21) from c013ba5. A "
+             "model whose default container is committed links it (*artifact*): it is the portable headline that "
+             "`make test` decodes under two simulated machines.", "",
              "| model | default: bytes (x fp32) | validation drop | test drop | probes | time vs fixed rate "
              "| data-free: bits/weight, x fp32, test drop | measured at commit |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in json.loads(path.read_text())["rows"]:
         d, free = r["default"], r["data_free"]
         unit = _unit(r["metric"])
         name = f"`{r['model']}`" + ("" if r["reference"] else " (not a reference model)")
+        if d.get("artifact"):
+            name += f" ([artifact]({d['artifact']}))"
         lines.append(f"| {name} | {d['bytes']:,} ({d['ratio_vs_fp32']:.1f}x) | {d['validation']['drop_pt']:.2f} {unit} "
                      f"| {d['test_drop_pt']:.2f} {unit} | {d['probes']} | {d['compress_seconds']:.0f} s "
                      f"({r['default_time_vs_fixed_rate']:.1f}x) | {free['bits_per_weight']:.1f}, {free['ratio_vs_fp32']:.1f}x, "
