@@ -459,8 +459,10 @@ def fit_labels(model: torch.nn.Module, dataset):
     """``dataset`` with its label ids in the model's order, refused when its classes are not the model's.
 
     A dataset with another number of classes is refused. One whose class names are the model's in
-    another order (an ``imagefolder`` sorts its folders) is re-labelled by name; one whose names
-    differ is scored by class index, with a warning.
+    another order (an ``imagefolder`` sorts its folders) is re-labelled by name. One whose names
+    only partly match (``tshirt`` for ``T-shirt/top``) is refused: matching the rest by index would
+    put labels on the wrong classes and score a good model as a bad one. One that shares no name
+    with the model (e.g. numbered classes) is scored by class index, with a warning.
     """
     import datasets
 
@@ -472,7 +474,14 @@ def fit_labels(model: torch.nn.Module, dataset):
     if names is None or [_norm(n) for n in names] == [_norm(c) for c in classes]:
         return dataset
     position = {_norm(n): i for i, n in enumerate(names)}
-    if sorted(position) != sorted(_norm(c) for c in classes):
+    unmatched = [c for c in classes if _norm(c) not in position]
+    if unmatched and len(unmatched) < len(classes):
+        missing = [n for n in names if _norm(n) not in {_norm(c) for c in classes}]
+        raise DatasetError(f"{len(classes) - len(unmatched)} of the dataset's {len(classes)} class names match the "
+                           f"model's, but {unmatched} do not (the model's unmatched classes: {missing}). Rename them "
+                           "to the model's names (folder names of an imagefolder), or cast the label column to "
+                           "ClassLabel(names=[...]) in the model's order")
+    if unmatched:
         logger.warning("the dataset's class names %s differ from the model's %s; scoring by class index",
                        classes[:5], names[:5])
         return dataset

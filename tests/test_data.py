@@ -1,10 +1,13 @@
 import gzip
 
+import datasets
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from hf_vae_compress import data
+from tests.conftest import tiny_timm
 
 
 def test_fashion_mnist_splits_are_real_and_disjoint():
@@ -91,3 +94,21 @@ def test_fashion_mnist_still_selects_on_its_held_out_validation_split():
     assert np.array_equal(np.asarray(validation[:5]["image"][0]), val_x[0]) and validation["label"] == val_y.tolist()
     report = task.load("test[report]")  # halves work on the built-in data too
     assert len(report) + len(task.load("test[selection]")) == 10_000
+
+
+def _labelled(names: list[str]):
+    return datasets.Dataset.from_dict({"label": list(range(len(names)))},
+                                      features=datasets.Features({"label": datasets.ClassLabel(names=names)}))
+
+
+def test_class_names_that_only_partly_match_are_refused_by_name(caplog):
+    model = tiny_timm()  # the Fashion-MNIST class names
+    names = list(data.FASHION_MNIST_CLASSES)
+    near = ["tshirt", *names[1:9], "boot"]  # 8 of 10 match, as an imagefolder a user made might
+    with pytest.raises(data.DatasetError, match=r"8 of the dataset's 10 class names.*'tshirt', 'boot'"):
+        data.fit_labels(model, _labelled(near))
+    shuffled = names[::-1]  # every name, another order: re-labelled by name
+    assert data.fit_labels(model, _labelled(shuffled))["label"] == list(range(9, -1, -1))
+    numbered = [str(i) for i in range(10)]  # no name in common: by index, with a warning
+    assert data.fit_labels(model, _labelled(numbered))["label"] == list(range(10))
+    assert "scoring by class index" in caplog.text
