@@ -189,3 +189,18 @@ def test_folders_written_before_the_quantization_config_still_load(cli_folders, 
         assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
     assert main(["inspect", str(legacy), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["total_bytes"] == (legacy / "model.vaec.safetensors").stat().st_size
+
+
+def test_a_corrupt_image_is_named(tmp_path, timm_folder, capsys):
+    """PIL's own error names the file; the CLI reports it as an error (exit 2), and nothing is written."""
+    images = tmp_path / "images"
+    for i, row in enumerate(data.load_fashion_mnist("test").select(range(40))):
+        folder = images / data.FASHION_MNIST_CLASSES[row["label"]].replace("/", "-")
+        folder.mkdir(parents=True, exist_ok=True)
+        row["image"].save(folder / f"{i}.png")
+    broken = next(images.glob("*/*.png"))
+    broken.write_bytes(b"not a png")
+    assert main(["compress", str(timm_folder), str(tmp_path / "out"), "--dataset", str(images), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot identify image file" in err and str(broken) in err
+    assert not (tmp_path / "out").exists()
