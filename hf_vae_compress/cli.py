@@ -122,7 +122,6 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
                         "container within the task's accuracy budget.")
     if not main_process:
         return None
-    compressed.stats.setdefault("validation", validation)
     save_pretrained(compressed, folder, args.out_dir, overwrite=args.overwrite)
     report = compressed.report()
     report.pop("layers")

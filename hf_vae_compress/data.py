@@ -476,7 +476,8 @@ def fit_labels(model: torch.nn.Module, dataset):
     position = {_norm(n): i for i, n in enumerate(names)}
     unmatched = [c for c in classes if _norm(c) not in position]
     if unmatched and len(unmatched) < len(classes):
-        missing = [n for n in names if _norm(n) not in {_norm(c) for c in classes}]
+        found = {_norm(c) for c in classes}
+        missing = [n for n in names if _norm(n) not in found]
         raise DatasetError(f"{len(classes) - len(unmatched)} of the dataset's {len(classes)} class names match the "
                            f"model's, but {unmatched} do not (the model's unmatched classes: {missing}). Rename them "
                            "to the model's names (folder names of an imagefolder), or cast the label column to "

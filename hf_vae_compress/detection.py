@@ -3,8 +3,8 @@
 A scene is a black canvas with 1 to ``max_items`` real Fashion-MNIST items pasted at random
 scale and position, each with a COCO-style ``[x, y, w, h]`` box tight around its non-zero pixels.
 Scenes of a split are built only from that split's items (``train``, ``validation`` and ``test``
-never share an item, and the accuracy check selects on ``validation``: :func:`scenes_selection`), and they are a pure function of the seed, so a detector's test mAP means
-the same on every machine. mAP is measured by torchmetrics (pycocotools underneath), never by
+never share an item, and the accuracy check selects on ``validation``: :func:`scenes_selection`),
+and they are a pure function of the seed, so a detector's test mAP means the same on every machine. mAP is measured by torchmetrics (pycocotools underneath), never by
 hand-written box matching.
 """
 

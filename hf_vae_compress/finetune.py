@@ -13,7 +13,6 @@ from an ``accelerator.save_state`` checkpoint sees exactly the batches it would 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .codec import CompressedModel, assemble
 from .codec.config import JsonConfig
+from .codec.integrity import ModelHash
 from .codec.reparam import LatentParametrization
 from .tasks import Classification, Task
 
@@ -86,12 +86,11 @@ def run_identity(model: nn.Module, compression: dict, config: FinetuneConfig) ->
     shapes and bytes), the settings that shape its latents, and the fine-tuning settings other than
     the number of steps and the checkpoint interval. Computable before calibration, so ``compress``
     refuses a foreign checkpoint before any long work."""
-    digest = hashlib.sha256()
+    digest = ModelHash()
     for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(name, tensor.detach().cpu())
     tuning = {k: v for k, v in config.to_dict().items() if k not in ("steps", "checkpoint_every")}
-    return dict(model_sha256=digest.hexdigest(), compression={k: compression.get(k) for k in _LATENT_FIELDS},
+    return dict(model_sha256=digest.digest().hex(), compression={k: compression.get(k) for k in _LATENT_FIELDS},
                 finetune=tuning)
 
 

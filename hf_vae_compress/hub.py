@@ -41,9 +41,12 @@ from pathlib import Path
 import torch
 
 from .codec import CONTAINER_NAME, CompressedModel
+from .codec.container import QUANT_METHOD, container_name, is_compressed_config
 from .integrations import REMOTE_CODE_AUTO_MAP, REMOTE_CODE_DIR, REMOTE_CODE_MODULE
-from .loading import QUANT_METHOD, container_name, find_container, is_compressed_config, load_compressed, load_into
-from .models import WEIGHT_SUFFIXES, copy_side_files, model_format, read_config, resolve_folder, weights_bytes
+from .loading import find_container, load_compressed, load_into
+from .models import (
+    WEIGHT_SUFFIXES, copy_side_files, model_format, nearest_existing, read_config, resolve_folder, weights_bytes,
+)
 from .tasks import Task, task_for
 
 logger = logging.getLogger(__name__)
@@ -163,22 +166,18 @@ def _coding_summary(compressed: CompressedModel) -> str:
 
 
 def _validation_summary(validation: dict | None) -> str | None:
-    """The card's "How accuracy was checked" paragraph, from the pipeline's ``stats["validation"]``:
-    where the rate was chosen, the measured drop against its budget, and the pipeline's own words on
-    which split was used and whether the model may have trained on it."""
-    if not isinstance(validation, dict):
+    """The card's "How accuracy was checked" paragraph, from the pipeline's ``stats["validation"]``
+    (:meth:`~hf_vae_compress.pipeline.Source.validation_drop`): where the rate was chosen, the
+    measured drop against its budget, and the pipeline's own words on which split was used and
+    whether the model may have trained on it."""
+    if validation is None:
         return None
-    metric = validation.get("metric", "the task metric")
-    text = f"The rate was chosen on {validation.get('examples', 'an unknown number of')} examples of the " \
-           f"`{validation.get('split', '?')}` split"
-    if isinstance(validation.get("base"), (int, float)) and isinstance(validation.get("compressed"), (int, float)):
-        text += (f": {metric} {100 * validation['base']:.2f} % for the base model, {100 * validation['compressed']:.2f} % "
-                 f"compressed, a drop of {validation.get('drop_pt', 100 * (validation['base'] - validation['compressed'])):.2f} pt")
-    if validation.get("budget_pt") is not None:
-        text += f" (budget {validation['budget_pt']} pt)"
-    text += "."
-    if validation.get("selection"):
-        text += f" {validation['selection']}"
+    text = (f"The rate was chosen on {validation['examples']:,} examples of the `{validation['split']}` split: "
+            f"{validation['metric']} {100 * validation['base']:.2f} % for the base model, "
+            f"{100 * validation['compressed']:.2f} % compressed, a drop of {validation['drop_pt']:.2f} pt "
+            f"(budget {validation['budget_pt']} pt). {validation['selection']}")
+    if not validation["accuracy_checked"]:
+        text += f" **This is not an accuracy check:** {validation['warning']}"
     return text
 
 
@@ -245,7 +244,7 @@ def _weight_files(folder: Path) -> list[str]:
 def _check_writable(out: Path) -> None:
     """Create and remove a probe folder where ``out`` will be staged: a read-only or missing
     location fails here, before any work, rather than after it."""
-    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    parent = nearest_existing(out)
     if parent is None or not parent.is_dir():
         raise NotADirectoryError(f"cannot write the output {out}: {parent} is a file, not a folder")
     try:

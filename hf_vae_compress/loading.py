@@ -19,28 +19,19 @@ from typing import Callable
 import torch
 
 from .codec import CONTAINER_NAME, CompressedModel, ContainerError, folder_container
-from .models import QUANT_METHOD, build_empty, is_compressed_config, load_model, read_config
-
-
-def container_name(config: dict) -> str:
-    """The container file a compressed ``config.json`` names (older configs name none: the default)."""
-    name = (config.get("quantization_config") or {}).get("container") or CONTAINER_NAME
-    if Path(name).name != name or name.startswith("."):
-        raise ValueError(f"quantization_config names the container {name!r}, which is not a plain file name")
-    return name
+from .codec.container import is_compressed_config
+from .models import build_empty, load_model, read_config
 
 
 def find_container(folder: str | Path) -> Path | None:
     """The container of a compressed model folder; None for a plain (uncompressed) folder."""
     folder = Path(folder)
-    config = read_config(folder) if (folder / "config.json").is_file() else {}
-    if is_compressed_config(config):
-        path = folder / container_name(config)
-        if not path.is_file():
-            raise FileNotFoundError(f"{folder} is a compressed checkpoint but its container {path.name} is missing")
+    path = folder_container(folder)  # the one config.json names, else the one file present
+    if path.is_file():
         return path
-    legacy = folder_container(folder)
-    return legacy if legacy.is_file() else None
+    if (folder / "config.json").is_file() and is_compressed_config(read_config(folder)):
+        raise FileNotFoundError(f"{folder} is a compressed checkpoint but its container {path.name} is missing")
+    return None
 
 
 def fit_state_dict(decoded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str | Path,

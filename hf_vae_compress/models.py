@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from .codec import folder_container
+from .codec.container import is_compressed_config
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
-QUANT_METHOD = "hf_vae_compress"
 
 
 def read_config(folder: str | Path) -> dict:
@@ -37,16 +37,6 @@ def read_config(folder: str | Path) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object: not a model config")
     return config
-
-
-def is_compressed_config(config: dict) -> bool:
-    return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
-
-
-def is_compressed_folder(folder: str | Path) -> bool:
-    """Whether a folder holds an hf-vae-compress checkpoint (today's config, or an older folder's container)."""
-    folder = Path(folder)
-    return is_compressed_config(read_config(folder)) or folder_container(folder).is_file()
 
 
 def model_format(config: dict) -> str:
@@ -75,11 +65,9 @@ def looks_local(source: str) -> bool:
     return False
 
 
-def _nearest_existing(path: Path) -> Path | None:
-    for parent in path.absolute().parents:
-        if parent.exists():
-            return parent
-    return None
+def nearest_existing(path: Path) -> Path | None:
+    """The closest folder above ``path`` that exists (what a path typo or a new output hangs from)."""
+    return next((parent for parent in path.absolute().parents if parent.exists()), None)
 
 
 def resolve_folder(source: str, **hub_kwargs) -> Path:
@@ -99,7 +87,7 @@ def resolve_folder(source: str, **hub_kwargs) -> Path:
                                  "and the weights")
     if looks_local(source):
         raise FileNotFoundError(f"no such folder: {source} (the nearest existing folder is "
-                                f"{_nearest_existing(path)}); check the path")
+                                f"{nearest_existing(path)}); check the path")
     try:
         return Path(snapshot_download(source, **hub_kwargs))
     except RepositoryNotFoundError as err:
@@ -115,7 +103,7 @@ def check_model_folder(folder: str | Path) -> dict:
     when the folder's config is broken, it holds no weights, or it is already compressed."""
     folder = Path(folder)
     config = read_config(folder)
-    if is_compressed_folder(folder):
+    if is_compressed_config(config) or folder_container(folder).is_file():  # today's config, or an older folder
         raise ValueError(f"{folder} is already compressed by hf-vae-compress: compressing it again would measure "
                          "the drop against the compressed model, not the original; compress the original model")
     if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir()):

@@ -15,15 +15,17 @@ import textwrap
 import time
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
-from hf_vae_compress import ContainerError, VAECompressionConfig, compress, save_pretrained
+from hf_vae_compress import ContainerError, VAECompressionConfig, compress, hub, pipeline, save_pretrained
 from hf_vae_compress.cli import main
 from hf_vae_compress.codec import CONTAINER_NAME
 from hf_vae_compress.finetune import FinetuneConfig, RUN_FILE, run_identity
 from hf_vae_compress.loading import load_folder
+from hf_vae_compress.models import load_model  # the loader Source.open uses
 from tests.conftest import tiny_timm, tiny_vit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +50,6 @@ def source(timm_folder, tmp_path) -> Path:
 @pytest.fixture
 def no_long_work(monkeypatch):
     """Any refusal must come before the model is calibrated: reaching Source.open fails the test."""
-    from hf_vae_compress import pipeline
-
     def reached(*args, **kwargs):
         raise AssertionError("the long work started before the input was refused")
 
@@ -88,8 +88,6 @@ def test_an_output_holding_another_models_weights_needs_overwrite(source, vit_fo
     (out / "notes.txt").write_text("mine")
     before = tree_hashes(out)
     with monkeypatch.context() as patch:
-        from hf_vae_compress import pipeline
-
         patch.setattr(pipeline.Source, "open", lambda *a, **k: pytest.fail("long work before the refusal"))
         refused(["compress", str(source), str(out), *BLIND], capsys, "already holds model weights",
                 "model.safetensors", "--overwrite")
@@ -104,8 +102,6 @@ def test_an_output_holding_another_models_weights_needs_overwrite(source, vit_fo
 
 
 def test_save_pretrained_refuses_weights_unless_overwrite(source, vit_folder, tmp_path):
-    from hf_vae_compress.models import load_model
-
     compressed = compress(load_model(source), VAECompressionConfig(target_bits_per_weight=4), progress=False)
     out = tmp_path / "out"
     shutil.copytree(vit_folder, out)
@@ -193,8 +189,6 @@ def test_paths_that_are_missing_or_files_are_named(source, tmp_path, capsys, no_
 
 
 def test_a_hub_typo_offline_says_what_was_tried(capsys, monkeypatch):
-    import huggingface_hub.constants
-
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     err = refused(["evaluate", "vitt"], capsys, "not a local folder and not reachable on the Hub")
     assert "internet connection" not in err
@@ -206,8 +200,6 @@ def test_a_config_of_another_architecture_is_refused(vit_folder, tmp_path):
     config = json.loads((deit / "config.json").read_text())
     config.update(model_type="deit", architectures=["DeiTForImageClassification"])
     (deit / "config.json").write_text(json.dumps(config))
-    from hf_vae_compress.cli import load_model  # the same loader Source.open uses
-
     with pytest.raises(ValueError, match="do not fit DeiTForImageClassification.*missing keys"):
         load_model(deit)
 
@@ -267,8 +259,6 @@ def test_resume_from_a_missing_or_foreign_checkpoint_is_refused_before_calibrati
     tuning = FinetuneConfig(steps=10)
     other_model = _checkpoint(tmp_path / "other-model", run_identity(tiny_timm(seed=1), config.to_dict(), tuning))
     refused(["compress", str(source), out, *args, "--resume-from", str(other_model)], capsys, "another model")
-    from hf_vae_compress.models import load_model
-
     at_2 = VAECompressionConfig(target_bits_per_weight=2.0, transform="identity", calibration_batches=1)
     other_rate = _checkpoint(tmp_path / "other-rate", run_identity(load_model(source), at_2.to_dict(), tuning))
     refused(["compress", str(source), out, *args, "--resume-from", str(other_rate)], capsys, "other settings",
@@ -279,10 +269,6 @@ def test_resume_from_a_missing_or_foreign_checkpoint_is_refused_before_calibrati
 
 
 def test_push_to_an_unreachable_hub_fails_before_evaluating(tmp_path, capsys, monkeypatch, source):
-    import huggingface_hub.constants
-
-    from hf_vae_compress import hub
-
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub, "save_pretrained", lambda *a, **k: pytest.fail("evaluated before checking the Hub"))
     out = tmp_path / "out"
@@ -294,8 +280,6 @@ def test_push_to_an_unreachable_hub_fails_before_evaluating(tmp_path, capsys, mo
 
 
 def test_a_fixed_rate_over_the_budget_warns(source, small_test_set, tmp_path, capsys, monkeypatch):
-    from hf_vae_compress import pipeline
-
     over = dict(metric="top1", split="validation", examples=100, base=0.9, compressed=0.8, drop_pt=10.0,
                 drop_se_pt=3.0, budget_pt=0.5, within_budget=False)
     monkeypatch.setattr(pipeline.Source, "validation_drop", lambda self, compressed, budget=None: over)
@@ -308,8 +292,6 @@ def test_a_fixed_rate_over_the_budget_warns(source, small_test_set, tmp_path, ca
 
 
 def test_validation_split_is_passed_to_the_pipeline(source, small_test_set, tmp_path, capsys, monkeypatch):
-    from hf_vae_compress import pipeline
-
     seen = {}
 
     def record(*args, **kwargs):
@@ -323,16 +305,18 @@ def test_validation_split_is_passed_to_the_pipeline(source, small_test_set, tmp_
 
 
 def test_the_card_says_how_accuracy_was_checked(source, tmp_path):
-    from hf_vae_compress.models import load_model
-
     compressed = compress(load_model(source), VAECompressionConfig(target_bits_per_weight=4), progress=False)
-    compressed.stats["validation"] = dict(metric="top1", split="test[:50%]", examples=5000, base=0.91,
-                                          compressed=0.905, drop_pt=0.5, budget_pt=0.5,
-                                          selection="half of test, held out of training: the model never saw it")
-    card = (compressed.save_pretrained(tmp_path / "out", source) / "README.md").read_text()
-    section = card.split("## How accuracy was checked", 1)[1].split("##", 1)[0]
-    assert "5000 examples of the `test[:50%]` split" in section and "drop of 0.50 pt (budget 0.5 pt)" in section
-    assert "the model never saw it" in section
+    validation = dict(metric="top1", split="test[selection]", examples=5000, base=0.91, compressed=0.905, drop_pt=0.5,
+                      budget_pt=0.5, selection="half of test, held out of training: the model never saw it",
+                      accuracy_checked=True, warning=None)
+    for checked, out in ((True, tmp_path / "checked"), (False, tmp_path / "unchecked")):
+        compressed.stats["validation"] = dict(validation, accuracy_checked=checked,
+                                              warning=None if checked else "the base model scores 100.00 %")
+        card = (compressed.save_pretrained(out, source) / "README.md").read_text()
+        section = card.split("## How accuracy was checked", 1)[1].split("##", 1)[0]
+        assert "5,000 examples of the `test[selection]` split" in section
+        assert "drop of 0.50 pt (budget 0.5 pt)" in section and "the model never saw it" in section
+        assert ("not an accuracy check" in section) is not checked
 
 
 def test_a_model_without_layers_to_code_gets_a_clear_error():

@@ -31,7 +31,7 @@ from safetensors.torch import save
 CONTAINER_NAME = "weights.vaec.safetensors"
 LEGACY_CONTAINER_NAMES = ("model.vaec.safetensors",)  # written by version 1: read, never written
 FORMAT_NAME = "hf-vae-compress"
-CONFIG_QUANT_METHOD = "hf_vae_compress"  # config.json's quantization_config.quant_method of a compressed folder
+QUANT_METHOD = "hf_vae_compress"  # config.json's quantization_config.quant_method of a compressed folder
 FORMAT_VERSION = 2  # the version written; every version from 1 up to it is read
 MAX_HEADER_BYTES = 64 << 20  # decompressed JSON header: far above any real model's, bounds a zip bomb
 
@@ -55,6 +55,20 @@ def folder_container(directory: str | Path) -> Path:
     return directory / (present[0] if present else CONTAINER_NAME)
 
 
+def is_compressed_config(config: dict) -> bool:
+    """Whether a ``config.json`` (as a dict) is a compressed folder's: its quantization config is ours."""
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD
+
+
+def container_name(config: dict) -> str:
+    """The container file a compressed ``config.json`` names (older configs name none: the default)."""
+    name = config["quantization_config"].get("container") or CONTAINER_NAME
+    if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
+        raise ContainerError(f"quantization_config names the container {name!r}, which is not a plain file name")
+    return name
+
+
 def _config_container(directory: Path) -> str | None:
     """The container file name a compressed folder's ``config.json`` records, if it records one."""
     path = directory / "config.json"
@@ -64,13 +78,7 @@ def _config_container(directory: Path) -> str | None:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ContainerError(f"{path} is not valid JSON: {err}") from err
-    quantization = config.get("quantization_config") if isinstance(config, dict) else None
-    if not isinstance(quantization, dict) or quantization.get("quant_method") != CONFIG_QUANT_METHOD:
-        return None
-    name = quantization.get("container") or CONTAINER_NAME
-    if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
-        raise ContainerError(f"{path}: quantization_config names the container {name!r}, which is not a plain file name")
-    return name
+    return container_name(config) if is_compressed_config(config) else None
 
 
 def serialize(header: dict, tensors: dict[str, torch.Tensor]) -> bytes:
