@@ -26,8 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .codec import CompressedModel, assemble
-from .codec.config import JsonConfig
-from .codec.integrity import ModelHash
+from .codec import JsonConfig
+from .codec import ModelHash
 from .codec.reparam import LatentParametrization
 from .tasks import Classification, Task
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from .codec import CONTAINER_NAME, CompressedModel
-from .codec.container import QUANT_METHOD, container_name, is_compressed_config
+from .codec import QUANT_METHOD, container_name, is_compressed_config
 from .integrations import REMOTE_CODE_AUTO_MAP, REMOTE_CODE_DIR, REMOTE_CODE_MODULE
 from .loading import find_container, load_compressed, load_into
 from .models import (

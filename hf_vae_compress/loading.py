@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .codec import CONTAINER_NAME, CompressedModel, ContainerError, folder_container
-from .codec.container import is_compressed_config
+from .codec import is_compressed_config
 from .models import build_empty, load_model, read_config
 
 

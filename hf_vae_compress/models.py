@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .codec import folder_container
-from .codec.container import is_compressed_config
+from .codec import is_compressed_config
 
 logger = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..codec import CONTAINER_NAME, ContainerError
-from ..codec.container import QUANT_METHOD
+from ..codec import QUANT_METHOD
 from ..loading import decode_container, fit_state_dict
 
 logger = logging.getLogger(__name__)
