@@ -12,23 +12,25 @@ import logging
 import math
 import os
 import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
 
 from .codec import CompressedModel, ContainerError, VAECompressionConfig
 from .codec.config import ROUNDINGS, TRANSFORMS, check_target_rate
 from .data import DataNotFoundError
 from .finetune import FinetuneConfig, check_resume, run_identity
-from .hub import check_output, save_pretrained
-from .models import check_model_folder, load_model, resolve_folder
-from .tasks import DEFAULT_DATASET
+from .hub import CardInfo, check_output, push_to_hub, save_pretrained
+from .loading import find_container
+from .models import check_model_folder, load_model, resolve_folder, weights_bytes
+from .pipeline import UNCHECKED_BPW, Source, describe_probe, load_any, search_smallest
+from .tasks import DEFAULT_DATASET, task_for
 
 logger = logging.getLogger("hf_vae_compress")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> dict:
-    from .models import weights_bytes
-    from .pipeline import load_any
-    from .tasks import task_for
-
     model, folder, load_seconds = load_any(args.model, local_files_only=args.local_files_only)
     task = task_for(model, args.dataset)  # top-1 for classifiers, COCO mAP for detectors
     result = task.score(model, task.load(args.split), batch_size=args.batch_size, progress=True)
@@ -67,13 +69,8 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
 
     Every input is checked before the long work (loading data, calibrating, searching): the source
     folder, the output folder (never the source, never another model's weights without
-    ``--overwrite``, writable) and a checkpoint to resume from."""
-    import time
-
-    import torch
-
-    from .pipeline import UNCHECKED_BPW, Source, search_smallest
-
+    ``--overwrite``, writable) and a checkpoint to resume from. A rate search shows each probe on
+    stderr as it ends (:func:`_show_probe`)."""
     start = time.perf_counter()
     budget = args.max_accuracy_drop
     fixed_rate = args.beta is not None or args.target_bpw is not None
@@ -104,7 +101,8 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
     probes, warnings = None, []
     if not fixed_rate and src.task is not None:
         budget = src.task.budget_pt if budget is None else budget
-        result = search_smallest(src, None, budget, args.dataset, config, tuning, accelerator=accelerator, **split)
+        result = search_smallest(src, None, budget, args.dataset, config, tuning, accelerator=accelerator,
+                                 on_probe=lambda probe: _show_probe(probe, budget), **split)
         if result.compressed is None:
             raise ValueError(f"no rate tried kept the validation drop within {budget} pt "
                              f"(probes: {result.probes}); give --target-bpw to choose a rate yourself")
@@ -134,10 +132,13 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
                    finetune=compressed.header.get("finetune"))}
 
 
+def _show_probe(probe: dict, budget_pt: float) -> None:
+    """One line on stderr per finished probe of a rate search, between the progress bars."""
+    tqdm.write(f"hf-vae-compress compress: {describe_probe(probe, budget_pt)}", file=sys.stderr)
+
+
 def _open_container(path: str) -> CompressedModel:
     """A container file, or the container of any compressed folder this library writes."""
-    from .loading import find_container
-
     if not os.path.isdir(path):
         return CompressedModel.load(path)
     container = find_container(path)
@@ -154,8 +155,6 @@ def _cmd_inspect(args: argparse.Namespace) -> dict:
 
 
 def _cmd_push(args: argparse.Namespace) -> dict:
-    from .hub import CardInfo, push_to_hub
-
     compressed = _open_container(args.out_dir)
     info = CardInfo(base_model=args.base_model, license=args.license, dataset=args.dataset, split=args.split,
                     plot=args.plot, tags=args.tag or [], batch_size=args.batch_size)

@@ -26,14 +26,17 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .codec import CompressedModel, Shard, VAECompressionConfig, compress
 from .codec.calibration import Calibration, calibrate
 from .data import HOLDOUT_MAX, stratified_sample
 from .finetune import FinetuneConfig, finetune
+from .hub import save_pretrained
 from .loading import load_compressed, load_folder
 from .models import load_model, resolve_folder
 from .tasks import Task, task_for
@@ -241,9 +244,13 @@ class Source:
             return float(examples.mean()), examples
         return self.task.score(model, self._held_out)[self.task.metric], None
 
-    def save(self, compressed: CompressedModel, out_dir: str | Path) -> Path:
-        from .hub import save_pretrained  # hub imports this module's loaders
+    @property
+    def paired(self) -> bool:
+        """Whether the metric is scored per example (top-1), so that a drop has a standard error;
+        a whole-set metric (mAP) has none."""
+        return self._base is not None and self._base[1] is not None
 
+    def save(self, compressed: CompressedModel, out_dir: str | Path) -> Path:
         return save_pretrained(compressed, self.folder, out_dir)
 
 
@@ -280,10 +287,33 @@ class SearchResult:
     seconds: float
 
 
+ProbeReport = Callable[[dict], None]
+
+
+def describe_probe(probe: dict, budget_pt: float) -> str:
+    """One line per probe of :func:`search_smallest`, as it is logged and as the CLI shows it: the
+    rate, the measured drop (with its standard error where the metric has one), the verdict, and
+    how long the rest of the search should take at the pace measured so far."""
+    se = probe["validation_drop_se_pt"]
+    drop = f"{probe['validation_drop_pt']:.2f}" + ("" if se is None else f" ± {se:.2f}")
+    verdict = "accepted" if probe["accepted"] else "rejected"
+    left = probe["probes"] - probe["probe"]
+    pace = (f"{probe['seconds']:.0f} s; about {_duration(probe['estimated_seconds_left'])} left for {left} more "
+            f"probe{'s' * (left != 1)}" if left else f"{probe['seconds']:.0f} s; search done")
+    return (f"rate search probe {probe['probe']}/{probe['probes']}: {probe['bits_per_weight']:.3f} bits/weight "
+            f"({probe['bytes']:,} bytes), validation drop {drop} pt (budget {budget_pt} pt): {verdict}; {pace}")
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+
+
 def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_pt: float, dataset: str | None,
                     config: VAECompressionConfig, finetune_config: FinetuneConfig | None = None,
                     bpw_range: tuple[float, float] = SEARCH_RANGE_BPW, probes: int = SEARCH_PROBES,
-                    accelerator=None, progress: bool = True, validation_split: str | None = None) -> SearchResult:
+                    accelerator=None, progress: bool = True, validation_split: str | None = None,
+                    on_probe: ProbeReport | None = None) -> SearchResult:
     """The smallest container whose task-metric drop (top-1 or mAP, in points) on the held-out
     split is at most ``max_drop_pt``.
 
@@ -293,6 +323,12 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
     compression (and fine-tuning, when configured) from one shared calibration pass, judged on
     the selection split (``validation_split``, or the automatic rule: see the module docstring).
     The best container is saved to ``out_dir`` (when given), its drop in ``stats["validation"]``.
+
+    A probe takes minutes on a busy machine, so the search is never silent: with ``progress`` a
+    bar over the probes names the stage of the current one and shows the last verdict and the time
+    left; every probe is logged (:func:`describe_probe`) and, on the main process, handed to
+    ``on_probe`` as the entry of ``SearchResult.probes`` it adds (the CLI prints it).
+    ``estimated_seconds_left`` is the probes left times the mean time of the probes so far.
 
     Where the base model looks memorised on the selection split, :class:`UncheckedAccuracyError`
     is raised before the first probe rather than falling back to some rate: a budget is a promise
@@ -313,32 +349,53 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
     selection = src.check_selection()
     if not selection["accuracy_checked"]:
         raise UncheckedAccuracyError(f"no rate search: {selection['warning']}")
+    main_process = _is_main(accelerator)
     lo, hi = math.log(bpw_range[0]), math.log(bpw_range[1])
     best, best_validation, log = None, None, []
-    for _ in range(probes):
+    probes_start = time.perf_counter()
+    bar = tqdm(total=probes, desc="rate search", unit="probe", disable=not (progress and main_process))
+    for index in range(1, probes + 1):
         bpw = math.exp((lo + hi) / 2)
         probe_start = time.perf_counter()
+        bar.set_description(f"rate search: compressing at {bpw:.3f} bits/weight")
         probe = src.compress(dataclasses.replace(config, target_bits_per_weight=bpw, beta=None), finetune_config,
                              accelerator, progress=progress)
-        validation = src.validation_drop(probe, max_drop_pt) if _is_main(accelerator) else dict(drop_pt=0.0)
+        bar.set_description(f"rate search: scoring {bpw:.3f} bits/weight on {selection['split']!r}")
+        validation = src.validation_drop(probe, max_drop_pt) if main_process else dict(drop_pt=0.0)
         drop = validation["drop_pt"] + validation.get("drop_se_pt", 0.0)  # what must fit the budget
         if accelerator is not None:
             drop = float(accelerator.reduce(torch.tensor(drop), reduction="sum"))  # the main process decides
-        size = len(probe.to_bytes())
-        log.append(dict(target_bits_per_weight=bpw, bytes=size, validation_drop_pt=validation["drop_pt"],
-                        validation_drop_se_pt=validation.get("drop_se_pt", 0.0), accepted=drop <= max_drop_pt,
-                        seconds=round(time.perf_counter() - probe_start, 2)))
-        logger.info("rate search: %.3f bpw -> %d bytes, validation drop %.2f pt (+ 1 SE: %.2f)", bpw, size,
-                    validation["drop_pt"], drop)
+        report = probe.report()
+        seconds = time.perf_counter() - probe_start
+        log.append(dict(probe=index, probes=probes, target_bits_per_weight=bpw,
+                        bits_per_weight=report["bits_per_weight"], bytes=report["total_bytes"],
+                        validation_drop_pt=validation["drop_pt"],
+                        validation_drop_se_pt=validation.get("drop_se_pt") if src.paired else None,
+                        accepted=drop <= max_drop_pt, seconds=round(seconds, 2),
+                        estimated_seconds_left=round((probes - index) * (time.perf_counter() - probes_start) / index, 1)))
+        if main_process:
+            _report_probe(log[-1], max_drop_pt, bar, on_probe)
         if drop <= max_drop_pt:
             hi = math.log(bpw)
-            if best is None or size < len(best.to_bytes()):
+            if best is None or report["total_bytes"] < len(best.to_bytes()):
                 best, best_validation = probe, validation
         else:
             lo = math.log(bpw)
-    if best is not None and out_dir is not None and _is_main(accelerator):
+    bar.close()
+    if best is not None and out_dir is not None and main_process:
         src.save(best, out_dir)
     return SearchResult(best, best_validation, log, time.perf_counter() - start)
+
+
+def _report_probe(probe: dict, budget_pt: float, bar: tqdm, on_probe: ProbeReport | None) -> None:
+    """Log a finished probe, show its verdict on the bar, and hand it to the caller's report."""
+    logger.info(describe_probe(probe, budget_pt))
+    bar.set_description("rate search")
+    bar.set_postfix_str(f"last {probe['bits_per_weight']:.3f} bits/weight: "
+                        f"{'accepted' if probe['accepted'] else 'rejected'}", refresh=False)
+    bar.update()
+    if on_probe is not None:
+        on_probe(probe)
 
 
 def load_any(source: str | Path, **hub_kwargs) -> tuple[torch.nn.Module, Path, float]:
@@ -349,5 +406,5 @@ def load_any(source: str | Path, **hub_kwargs) -> tuple[torch.nn.Module, Path, f
     return model, folder, time.perf_counter() - start
 
 
-__all__ = ["MEMORISATION_Z", "UNCHECKED_BPW", "SearchResult", "Source", "UncheckedAccuracyError",
-           "compress_folder", "load_any", "load_compressed", "memorisation_check", "search_smallest"]
+__all__ = ["MEMORISATION_Z", "UNCHECKED_BPW", "ProbeReport", "SearchResult", "Source", "UncheckedAccuracyError",
+           "compress_folder", "describe_probe", "load_any", "load_compressed", "memorisation_check", "search_smallest"]

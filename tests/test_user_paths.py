@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from hf_vae_compress import data
+from hf_vae_compress import data, pipeline
 from hf_vae_compress.cli import main
 from hf_vae_compress.codec import CONTAINER_NAME
 from hf_vae_compress.data import DatasetError, load_image_dataset
@@ -74,19 +75,42 @@ def test_unusable_datasets_get_errors_that_name_what_was_found(tmp_path, train_t
         Classification(str(three)).score(tiny_timm(), load_image_dataset(str(three), "test"))
 
 
-def test_default_compress_checks_accuracy_on_a_train_test_dataset(train_test_folder, timm_folder, tmp_path, capsys):
+def test_default_compress_checks_accuracy_on_a_train_test_dataset(train_test_folder, timm_folder, tmp_path, capsys,
+                                                                   monkeypatch):
     out = tmp_path / "default"
+    compress = pipeline.Source.compress
+
+    def marked(*args, **kwargs):  # marks on stderr where each probe's compression starts
+        print("<compressing>", file=sys.stderr)
+        return compress(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.Source, "compress", marked)
     assert main(["compress", str(timm_folder), str(out), "--dataset", str(train_test_folder), *FAST, "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
     assert result["accuracy_checked"] and result["warning"] is None
     validation = result["validation"]
     assert validation["budget_pt"] == 0.5 and validation["examples"] == validation["holdout"]["examples"]
     assert validation["within_budget"] and validation["drop_pt"] + validation["drop_se_pt"] <= 0.5
     assert validation["holdout"]["carved_from"] == "test" and validation["holdout"]["stratified_by"] == "label"
     assert validation["split"] == "test[selection]" and validation["report_split"] == "test[report]"
-    assert len(result["rate_search"]) >= 3
-    kept = [p for p in result["rate_search"] if p["accepted"]]
+    probes = result["rate_search"]
+    assert len(probes) >= 3
+    kept = [p for p in probes if p["accepted"]]
     assert result["total_bytes"] == min(p["bytes"] for p in kept) == (out / CONTAINER_NAME).stat().st_size
+
+    # every probe is reported on stderr as soon as it is judged, before the next one starts
+    events = [line for line in captured.err.splitlines() if "<compressing>" in line or "rate search probe" in line]
+    assert ["<compressing>" in line for line in events] == [True, False] * len(probes)
+    for line, probe in zip(events[1::2], probes):
+        verdict = "accepted" if probe["accepted"] else "rejected"
+        assert (f"probe {probe['probe']}/{len(probes)}: {probe['bits_per_weight']:.3f} bits/weight ({probe['bytes']:,} "
+                f"bytes), validation drop {probe['validation_drop_pt']:.2f} ± {probe['validation_drop_se_pt']:.2f} pt "
+                f"(budget 0.5 pt): {verdict}") in line
+        left = len(probes) - probe["probe"]
+        assert (f"left for {left} more probe" in line) if left else line.endswith("search done")
+        assert probe["estimated_seconds_left"] >= 0 and abs(probe["bits_per_weight"] - 8 * probe["bytes"] / (
+            result["num_weights"])) < 1e-9
 
 
 def test_fixed_rate_still_reports_the_drop_and_no_data_warns(timm_folder, train_test_folder, tmp_path, capsys):
