@@ -1,18 +1,20 @@
 import json
 
+import datasets
 import numpy as np
 import pytest
 import torch
 
-from hf_vae_compress import detection
+from hf_vae_compress import VAECompressionConfig, compress, detection
 from hf_vae_compress.cli import main
-from hf_vae_compress.codec.integrity import STORED_HASH_FIELD
 from hf_vae_compress.data import FASHION_MNIST_CLASSES
 from hf_vae_compress.detection import (
     detection_collate, evaluate_detection, is_detection_model, load_detection_dataset, load_fashion_mnist_scenes,
     mean_average_precision,
 )
 from hf_vae_compress.models import load_model, read_config
+from hf_vae_compress.pipeline import Source
+from hf_vae_compress.tasks import task_for
 
 SIZE = 128
 
@@ -190,7 +192,6 @@ def test_cli_compresses_a_detector_and_evaluates_the_container(capsys, tmp_path,
 
 
 def test_finetuning_a_detector_lowers_its_own_loss(tmp_path, scenes):
-    from hf_vae_compress import VAECompressionConfig, compress
     from hf_vae_compress.finetune import FinetuneConfig, finetune
     from hf_vae_compress.tasks import Detection
 
@@ -218,14 +219,14 @@ def test_a_compressed_detector_saves_with_a_detection_card_and_loads_with_transf
     from huggingface_hub import ModelCard
     from transformers import AutoModelForObjectDetection
 
-    from hf_vae_compress import CompressedModel, VAECompressionConfig, compress
-    from hf_vae_compress.hub import CardInfo
+    from hf_vae_compress import CompressedModel
+    from hf_vae_compress.hub import CardInfo, save_pretrained
     from hf_vae_compress.pipeline import load_compressed
 
     data = str(tmp_path / "scenes")
     scenes.save_to_disk(data)
     compressed = compress(load_model(detector_folder), VAECompressionConfig(target_bits_per_weight=4), progress=False)
-    out = compressed.save_pretrained(tmp_path / "repo", detector_folder, CardInfo(dataset=data))
+    out = save_pretrained(compressed, detector_folder, tmp_path / "repo", CardInfo(dataset=data))
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"] == {"AutoModelForObjectDetection": "modeling_hf_vae_compress.HfVaeCompressForObjectDetection"}
     card = ModelCard.load(out / "README.md")
@@ -235,8 +236,8 @@ def test_a_compressed_detector_saves_with_a_detection_card_and_loads_with_transf
     assert "AutoModelForObjectDetection.from_pretrained" in card.text and "mAP@0.5" in card.text
 
     reference = load_compressed(out).state_dict()
-    written = CompressedModel.load(out).header  # sealed on writing with the stored bytes' hash (codec.v2.seal)
-    assert {k: v for k, v in written.items() if k != STORED_HASH_FIELD} == compressed.header
+    written = CompressedModel.load(out).header  # sealed on writing: one more field, the stored bytes' hash
+    assert {k: written[k] for k in compressed.header} == compressed.header and len(written) == len(compressed.header) + 1
     for kwargs in ({}, {"trust_remote_code": True}):
         model = AutoModelForObjectDetection.from_pretrained(out, **kwargs)
         state = model.state_dict()
@@ -258,3 +259,17 @@ def test_the_detector_keeps_selecting_on_its_held_out_validation_scenes():
     assert first["image"] == load_fashion_mnist_scenes("test", num_scenes=3)["image"]
     with pytest.raises(DatasetError, match=r"builds scenes per split.*'test\[:10%\]'"):
         Detection(validation_split="test[:10%]").selection()
+
+
+def test_the_detectors_accuracy_check_counts_its_validation_scenes(tmp_path, detector_folder):
+    """``validation.examples`` is the number of scenes scored (7), not of a scene's columns (5)."""
+    data = str(tmp_path / "scenes")
+    datasets.DatasetDict(train=load_fashion_mnist_scenes("train", num_scenes=4),
+                         validation=load_fashion_mnist_scenes("validation", num_scenes=7)).save_to_disk(data)
+    model = load_model(detector_folder)
+    src = Source(detector_folder, model, task_for(model, data))
+    compressed = compress(model, VAECompressionConfig(target_bits_per_weight=4, transform="identity"), progress=False)
+    validation = src.validation_drop(compressed)
+    assert validation["metric"] == "map" and validation["split"] == "validation"
+    assert validation["examples"] == validation["memorisation"]["examples"] == 7
+    assert len(load_detection_dataset(data, "validation").column_names) == 5  # what the count once was
