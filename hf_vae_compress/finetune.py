@@ -25,9 +25,7 @@ from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
-from .codec import CompressedModel, assemble
-from .codec import JsonConfig
-from .codec import ModelHash
+from .codec import CompressedModel, JsonConfig, ModelHash
 from .codec.reparam import LatentParametrization
 from .tasks import Classification, Task
 
@@ -191,7 +189,7 @@ def finetune(compressed: CompressedModel, model: nn.Module, train_data, config: 
             _save_checkpoint(accelerator, Path(checkpoint_dir) / f"step_{state.step}", identity)
     bar.close()
     accelerator.wait_for_everyone()
-    tuned = assemble(accelerator.unwrap_model(student).param.to_latents())
+    tuned = CompressedModel.from_latents(accelerator.unwrap_model(student).param.to_latents())
     tuned.header["finetune"] = dict(config.to_dict(), processes=accelerator.num_processes)
     seconds = round(time.perf_counter() - start, 1)
     tuned.stats = dict(finetune_seconds=seconds, resumed_from=str(resume_from or ""),

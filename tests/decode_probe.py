@@ -16,7 +16,7 @@ import sys
 import torch
 
 from hf_vae_compress import CompressedModel, ContainerError, IntegrityError
-from hf_vae_compress.codec.integrity import MachineDependentError, ModelHash
+from hf_vae_compress.codec.format.integrity import MachineDependentError, ModelHash
 
 
 def float_probe() -> str:

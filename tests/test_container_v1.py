@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from hf_vae_compress import CompressedModel
-from hf_vae_compress.codec import v1
-from hf_vae_compress.codec.chunking import ChunkLayout
-from hf_vae_compress.codec.container import read_container
-from hf_vae_compress.codec.integrity import MachineDependentError
+from hf_vae_compress.codec.format import v1
+from hf_vae_compress.codec.format.layout import ChunkLayout
+from hf_vae_compress.codec.format.registry import read
+from hf_vae_compress.codec.format.integrity import MachineDependentError
 
 V1 = Path(__file__).resolve().parent / "data" / "v1"
 DIGESTS = {
@@ -51,7 +51,7 @@ def _digest(state_dict: dict[str, torch.Tensor]) -> str:
 def _symbols_digest(path: Path) -> str:
     """SHA-256 of every coded tensor's decoded integer symbols and fp16 row scales, in order
     (v1's own stream readers: the part of a VAE decode that is exact everywhere)."""
-    _, header, tensors = read_container(path)
+    _, header, tensors = read(path)
     cursors = {k: v1._Cursor(tensors[k]) for k in ("streams", "tables", "scales")}
     h = hashlib.sha256()
     for entry in header["tensors"]:

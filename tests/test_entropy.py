@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from hf_vae_compress.codec import streams
+from hf_vae_compress.codec.format import grid, streams
+from hf_vae_compress.codec.rate import estimate_bits
 
 HEADER = bytes.fromhex(streams.pcodec_header())
 
@@ -31,7 +32,7 @@ def test_long_tensors_are_cut_into_streams_that_decode_in_parallel(monkeypatch):
 def test_coded_size_is_close_to_the_estimate():
     values = np.round(np.random.default_rng(1).laplace(0, 2, 150_000)).astype(np.int32)
     actual = 8 * _round_trip(values)
-    assert abs(actual / streams.estimate_bits(values) - 1) < 0.02
+    assert abs(actual / estimate_bits(values) - 1) < 0.02
 
 
 @pytest.mark.parametrize("layout_wins", ["flat", "dims"])
@@ -56,13 +57,13 @@ def test_a_corrupt_or_misframed_stream_raises_value_error():
 
 def test_scales_live_on_an_exact_quarter_octave_grid():
     k = np.arange(-300, 300, dtype=np.int32)
-    scales = streams.scales_from_exponents(k)
+    scales = grid.scales_from_exponents(k)
     np.testing.assert_allclose(scales, 2.0 ** (k / 4), rtol=1e-7)
-    assert np.array_equal(streams.scale_exponents(scales), k)
+    assert np.array_equal(grid.scale_exponents(scales), k)
     rms = np.array([1e-3, 0.37, 1.0, 5.5], dtype=np.float32)
-    assert np.all(np.abs(np.log2(streams.quantize_scales(rms) / rms)) <= 0.125 + 1e-6)
+    assert np.all(np.abs(np.log2(grid.quantize_scales(rms) / rms)) <= 0.125 + 1e-6)
     with pytest.raises(ValueError):
-        streams.scale_exponents(np.array([1.1], dtype=np.float32))
+        grid.scale_exponents(np.array([1.1], dtype=np.float32))
 
 
 @pytest.mark.parametrize("bits", [1, 5, 7, 10, 23])
@@ -70,7 +71,7 @@ def test_floats_keep_their_relative_precision_sign_and_specials(bits):
     rng = np.random.default_rng(4)
     values = np.concatenate([rng.standard_normal(1000) * 10.0 ** rng.integers(-6, 6, 1000),
                              [0.0, -0.0, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-42]]).astype(np.float32)
-    back = streams.decompress_floats(streams.compress_floats(values, bits), bits)
+    back = grid.decompress_floats(grid.compress_floats(values, bits), bits)
     assert np.array_equal(np.signbit(back), np.signbit(values))
     finite = np.isfinite(values) & (np.abs(values) > 1e-37)
     assert np.all(np.abs(back[finite] / values[finite] - 1) <= 2.0 ** -(bits + 1) * (1 + 1e-6))

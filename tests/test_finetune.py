@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from hf_vae_compress import CompressedModel, VAECompressionConfig, compress
-from hf_vae_compress.codec.container import CONTAINER_NAME
+from hf_vae_compress.codec import CONTAINER_NAME
 from hf_vae_compress.finetune import FinetuneConfig, finetune
 from hf_vae_compress.models import load_model
 from tests.conftest import tiny_timm

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from hf_vae_compress import CONTAINER_NAME, CompressedModel, IntegrityError, VAECompressionConfig, compress
-from hf_vae_compress.codec.integrity import ALLOW_UNVERIFIED_ENV, MachineDependentError
+from hf_vae_compress.codec.format.integrity import ALLOW_UNVERIFIED_ENV, MachineDependentError
 from hf_vae_compress.codec.transform import WeightVAE
 from tests.conftest import tiny_timm, tiny_vit
 

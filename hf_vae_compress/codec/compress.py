@@ -16,19 +16,19 @@ from typing import Callable, Iterable
 
 import torch
 
-from . import streams
-from .chunking import ChunkLayout, row_scales, to_chunks
+from .chunking import row_scales, to_chunks
 from .compressed import CompressedModel
 from .config import VAECompressionConfig, check_target_rate
 from .calibration import Calibration, calibrate
 from .correction import bias_corrections, norm_corrections
+from .format.layout import ChunkLayout
+from .format.v2 import HEADER_BYTES_PER_TENSOR, code_side_parts
 from .importance import mean_normalised_fisher
 from .latents import CodedTensor, Latents
 from .output_aware import output_aware_symbols
-from .rate import lam_from_beta, search_lam, steps_for
+from .rate import estimate_tensor_bits, lam_from_beta, search_lam, steps_for
 from .select import select_tensors
 from .transform import Shard, Transform, build_transform
-from .v2 import HEADER_BYTES_PER_TENSOR, assemble, code_side_parts
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
                       + HEADER_BYTES_PER_TENSOR * len(state_dict))
 
     def total_bits(transform: Transform, lam: float) -> float:
-        payload = sum(streams.estimate_tensor_bits(transform.encode_all(c.chunks, step, i).numpy())
+        payload = sum(estimate_tensor_bits(transform.encode_all(c.chunks, step, i).numpy())
                       for i, (c, step) in enumerate(zip(coded, steps_for(lam, sens))))
         decoder = sum(v.numel() * v.element_size() for v in transform.stored_state().values())
         return payload + fixed_bits + 8 * decoder
@@ -151,7 +151,7 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
         if config.beta is None:
             # GPTQ's symbols cost more bits than the nearest-rounded ones the search matched to the
             # target (dev: 36 % more on resnet18 at 0.25 bits/weight): aim lower by that ratio, once.
-            actual = fixed_bits + sum(streams.estimate_tensor_bits(s.numpy()) for s in symbols)
+            actual = fixed_bits + sum(estimate_tensor_bits(s.numpy()) for s in symbols)
             lam = search_lam(lambda l: total_bits(transform, l), target * target / actual, sens)
             steps = steps_for(lam, sens)
             symbols = _round_output_aware(state_dict, coded, steps, nearest(steps), calibration)
@@ -170,7 +170,7 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
     if corrected:
         latents.stored = _stored(dict(state_dict, **corrected), stored_names, config)
         side = None  # the stored tensors changed: code them again
-    compressed = assemble(latents, progress, side)
+    compressed = CompressedModel.from_latents(latents, progress, side)
     compressed.stats["encode_seconds"] = round(time.perf_counter() - start, 3)
     compressed.header["lam"] = lam
     return compressed

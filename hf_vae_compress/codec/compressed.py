@@ -1,5 +1,5 @@
 """The container object: :class:`CompressedModel` loads, decodes, reports and saves a container
-of any readable format version (v1 read only, v2 read and written)."""
+of any readable format version, through the version's reader (:mod:`.format.registry`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Iterator
 
 import torch
 
-from . import v1, v2
 from .config import VAECompressionConfig
-from .container import CONTAINER_NAME, ContainerError, folder_container, read_container, serialize
+from .format.framing import CONTAINER_NAME, folder_container, serialize
+from .format.registry import WRITER, read, reader
 from .latents import Latents
 from .transform import transform_class
 
@@ -25,10 +25,17 @@ class CompressedModel:
     def __init__(self, header: dict, tensors: dict[str, torch.Tensor]):
         self.header = header
         self.tensors = tensors
+        self._reader = reader(header["format_version"])
         # How this object was produced (wall-clock seconds, the checkpoint a run resumed from).
         # Never written: the header holds only what the inputs determine, so the same model,
         # config and seed give the same bytes, however long the run took or how often it resumed.
         self.stats: dict = {}
+
+    @classmethod
+    def from_latents(cls, latents: Latents, progress: bool = False, side: dict | None = None) -> "CompressedModel":
+        """Entropy-code :class:`Latents` into a container of the version this library writes
+        (``side``: its coded side parts, when the caller already has them)."""
+        return cls(*WRITER.assemble(latents, progress, side))
 
     @property
     def version(self) -> int:
@@ -36,14 +43,12 @@ class CompressedModel:
 
     @property
     def config(self) -> VAECompressionConfig:
-        """The configuration the container was written with. Containers older than output-aware
-        rounding do not name a rounding: they were rounded to nearest."""
-        return VAECompressionConfig.from_dict({"rounding": "nearest", **self.header["config"]})
+        """The configuration the container was written with."""
+        return VAECompressionConfig.from_dict(self._reader.config_dict(self.header))
 
     def to_bytes(self) -> bytes:
-        """The exact bytes of the container file (a v2 header sealed with its stored-bytes hash)."""
-        header = self.header if self.version == 1 else v2.seal(self.header, self.tensors)
-        return serialize(header, self.tensors)
+        """The exact bytes of the container file (sealed with its stored-bytes hash where the version has one)."""
+        return serialize(self._reader.seal(self.header, self.tensors), self.tensors)
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -54,16 +59,10 @@ class CompressedModel:
 
     @classmethod
     def load(cls, path: str | Path) -> "CompressedModel":
-        """Load from a container file or a folder holding one (see :func:`~.container.folder_container`)."""
+        """Load from a container file or a folder holding one (see :func:`~.format.framing.folder_container`)."""
         path = Path(path)
-        _, header, tensors = read_container(folder_container(path) if path.is_dir() else path)
+        _, header, tensors = read(folder_container(path) if path.is_dir() else path)
         return cls(header, tensors)
-
-    def _plan(self):
-        if self.version == 1:
-            raise ContainerError("this needs a version-2 container; version-1 containers decode but cannot be "
-                                 "edited: recompress the model")
-        return v2.plan(self.header, self.tensors)
 
     @property
     def portable(self) -> bool:
@@ -82,9 +81,7 @@ class CompressedModel:
         ``allow_unverified`` (default: the ``HF_VAE_COMPRESS_ALLOW_UNVERIFIED_DECODE`` environment
         variable) lets it through, unverified, with a warning.
         """
-        if self.version == 1:
-            return v1.iter_decoded(self.header, self.tensors, allow_unverified)
-        return v2.iter_decoded(self._plan(), progress, unverified_ok=allow_unverified)
+        return self._reader.iter_decoded(self.header, self.tensors, progress, allow_unverified)
 
     def decode(self, progress: bool = False, allow_unverified: bool | None = None) -> dict[str, torch.Tensor]:
         """The dense state dict, every tensor and the whole model checked (see :meth:`iter_decoded`)."""
@@ -94,11 +91,11 @@ class CompressedModel:
         """Check the stored bytes alone, without decoding: True when they match their SHA-256 (raises
         :class:`IntegrityError` when they do not), False when the container records no such hash
         (version 1, and version 2 before it was added)."""
-        return self.version != 1 and self._plan().stored_verified
+        return self._reader.stored_verified(self.header, self.tensors)
 
     def unpack(self) -> Latents:
         """The container as editable :class:`Latents` (no checks: what fine-tuning starts from)."""
-        return v2.unpack(self._plan(), self.header["fp32_safetensors_bytes"])
+        return self._reader.unpack(self.header, self.tensors)
 
     def report(self) -> dict:
         """Bytes per part, bits per weight and per-tensor rates of the container as it is written.
@@ -106,16 +103,17 @@ class CompressedModel:
         ``parts["header"]`` is what the other parts leave of the file: the header, the hashes and
         the safetensors framing. ``side_information_bytes`` sums the parts that are not coded
         weights (tables, scales, decoder, header); coded 1-D tensors (``vectors``) are weights.
+        ``num_weights`` counts every floating-point value of the model, coded or stored: the
+        denominator of every bits-per-weight figure this library reports.
         """
         total = len(self.to_bytes())
-        sizes = self._part_sizes()
+        sizes = self._reader.report_parts(self.tensors)
         sizes["header"] = total - sum(sizes.values())
         entries = self.header["tensors"]
-        floats = [e for e in entries if e["dtype"].startswith(("float", "bfloat"))]
-        num_weights = sum(math.prod(e["shape"]) for e in floats)
+        num_weights = sum(math.prod(e["shape"]) for e in entries if e["dtype"].startswith(("float", "bfloat")))
         layers = []
         for e in entries:
-            nbytes = self._layer_bytes(e)
+            nbytes = self._reader.layer_bytes(e)
             if nbytes is not None:
                 layers.append(dict(name=e["name"], shape=e["shape"], step=e["step"], bytes=nbytes,
                                    bits_per_weight=8 * nbytes / math.prod(e["shape"])))
@@ -125,19 +123,3 @@ class CompressedModel:
                     ratio_vs_fp32=self.header["fp32_safetensors_bytes"] / total, layers=layers,
                     format_version=self.version, side_information_bytes=side,
                     side_information_fraction=side / total)
-
-    def _part_sizes(self) -> dict[str, int]:
-        if self.version == 1:
-            return v1.report_parts(self.tensors)
-        groups = {"bitstreams": ("streams",), "tables": ("tables",), "scales": ("scales",), "vectors": ("vectors",),
-                  "decoder": ("decoder.",), "raw": ("raw.",)}
-        return {part: sum(v.numel() * v.element_size() for k, v in self.tensors.items() if k.startswith(prefixes))
-                for part, prefixes in groups.items()}
-
-    def _layer_bytes(self, entry: dict) -> int | None:
-        """A coded tensor's own bytes: its streams and tables (v2), plus its scales (v1)."""
-        if self.version == 1:
-            return v1.layer_bytes(entry)
-        if "streams" not in entry:
-            return None
-        return sum(m + p for m, p in entry["streams"])

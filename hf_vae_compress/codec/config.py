@@ -7,6 +7,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from .format.limits import MAX_CHUNK_SIZE, MAX_HIDDEN_SIZE
+
 class JsonConfig:
     """Round-trips a dataclass through plain JSON, refusing unknown fields."""
 
@@ -75,7 +77,6 @@ class VAECompressionConfig(JsonConfig):
     rounding: str = "output_aware"
     correct_biases: bool = False
     correct_norms: bool = False
-    table_precision: int = 15  # version-1 containers' ANS tables (read only now)
     seed: int = 0
     modules_to_not_convert: list[str] = field(default_factory=list)
 
@@ -96,10 +97,11 @@ class VAECompressionConfig(JsonConfig):
             raise ValueError(f"raw_dtype must be float16, bfloat16 or float32, got {self.raw_dtype!r}")
         if not 1 <= self.vector_mantissa_bits <= 23:
             raise ValueError("vector_mantissa_bits must be between 1 and 23")
-        if not 8 <= self.table_precision <= 15:
-            raise ValueError("table_precision must be between 8 and 15 bits")
-        if self.chunk_size < 1 or self.hidden_size < 1:
-            raise ValueError("chunk_size and hidden_size must be positive")
+        # the reader's own limits: nothing is written that a reader would refuse
+        if not 1 <= self.chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk_size must be between 1 and {MAX_CHUNK_SIZE}, got {self.chunk_size}")
+        if not 1 <= self.hidden_size <= MAX_HIDDEN_SIZE:
+            raise ValueError(f"hidden_size must be between 1 and {MAX_HIDDEN_SIZE}, got {self.hidden_size}")
 
 
 def check_target_rate(bits_per_weight: float) -> float:

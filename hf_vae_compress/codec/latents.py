@@ -1,7 +1,7 @@
 """The editable form of a compressed model: integer latents, steps, scales and stored tensors.
 
 It is what :func:`~.compress.compress` produces before entropy coding, what fine-tuning edits
-(:mod:`.reparam`), and what the v2 writer (:func:`~.v2.assemble`) codes.
+(:mod:`.reparam`), and what the v2 writer (:func:`~.format.v2.assemble`) codes.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .chunking import ChunkLayout
 from .config import VAECompressionConfig
+from .format.layout import ChunkLayout
 from .transform import Transform
 
 

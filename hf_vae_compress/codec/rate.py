@@ -1,4 +1,5 @@
-"""Rate control: per-tensor steps from one global trade-off, and the search for a target rate.
+"""Rate control: per-tensor steps from one global trade-off, the search for a target rate, and
+the coder's cost model that the search measures rates with.
 
 With a tensor's sensitivity ``F`` (mean Fisher of its normalised weights), the loss cost of
 quantizing it with step ``q`` is about ``F * q**2 / 12`` per weight. Equal slopes across tensors
@@ -12,19 +13,23 @@ import logging
 import math
 from typing import Callable
 
+import numpy as np
+
+from .format.grid import stored_step
+from .format.streams import MAX_STREAM
+
 logger = logging.getLogger(__name__)
+
+STREAM_OVERHEAD_BITS = 8 * 40  # pcodec's meta + framing of a stream, measured on Laplacian streams
 
 
 def lam_from_beta(beta: float) -> float:
     return math.sqrt(6 * beta / math.log(2))
 
 
-STEP_DIGITS = 4  # significant digits of a stored step: within 0.05 % of the allocation's, 13 fewer header bytes
-
-
 def steps_for(lam: float, sensitivities: list[float]) -> list[float]:
     """Per-tensor steps, rounded to what the header stores (encoder and decoder use the same value)."""
-    return [float(f"{lam / math.sqrt(s):.{STEP_DIGITS}g}") for s in sensitivities]
+    return [stored_step(lam / math.sqrt(s)) for s in sensitivities]
 
 
 def search_lam(total_bits: Callable[[float], float], target_bits: float, sensitivities: list[float],
@@ -49,3 +54,22 @@ def search_lam(total_bits: Callable[[float], float], target_bits: float, sensiti
             hi, best = mid, math.exp(mid)
     logger.info("rate search: lam=%.4g for %.4g target bits", best, target_bits)
     return best
+
+
+def estimate_bits(values: np.ndarray) -> float:
+    """Coded bits of a stream of integer symbols: its order-0 entropy plus pcodec's fixed cost."""
+    values = values.reshape(-1)
+    if len(values) == 0:
+        return 0.0
+    counts = np.bincount(values - values.min())
+    counts = counts[counts > 0]
+    entropy = float(-(counts * np.log2(counts / len(values))).sum())
+    return 1.005 * entropy + STREAM_OVERHEAD_BITS * math.ceil(len(values) / MAX_STREAM)
+
+
+def estimate_tensor_bits(symbols: np.ndarray) -> float:
+    """Coded bits of a tensor's (chunks, dims) symbols in the layout :func:`~.format.streams.compress_tensor` would pick."""
+    flat = estimate_bits(symbols)
+    if symbols.shape[1] == 1:
+        return flat
+    return min(flat, sum(estimate_bits(symbols[:, j]) for j in range(symbols.shape[1])))

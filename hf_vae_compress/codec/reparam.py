@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .chunking import from_chunks
+from .format.layout import from_chunks
 from .latents import Latents
 from .quantize import noisy, round_ste
 from .transform import laplace_bits, round_to_fp16_

@@ -1,4 +1,4 @@
-"""Stage 6: the container, one safetensors file that checks itself.
+"""The container file: one safetensors file that checks itself, and where a folder keeps it.
 
 It is deliberately named ``weights.vaec.safetensors``: no stock loader looks for that name, so one
 finds no weights and fails loudly instead of loading something wrong. Version-1 folders named it
@@ -11,7 +11,7 @@ This module is the safetensors layer shared by every format version: one metadat
 refuses versions newer than it knows (one key, because safetensors writes its metadata map in
 hash order and several keys would make two saves of the same model differ byte for byte), and a
 ``header`` entry holding zlib-compressed JSON. What the other entries mean is the version's own
-module: :mod:`.v1` (frozen, read only) and :mod:`.v2` (written by default).
+module: :mod:`.v1` (frozen, read only) and :mod:`.v2` (written), chosen in :mod:`.registry`.
 
 Concatenating parts keeps per-tensor framing out of the file: with one safetensors entry per
 tensor, the index alone cost more than the bitstreams of a small ViT.
@@ -22,18 +22,19 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from .limits import MAX_HEADER_BYTES
+
 CONTAINER_NAME = "weights.vaec.safetensors"
 LEGACY_CONTAINER_NAMES = ("model.vaec.safetensors",)  # written by version 1: read, never written
 FORMAT_NAME = "hf-vae-compress"
 QUANT_METHOD = "hf_vae_compress"  # config.json's quantization_config.quant_method of a compressed folder
-FORMAT_VERSION = 2  # the version written; every version from 1 up to it is read
-MAX_HEADER_BYTES = 64 << 20  # decompressed JSON header: far above any real model's, bounds a zip bomb
 
 
 class ContainerError(ValueError):
@@ -88,15 +89,16 @@ def serialize(header: dict, tensors: dict[str, torch.Tensor]) -> bytes:
     return save(everything, metadata={"format": f"{FORMAT_NAME}/{header['format_version']}"})
 
 
-def read_container(path: str | Path) -> tuple[int, dict, dict[str, torch.Tensor]]:
+def read_container(path: str | Path, readable: Collection[int]) -> tuple[int, dict, dict[str, torch.Tensor]]:
     """Read and validate a container's framing: (version, header, tensors); raises
-    :class:`ContainerError` on anything foreign, truncated, or too large to be a header."""
+    :class:`ContainerError` on anything foreign, truncated, too large to be a header, or of a
+    format version not in ``readable`` (checked before any tensor is read)."""
     path = Path(path)
     if not path.is_file():
         raise ContainerError(f"{path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
-            version = _check_format(path, f.metadata() or {})
+            version = _check_format(path, f.metadata() or {}, readable)
             # copies: safetensors may hand out views of its memory map, and decoded tensors that
             # alias the file would change if the file were rewritten after loading (found by the fuzzer)
             tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
@@ -118,13 +120,13 @@ def read_container(path: str | Path) -> tuple[int, dict, dict[str, torch.Tensor]
     return version, header, tensors
 
 
-def _check_format(path: Path, metadata: dict) -> int:
+def _check_format(path: Path, metadata: dict, readable: Collection[int]) -> int:
     name, _, version = str(metadata.get("format", "")).partition("/")
     if name != FORMAT_NAME:
         raise ContainerError(f"{path} is not an {FORMAT_NAME} container (format={metadata.get('format')!r})")
-    if not version.isdigit() or not 1 <= int(version) <= FORMAT_VERSION:
+    if not version.isdigit() or int(version) not in readable:
         raise ContainerError(
-            f"{path} has format version {version!r}; this library reads versions 1..{FORMAT_VERSION}. "
+            f"{path} has format version {version!r}; this library reads versions {', '.join(map(str, sorted(readable)))}. "
             "Upgrade hf-vae-compress to read it."
         )
     return int(version)

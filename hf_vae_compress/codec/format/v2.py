@@ -40,26 +40,24 @@ import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
-from . import streams
-from .chunking import ChunkLayout
-from .config import TRANSFORMS, VAECompressionConfig
-from .container import FORMAT_NAME, ContainerError
+from ..config import TRANSFORMS, VAECompressionConfig
+from ..latents import CodedTensor, Latents
+from ..transform import Transform, build_transform
+from . import grid, streams
+from .framing import FORMAT_NAME, ContainerError
 from .integrity import (
     STORED_HASH_FIELD, IntegrityError, ModelHash, allow_unverified, crc32, machine_dependent, stored_sha256,
     warn_unverified,
 )
-from .latents import CodedTensor, Latents
-from .transform import Transform, build_transform
+from .fields import FLOAT_DTYPES, INT_DTYPES, fail, get_field, int_field, shape_field
+from .layout import ChunkLayout
+from .limits import MAX_CHUNK_SIZE, MAX_HIDDEN_SIZE, MAX_NUMEL
 
 logger = logging.getLogger(__name__)
 
 VERSION = 2
 HEADER_BYTES_PER_TENSOR = 16  # compressed JSON (measured: 9-14 B) + the CRC-32, for the rate search
-MAX_NUMEL = 1 << 34  # per tensor and per model: bounds what a header can make us allocate
-MAX_CHUNK_SIZE = 4096
 LOOKAHEAD = 4  # tensors decoded ahead of the consumer: bounds memory, keeps both cores busy
-_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-_INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "bool")
 _PARTS = ("streams", "tables", "scales", "vectors")
 
 
@@ -78,11 +76,11 @@ def _lengths(coded: list[tuple[bytes, bytes]]) -> list[list[int]]:
 def code_side_parts(coded: list[CodedTensor], stored: dict[str, torch.Tensor],
                     config: VAECompressionConfig) -> dict[str, CodedPart]:
     """Code the row scales and the stored float tensors (they do not depend on the steps)."""
-    exponents = [streams.scale_exponents(c.scales.numpy()) for c in coded]
+    exponents = [grid.scale_exponents(c.scales.numpy()) for c in coded]
     offsets = [int(np.median(k)) if len(k) else 0 for k in exponents]
     pooled = np.concatenate([k - o for k, o in zip(exponents, offsets)] or [np.zeros(0, np.int32)])
     scales = CodedPart(streams.compress_symbols(pooled), {"offsets": offsets})
-    floats = [streams.compress_floats(v.float().numpy(), config.vector_mantissa_bits)
+    floats = [grid.compress_floats(v.float().numpy(), config.vector_mantissa_bits)
               for v in stored.values() if v.is_floating_point()]
     together = streams.compress_symbols(np.concatenate(floats or [np.zeros(0, np.int32)]))
     each = [s for f in floats for s in streams.compress_symbols(f)]
@@ -97,13 +95,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def assemble(latents: Latents, progress: bool = False,
-             side: dict[str, CodedPart] | None = None) -> "CompressedModel":
-    """Entropy-code every tensor and build the header, checksumming what the decoder will produce.
+             side: dict[str, CodedPart] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Entropy-code every tensor and build the header, checksumming what the decoder will produce:
+    the container's ``(header, stored tensors)``, sealed when written (:func:`seal`).
 
     ``side`` is :func:`code_side_parts` when the caller already has it.
     """
-    from .compressed import CompressedModel  # the container object wraps what is built here
-
     config, transform = latents.config, latents.transform
     if not transform.portable:
         logger.warning("the %r transform's decoder is a float network: this container is verified bit for bit only "
@@ -155,7 +152,7 @@ def assemble(latents: Latents, progress: bool = False,
         vectors=dict(side["vectors"].info, streams=_lengths(side["vectors"].streams)),
         fp32_safetensors_bytes=fp32_bytes, library=_library_versions(),
     )
-    return CompressedModel(header, tensors)
+    return header, tensors
 
 
 def seal(header: dict, tensors: dict[str, torch.Tensor]) -> dict:
@@ -192,8 +189,8 @@ def _bytes_tensor(data: bytes) -> torch.Tensor:
 
 def _decode_float(value: torch.Tensor, mantissa_bits: int, dtype: torch.dtype) -> torch.Tensor:
     """A stored float tensor as the decoder will produce it (through the coded symbols)."""
-    symbols = streams.compress_floats(value.float().numpy(), mantissa_bits)
-    return torch.from_numpy(streams.decompress_floats(symbols, mantissa_bits)).reshape(value.shape).to(dtype)
+    symbols = grid.compress_floats(value.float().numpy(), mantissa_bits)
+    return torch.from_numpy(grid.decompress_floats(symbols, mantissa_bits)).reshape(value.shape).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,34 +234,14 @@ class _Plan:
     stored_verified: bool  # False: a container written before the stored-bytes hash
 
 
-def _fail(field_name: str, problem: str) -> ContainerError:
-    return ContainerError(f"container header field {field_name}: {problem}")
-
-
-def _get(obj: dict, key: str, kind: type | tuple, where: str):
-    if not isinstance(obj, dict) or key not in obj:
-        raise _fail(f"{where}.{key}", "missing")
-    value = obj[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise _fail(f"{where}.{key}", f"expected {kind}, got {type(value).__name__}")
-    return value
-
-
-def _int(obj: dict, key: str, where: str, lo: int, hi: int) -> int:
-    value = _get(obj, key, int, where)
-    if isinstance(value, bool) or not lo <= value <= hi:
-        raise _fail(f"{where}.{key}", f"{value!r} is outside [{lo}, {hi}]")
-    return value
-
-
 def _lengths_field(value, where: str, count: int) -> list[tuple[int, int]]:
     if not isinstance(value, list) or len(value) != count:
-        raise _fail(where, f"expected {count} [table, page] byte lengths")
+        raise fail(where, f"expected {count} [table, page] byte lengths")
     out = []
     for pair in value:
         if (not isinstance(pair, list) or len(pair) != 2
                 or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 40 for n in pair)):
-            raise _fail(where, f"bad byte lengths {pair!r}")
+            raise fail(where, f"bad byte lengths {pair!r}")
         out.append((pair[0], pair[1]))
     return out
 
@@ -273,124 +250,154 @@ def _take_streams(lengths: list[tuple[int, int]], tables: _Slicer, pages: _Slice
     return [(tables.take(m), pages.take(p)) for m, p in lengths]
 
 
-def _shape(entry: dict, where: str) -> list[int]:
-    shape = _get(entry, "shape", list, where)
-    if len(shape) > 8 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_NUMEL for d in shape):
-        raise _fail(f"{where}.shape", f"{shape!r} is not a shape")
-    if math.prod(shape) > MAX_NUMEL:
-        raise _fail(f"{where}.shape", f"{shape!r} has more than {MAX_NUMEL} values")
-    return shape
+@dataclass
+class _Validated:
+    """A header checked against itself and the stored parts: every byte range it names, sliced."""
+
+    entries: list[dict]
+    config: VAECompressionConfig
+    transform: Transform
+    chunk_size: int
+    pcodec: bytes
+    coded_streams: dict[str, list[tuple[bytes, bytes]]]
+    rows: dict[str, int]  # coded tensor -> rows (one scale each)
+    float_sizes: dict[str, int]
+    raw_sizes: dict[str, int]
+    scale_streams: list[tuple[bytes, bytes]]
+    vectors_layout: str
+    vector_streams: list[tuple[bytes, bytes]]
+    checks: bytes
 
 
 def plan(header: dict, tensors: dict[str, torch.Tensor]) -> _Plan:
-    """Validate the header against itself and the stored parts, and decode the side parts.
+    """Validate the header (:func:`validate`), check the stored bytes, and decode the side parts."""
+    v = validate(header, tensors)
+    stored_verified = _check_stored(header, tensors)
+    try:
+        scales = _decode_scales(v.pcodec, v.scale_streams, v.rows, v.entries)
+        vectors = _decode_vectors(v.pcodec, v.vectors_layout, v.vector_streams, v.float_sizes,
+                                  v.config.vector_mantissa_bits)
+    except ValueError as err:
+        raise ContainerError(f"container side data is corrupt: {err}") from err
+    return _Plan(v.entries, v.config, v.transform.eval(), v.chunk_size, v.config.vector_mantissa_bits, v.pcodec,
+                 v.coded_streams, scales, vectors, _raw_tensors(tensors, v.entries, v.raw_sizes), v.checks[:32],
+                 list(struct.unpack(f"<{len(v.entries)}I", v.checks[32:])), stored_verified)
+
+
+def validate(header: dict, tensors: dict[str, torch.Tensor]) -> _Validated:
+    """Check the header against itself and the stored parts, decoding nothing.
 
     Every field is type- and range-checked and every byte length is checked against the part it
     points into before anything is allocated or decompressed; each failure is a
     :class:`ContainerError` naming the field.
     """
+    get_field(header, "config", dict, "header")
     try:
-        config = VAECompressionConfig.from_dict(_get(header, "config", dict, "header"))
+        config = VAECompressionConfig.from_dict(config_dict(header))
     except (TypeError, ValueError) as err:
-        raise _fail("config", str(err)) from err
-    spec = _get(header, "transform", dict, "header")
-    kind = _get(spec, "kind", str, "transform")
+        raise fail("config", str(err)) from err
+    spec = get_field(header, "transform", dict, "header")
+    kind = get_field(spec, "kind", str, "transform")
     if kind not in TRANSFORMS:
-        raise _fail("transform.kind", f"unknown transform {kind!r}")
-    chunk_size = _int(spec, "chunk_size", "transform", 1, MAX_CHUNK_SIZE)
-    hidden_size = _int(spec, "hidden_size", "transform", 1, 1 << 16)
+        raise fail("transform.kind", f"unknown transform {kind!r}")
+    chunk_size = int_field(spec, "chunk_size", "transform", 1, MAX_CHUNK_SIZE)
+    hidden_size = int_field(spec, "hidden_size", "transform", 1, MAX_HIDDEN_SIZE)
     try:
-        pcodec = bytes.fromhex(_get(header, "pcodec", str, "header"))
+        pcodec = bytes.fromhex(get_field(header, "pcodec", str, "header"))
     except ValueError as err:
-        raise _fail("pcodec", "not hex") from err
-    entries = _get(header, "tensors", list, "header")
-    _int(header, "fp32_safetensors_bytes", "header", 0, 1 << 50)
+        raise fail("pcodec", "not hex") from err
+    entries = get_field(header, "tensors", list, "header")
+    int_field(header, "fp32_safetensors_bytes", "header", 0, 1 << 50)
     parts = {k: _Slicer(k, _part_bytes(tensors, k)) for k in _PARTS}
-    names, total, coded_streams, exponents, rows, float_sizes = set(), 0, {}, {}, {}, {}
-    raw_sizes: dict[str, int] = {}
-    num_coded = 0
+    coded_streams, rows, float_sizes, raw_sizes = {}, {}, {}, {}
+    names: set[str] = set()
+    total = 0
     for i, entry in enumerate(entries):
         where = f"tensors[{i}]"
-        name = _get(entry, "name", str, where)
+        name = get_field(entry, "name", str, where)
         if name in names:
-            raise _fail(f"{where}.name", f"duplicate tensor name {name!r}")
+            raise fail(f"{where}.name", f"duplicate tensor name {name!r}")
         names.add(name)
-        dtype = _get(entry, "dtype", str, where)
-        codec = _get(entry, "codec", str, where)
-        shape = _shape(entry, where)
+        dtype = get_field(entry, "dtype", str, where)
+        codec = get_field(entry, "codec", str, where)
+        shape = shape_field(entry, where)
         total += math.prod(shape)
         if total > MAX_NUMEL:
-            raise _fail(f"{where}.shape", "the model has more values than any container may hold")
+            raise fail(f"{where}.shape", "the model has more values than any container may hold")
         if codec == kind:
-            if dtype not in _FLOAT_DTYPES or len(shape) == 0:
-                raise _fail(f"{where}.dtype", f"a coded tensor must be a float tensor, got {dtype} {shape}")
-            step = _get(entry, "step", (int, float), where)
-            if not math.isfinite(step) or step <= 0:
-                raise _fail(f"{where}.step", f"{step!r} is not a positive step")
-            layout_name = _get(entry, "layout", str, where)
-            if layout_name not in streams.LAYOUTS:
-                raise _fail(f"{where}.layout", f"unknown layout {layout_name!r}")
-            _int(entry, "scale_offset", where, -1000, 1000)
-            layout = ChunkLayout.of(tuple(shape), chunk_size) if math.prod(shape) else None
-            if layout is None:
-                raise _fail(f"{where}.shape", "a coded tensor cannot be empty")
+            layout, layout_name = _coded_entry(entry, where, dtype, shape, chunk_size)
             sizes = streams.tensor_stream_sizes(layout_name, layout.num_chunks, chunk_size)
             lengths = _lengths_field(entry.get("streams"), f"{where}.streams", len(sizes))
             coded_streams[name] = _take_streams(lengths, parts["tables"], parts["streams"])
             rows[name] = layout.rows
-            num_coded += 1
         elif codec == "float":
-            if dtype not in _FLOAT_DTYPES:
-                raise _fail(f"{where}.dtype", f"{dtype!r} is not a float dtype")
-            if _get(entry, "stored", str, where) not in _FLOAT_DTYPES:
-                raise _fail(f"{where}.stored", "not a float dtype")
+            if dtype not in FLOAT_DTYPES:
+                raise fail(f"{where}.dtype", f"{dtype!r} is not a float dtype")
+            if get_field(entry, "stored", str, where) not in FLOAT_DTYPES:
+                raise fail(f"{where}.stored", "not a float dtype")
             float_sizes[name] = math.prod(shape)
         elif codec == "raw":
-            if dtype not in _INT_DTYPES:
-                raise _fail(f"{where}.dtype", f"{dtype!r} is not an integer dtype")
+            if dtype not in INT_DTYPES:
+                raise fail(f"{where}.dtype", f"{dtype!r} is not an integer dtype")
             raw_sizes[name] = math.prod(shape)
         else:
-            raise _fail(f"{where}.codec", f"unknown codec {codec!r}")
+            raise fail(f"{where}.codec", f"unknown codec {codec!r}")
     parts["streams"].finish()
-    transform = build_transform(kind, chunk_size, hidden_size, num_coded)
-    prefix = "decoder."
-    try:
-        transform.load_stored_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, spec)
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
-        raise _fail("transform", f"decoder weights do not match the header: {err}") from err
+    transform = _stored_transform(tensors, spec, kind, chunk_size, hidden_size, len(coded_streams))
     scale_streams = _take_streams(_lengths_field(header.get("scales"), "scales", len(streams.stream_sizes(sum(rows.values())))),
                                   parts["tables"], parts["scales"])
-    vectors_info = _get(header, "vectors", dict, "header")
-    vectors_layout = _get(vectors_info, "layout", str, "vectors")
+    vectors_info = get_field(header, "vectors", dict, "header")
+    vectors_layout = get_field(vectors_info, "layout", str, "vectors")
     if vectors_layout == "pooled":
         vector_sizes = streams.stream_sizes(sum(float_sizes.values()))
     elif vectors_layout == "each":
         vector_sizes = [s for n in float_sizes.values() for s in streams.stream_sizes(n)]
     else:
-        raise _fail("vectors.layout", f"unknown layout {vectors_layout!r}")
+        raise fail("vectors.layout", f"unknown layout {vectors_layout!r}")
     vector_streams = _take_streams(_lengths_field(vectors_info.get("streams"), "vectors.streams", len(vector_sizes)),
                                    parts["tables"], parts["vectors"])
     for part in parts.values():
         part.finish()
     checks = _part_bytes(tensors, "checks")
     if len(checks) != 32 + 4 * len(entries):
-        raise _fail("tensors", f"{len(entries)} tensors but {len(checks)} bytes of checks")
-    stored_verified = _check_stored(header, tensors)
+        raise fail("tensors", f"{len(entries)} tensors but {len(checks)} bytes of checks")
+    return _Validated(entries, config, transform, chunk_size, pcodec, coded_streams, rows, float_sizes, raw_sizes,
+                      scale_streams, vectors_layout, vector_streams, checks)
+
+
+def _coded_entry(entry: dict, where: str, dtype: str, shape: list[int], chunk_size: int) -> tuple[ChunkLayout, str]:
+    """A coded tensor's checked fields: its chunk layout and stream layout name."""
+    if dtype not in FLOAT_DTYPES or len(shape) == 0:
+        raise fail(f"{where}.dtype", f"a coded tensor must be a float tensor, got {dtype} {shape}")
+    step = get_field(entry, "step", (int, float), where)
+    if not math.isfinite(step) or step <= 0:
+        raise fail(f"{where}.step", f"{step!r} is not a positive step")
+    layout_name = get_field(entry, "layout", str, where)
+    if layout_name not in streams.LAYOUTS:
+        raise fail(f"{where}.layout", f"unknown layout {layout_name!r}")
+    int_field(entry, "scale_offset", where, -1000, 1000)
+    if not math.prod(shape):
+        raise fail(f"{where}.shape", "a coded tensor cannot be empty")
+    return ChunkLayout.of(tuple(shape), chunk_size), layout_name
+
+
+def _stored_transform(tensors: dict[str, torch.Tensor], spec: dict, kind: str, chunk_size: int, hidden_size: int,
+                      num_coded: int) -> Transform:
+    """The transform the header names, with the decoder weights the container stores."""
+    transform = build_transform(kind, chunk_size, hidden_size, num_coded)
+    prefix = "decoder."
     try:
-        scales = _decode_scales(pcodec, scale_streams, rows, entries)
-        vectors = _decode_vectors(pcodec, vectors_layout, vector_streams, float_sizes, config.vector_mantissa_bits)
-    except ValueError as err:
-        raise ContainerError(f"container side data is corrupt: {err}") from err
-    return _Plan(entries, config, transform.eval(), chunk_size, config.vector_mantissa_bits, pcodec, coded_streams,
-                 scales, vectors, _raw_tensors(tensors, entries, raw_sizes), checks[:32],
-                 list(struct.unpack(f"<{len(entries)}I", checks[32:])), stored_verified)
+        transform.load_stored_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, spec)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+        raise fail("transform", f"decoder weights do not match the header: {err}") from err
+    return transform
 
 
 def _check_stored(header: dict, tensors: dict[str, torch.Tensor]) -> bool:
     """Check the stored-bytes SHA-256; False when the container predates it (nothing to check)."""
     if STORED_HASH_FIELD not in header:
         return False
-    recorded = _get(header, STORED_HASH_FIELD, str, "header")
+    recorded = get_field(header, STORED_HASH_FIELD, str, "header")
     if stored_sha256(header, tensors) != recorded:
         raise IntegrityError("the container's stored bytes do not match their SHA-256: the file is corrupt "
                              "(damaged on disk or in transfer); download or copy it again")
@@ -413,7 +420,7 @@ def _decode_scales(pcodec: bytes, coded: list[tuple[bytes, bytes]], rows: dict[s
     out, pos = {}, 0
     offsets = {e["name"]: e["scale_offset"] for e in entries if e["name"] in rows}
     for name, n in rows.items():
-        out[name] = torch.from_numpy(streams.scales_from_exponents(pooled[pos: pos + n] + offsets[name]))
+        out[name] = torch.from_numpy(grid.scales_from_exponents(pooled[pos: pos + n] + offsets[name]))
         pos += n
     return out
 
@@ -426,7 +433,7 @@ def _decode_vectors(pcodec: bytes, layout: str, coded: list[tuple[bytes, bytes]]
         streams.decompress_symbols(pcodec, coded, pooled)
         pos = 0
         for name, n in sizes.items():
-            out[name] = streams.decompress_floats(pooled[pos: pos + n], mantissa_bits)
+            out[name] = grid.decompress_floats(pooled[pos: pos + n], mantissa_bits)
             pos += n
         return out
     pos = 0
@@ -434,7 +441,7 @@ def _decode_vectors(pcodec: bytes, layout: str, coded: list[tuple[bytes, bytes]]
         count = len(streams.stream_sizes(n))
         symbols = np.empty(n, dtype=np.int32)
         streams.decompress_symbols(pcodec, coded[pos: pos + count], symbols)
-        out[name] = streams.decompress_floats(symbols, mantissa_bits)
+        out[name] = grid.decompress_floats(symbols, mantissa_bits)
         pos += count
     return out
 
@@ -510,14 +517,16 @@ def _decode_one(p: _Plan, i: int, coded_index: int, unverified_ok: bool) -> tupl
     raise IntegrityError(f"decoded {name!r} does not match its checksum: the file is corrupt")
 
 
-def iter_decoded(p: _Plan, progress: bool = False, workers: int | None = None,
-                 unverified_ok: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` in header order, decoded on a thread pool a few tensors ahead.
+def iter_decoded(header: dict, tensors: dict[str, torch.Tensor], progress: bool = False,
+                 unverified_ok: bool | None = None, workers: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` in header order, decoded on a thread pool a few tensors ahead, once the
+    header and the stored bytes have been checked (:func:`plan`; that happens on the first ``next``).
 
     The whole-model SHA-256 is checked when the last tensor has been yielded. ``unverified_ok``
     (default: the environment's opt-in, see :func:`~.integrity.allow_unverified`) lets a float
     decoder's output that fails its checksum through with a warning; everything else is still checked.
     """
+    p = plan(header, tensors)
     unverified_ok = allow_unverified(unverified_ok)
     unverified: list[str] = []
     workers = workers or min(os.cpu_count() or 1, torch.get_num_threads())
@@ -545,8 +554,10 @@ def iter_decoded(p: _Plan, progress: bool = False, workers: int | None = None,
         raise IntegrityError("the decoded model does not match its SHA-256: the file is corrupt")
 
 
-def unpack(p: _Plan, fp32_bytes: int) -> Latents:
-    """The container as editable :class:`Latents` (fine-tuning's starting point)."""
+def unpack(header: dict, tensors: dict[str, torch.Tensor]) -> Latents:
+    """The container as editable :class:`Latents` (fine-tuning's starting point; no checks of the
+    decoded weights)."""
+    p = plan(header, tensors)
     reference, coded, symbols, steps, stored = {}, [], [], [], {}
     for entry in p.entries:
         name, dtype = entry["name"], getattr(torch, entry["dtype"])
@@ -560,4 +571,34 @@ def unpack(p: _Plan, fp32_bytes: int) -> Latents:
             stored[name] = torch.from_numpy(p.vectors[name]).reshape(entry["shape"]).to(getattr(torch, entry["stored"]))
         else:
             stored[name] = p.raw[name]
-    return Latents(reference, coded, symbols, steps, stored, p.transform, p.config, fp32_bytes)
+    return Latents(reference, coded, symbols, steps, stored, p.transform, p.config, header["fp32_safetensors_bytes"])
+
+
+# config fields that v2 containers written before they were retired still record; no v2 decode reads them
+_RETIRED_CONFIG = ("table_precision",)
+
+
+def config_dict(header: dict) -> dict:
+    """The stored codec config; containers older than output-aware rounding name none: nearest."""
+    return {"rounding": "nearest", **{k: v for k, v in header["config"].items() if k not in _RETIRED_CONFIG}}
+
+
+def stored_verified(header: dict, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether the stored bytes match their SHA-256 (:class:`IntegrityError` when they do not);
+    False for containers written before the hash existed."""
+    return plan(header, tensors).stored_verified
+
+
+def report_parts(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Bytes per stored part; the header, checks and framing are what the file's total leaves over."""
+    groups = {"bitstreams": ("streams",), "tables": ("tables",), "scales": ("scales",), "vectors": ("vectors",),
+              "decoder": ("decoder.",), "raw": ("raw.",)}
+    return {part: sum(v.numel() * v.element_size() for k, v in tensors.items() if k.startswith(prefixes))
+            for part, prefixes in groups.items()}
+
+
+def layer_bytes(entry: dict) -> int | None:
+    """A coded tensor's own bytes: its streams and tables (None for stored tensors)."""
+    if "streams" not in entry:
+        return None
+    return sum(m + p for m, p in entry["streams"])

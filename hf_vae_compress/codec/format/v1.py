@@ -17,6 +17,7 @@ Entries: ``header`` (zlib JSON), ``sha256`` (32 B per tensor-table entry), ``str
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Iterator
 
@@ -24,15 +25,23 @@ import constriction
 import numpy as np
 import torch
 
-from .chunking import ChunkLayout, from_chunks
-from .container import ContainerError
+from ..config import TRANSFORMS, VAECompressionConfig
+from ..transform import Transform, build_transform
+from .fields import FLOAT_DTYPES, INT_DTYPES, fail, get_field, int_field, shape_field
+from .framing import ContainerError
 from .integrity import IntegrityError, allow_unverified, machine_dependent, sha256_hex, warn_unverified
-from .transform import Transform, build_transform
+from .layout import ChunkLayout, from_chunks
+from .limits import MAX_CHUNK_SIZE, MAX_HIDDEN_SIZE, MAX_NUMEL
 
+VERSION = 1
 NUM_CONTEXTS = 3
-_PARTS = ("streams", "tables", "scales")
+_PARTS = {"streams": torch.uint8, "tables": torch.uint16, "scales": torch.float16}
+MAX_TOKEN = 1 << 20  # |symbol| a table may name; the writer's were far below
+MAX_ESCAPE_BITS = 30  # Exp-Golomb buckets: offsets are drawn as int32 uniforms
 # a malformed header raises these while it is walked; each becomes a ContainerError
 _MALFORMED = (KeyError, TypeError, IndexError, AttributeError, ValueError, OverflowError)
+
+logger = logging.getLogger(__name__)
 
 
 class _Cursor:
@@ -68,10 +77,126 @@ def _transform(header: dict, tensors: dict[str, torch.Tensor]) -> Transform:
     return transform.eval()
 
 
-def iter_decoded(header: dict, tensors: dict[str, torch.Tensor],
+def config_dict(header: dict) -> dict:
+    """The stored codec config, without what only this reader uses (its ANS table precision);
+    version 1 predates output-aware rounding: it rounded to nearest."""
+    return {"rounding": "nearest", **{k: v for k, v in header["config"].items() if k != "table_precision"}}
+
+
+def seal(header: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """The header as written: version 1 has no stored-bytes hash (and is never written again)."""
+    return header
+
+
+def stored_verified(header: dict, tensors: dict[str, torch.Tensor]) -> bool:
+    """Version 1 records no hash of its stored bytes: nothing to verify without decoding."""
+    return False
+
+
+def unpack(header: dict, tensors: dict[str, torch.Tensor]):
+    raise ContainerError("this needs a version-2 container; version-1 containers decode but cannot be edited: "
+                         "recompress the model")
+
+
+def validate(header: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Check the header against itself and the stored parts before anything is decoded.
+
+    Types, ranges and every byte count a header names are checked against the parts they point
+    into, and the values the tensors hold against the fp32 size the writer recorded, so a
+    mutated header cannot size an allocation; each failure is a :class:`ContainerError` naming
+    the field. (The version-1 code itself trusted its header.)
+    """
+    config = get_field(header, "config", dict, "header")
+    int_field(config, "table_precision", "config", 8, 15)
+    try:
+        VAECompressionConfig.from_dict(config_dict(header))
+    except (TypeError, ValueError) as err:
+        raise fail("config", str(err)) from err
+    spec = get_field(header, "transform", dict, "header")
+    kind = get_field(spec, "kind", str, "transform")
+    if kind not in TRANSFORMS:
+        raise fail("transform.kind", f"unknown transform {kind!r}")
+    chunk_size = int_field(spec, "chunk_size", "transform", 1, MAX_CHUNK_SIZE)
+    int_field(spec, "hidden_size", "transform", 1, MAX_HIDDEN_SIZE)
+    fp32_bytes = int_field(header, "fp32_safetensors_bytes", "header", 0, 1 << 50)
+    entries = get_field(header, "tensors", list, "header")
+    need = dict.fromkeys(_PARTS, 0)
+    names: set[str] = set()
+    values_bytes = 0
+    for i, entry in enumerate(entries):
+        where = f"tensors[{i}]"
+        name = get_field(entry, "name", str, where)
+        if name in names:
+            raise fail(f"{where}.name", f"duplicate tensor name {name!r}")
+        names.add(name)
+        dtype = get_field(entry, "dtype", str, where)
+        if dtype not in FLOAT_DTYPES + INT_DTYPES:
+            raise fail(f"{where}.dtype", f"unknown dtype {dtype!r}")
+        shape = shape_field(entry, where)
+        values_bytes += math.prod(shape) * (4 if dtype in FLOAT_DTYPES else _dtype(dtype).itemsize)
+        codec = get_field(entry, "codec", str, where)
+        if codec == "raw":
+            stored = get_field(entry, "stored", str, where)
+            key = f"raw.{stored}"
+            need[key] = need.get(key, 0) + math.prod(shape)
+        elif codec == kind:
+            for part, n in _coded_entry_needs(entry, where, dtype, shape, chunk_size).items():
+                need[part] += n
+        else:
+            raise fail(f"{where}.codec", f"unknown codec {codec!r}")
+    if values_bytes > min(fp32_bytes, 4 * MAX_NUMEL):
+        raise fail("tensors", f"the shapes hold {values_bytes} bytes of fp32 values, more than the "
+                              f"{fp32_bytes}-byte fp32 checkpoint the writer recorded")
+    for key, n in need.items():
+        part = tensors.get(key)
+        if part is None or part.dim() != 1 or (key in _PARTS and part.dtype != _PARTS[key]):
+            raise ContainerError(f"container part {key!r} is missing or malformed")
+        if len(part) != n:
+            raise fail("tensors", f"the header names {n} values of part {key!r}, which holds {len(part)}")
+    hashes = tensors.get("sha256")
+    if hashes is None or hashes.dtype != torch.uint8 or tuple(hashes.shape) != (len(entries), 32):
+        raise ContainerError("container hash table does not match its header")
+
+
+def _coded_entry_needs(entry: dict, where: str, dtype: str, shape: list[int], chunk_size: int) -> dict[str, int]:
+    """A coded tensor's checked fields: how many values of each part it takes."""
+    if dtype not in FLOAT_DTYPES or not shape or not math.prod(shape):
+        raise fail(f"{where}.dtype", f"a coded tensor must be a non-empty float tensor, got {dtype} {shape}")
+    step = get_field(entry, "step", (int, float), where)
+    if not math.isfinite(step) or step <= 0:
+        raise fail(f"{where}.step", f"{step!r} is not a positive step")
+    words = int_field(entry, "words", where, 0, 1 << 40)
+    split = get_field(entry, "split", list, where)
+    if len(split) != chunk_size or not all(isinstance(b, bool) for b in split):
+        raise fail(f"{where}.split", f"expected {chunk_size} booleans")
+    num_tables = sum(_num_contexts(j) if b else 1 for j, b in enumerate(split))
+    lists = {}
+    for key in ("lo", "k", "escape"):
+        value = get_field(entry, key, list, where)
+        if len(value) != num_tables or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise fail(f"{where}.{key}", f"expected {num_tables} integers")
+        lists[key] = value
+    for lo, k, escape in zip(lists["lo"], lists["k"], lists["escape"]):
+        if not (1 <= k <= MAX_TOKEN and -MAX_TOKEN <= lo <= MAX_TOKEN and 0 <= escape <= MAX_TOKEN):
+            raise fail(f"{where}.k", f"table bounds lo={lo}, k={k}, escape={escape} are out of range")
+        if max(abs(lo), abs(lo + k - 1)) - escape - 1 > MAX_ESCAPE_BITS:
+            raise fail(f"{where}.escape", f"escape {escape} leaves symbols of table [{lo}, {lo + k}) too wide to code")
+    layout = ChunkLayout.of(tuple(shape), chunk_size)
+    return {"streams": 4 * words, "tables": sum(k for k in lists["k"] if k > 1), "scales": layout.rows}
+
+
+def iter_decoded(header: dict, tensors: dict[str, torch.Tensor], progress: bool = False,
                  unverified_ok: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` in header order, each checked against its SHA-256 as it is decoded
-    (``unverified_ok``: see :func:`.v2.iter_decoded`)."""
+    (``unverified_ok``: see :func:`.v2.iter_decoded`; ``progress`` is not shown: v1 decodes serially).
+
+    The header is validated first (:func:`validate`). Version 1 hashes each tensor's bytes, not
+    its name, dtype or shape: a header whose names were altered consistently cannot be detected,
+    which the log says on every load (version 2's model hash covers names).
+    """
+    validate(header, tensors)
+    logger.warning("loading a version-1 container: its hashes cover each tensor's bytes but not its name, so "
+                   "renamed tensors cannot be detected; recompress it to write version 2, which verifies names too")
     unverified_ok = allow_unverified(unverified_ok)
     unverified: list[str] = []
     try:

@@ -33,7 +33,7 @@ import zlib
 import numpy as np
 import torch
 
-from .container import ContainerError
+from .framing import ContainerError
 
 logger = logging.getLogger(__name__)
 

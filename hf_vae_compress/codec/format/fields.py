@@ -1,0 +1,44 @@
+"""Checked reads of a container header's JSON fields, shared by every reader.
+
+A header is untrusted input (a file from the Hub): every value is type- and range-checked before
+it sizes an allocation or a slice, and each failure is a :class:`ContainerError` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .framing import ContainerError
+from .limits import MAX_NUMEL, MAX_TENSOR_DIMS
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "bool")
+
+
+def fail(field_name: str, problem: str) -> ContainerError:
+    return ContainerError(f"container header field {field_name}: {problem}")
+
+
+def get_field(obj: dict, key: str, kind: type | tuple, where: str):
+    if not isinstance(obj, dict) or key not in obj:
+        raise fail(f"{where}.{key}", "missing")
+    value = obj[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise fail(f"{where}.{key}", f"expected {kind}, got {type(value).__name__}")
+    return value
+
+
+def int_field(obj: dict, key: str, where: str, lo: int, hi: int) -> int:
+    value = get_field(obj, key, int, where)
+    if isinstance(value, bool) or not lo <= value <= hi:
+        raise fail(f"{where}.{key}", f"{value!r} is outside [{lo}, {hi}]")
+    return value
+
+
+def shape_field(entry: dict, where: str) -> list[int]:
+    shape = get_field(entry, "shape", list, where)
+    if len(shape) > MAX_TENSOR_DIMS or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_NUMEL for d in shape):
+        raise fail(f"{where}.shape", f"{shape!r} is not a shape")
+    if math.prod(shape) > MAX_NUMEL:
+        raise fail(f"{where}.shape", f"{shape!r} has more than {MAX_NUMEL} values")
+    return shape
