@@ -1,0 +1,112 @@
+"""The format's readers: what a sealed v2 container checks, and the frozen v1 reader's header checks."""
+
+import copy
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_vae_compress import CompressedModel, ContainerError, IntegrityError, VAECompressionConfig, compress
+from hf_vae_compress.codec.format import integrity, registry
+from hf_vae_compress.codec.format.framing import serialize
+from tests.conftest import tiny_timm
+
+V1_FIXTURE = Path(__file__).resolve().parent / "data" / "v1" / "fmnist-vit.vaec.safetensors"
+
+
+@pytest.fixture(scope="module")
+def sealed(tmp_path_factory):
+    """A v2 container as a user gets it: written to disk (sealed), read back."""
+    model = tiny_timm()
+    config = VAECompressionConfig(target_bits_per_weight=3.0, transform="identity", rounding="nearest")
+    folder = tmp_path_factory.mktemp("sealed")
+    compress(model, config, progress=False).save(folder)
+    return CompressedModel.load(folder)
+
+
+def _reheadered(container: CompressedModel, edit) -> CompressedModel:
+    """The container with its header edited after sealing (the stored hash left as written)."""
+    header = copy.deepcopy(container.header)
+    edit(header)
+    return CompressedModel(header, container.tensors)
+
+
+def test_swapped_tensor_names_are_refused_as_corrupt(sealed):
+    def swap(header):
+        same = {}
+        for entry in header["tensors"]:
+            same.setdefault((tuple(entry["shape"]), entry["codec"]), []).append(entry)
+        a, b = next(group for group in same.values() if len(group) > 1)[:2]
+        a["name"], b["name"] = b["name"], a["name"]
+
+    with pytest.raises(IntegrityError, match="corrupt"):
+        _reheadered(sealed, swap).decode()
+
+
+def test_a_flipped_stream_byte_is_refused_as_corrupt(sealed):
+    streams = sealed.tensors["streams"].clone()
+    streams[len(streams) // 2] ^= 0x10
+    with pytest.raises(IntegrityError, match="corrupt"):
+        CompressedModel(sealed.header, {**sealed.tensors, "streams": streams}).decode()
+
+
+def test_decoded_bytes_are_hashed_only_when_the_stored_bytes_are_not_sealed(sealed, monkeypatch):
+    calls = []
+    update = integrity.ModelHash.update
+    monkeypatch.setattr(integrity.ModelHash, "update", lambda self, name, tensor: (calls.append(name), update(self, name, tensor)))
+    assert sealed.stored_bytes_verified()
+    decoded = sealed.decode()
+    weights = [name for name in calls if name in decoded]  # the stored-bytes hash feeds it the stored parts
+    assert weights == []  # the stored SHA-256 and each tensor's CRC-32 cover them
+    unsealed = {k: v for k, v in sealed.header.items() if k != integrity.STORED_HASH_FIELD}
+    again = CompressedModel(unsealed, sealed.tensors).decode()  # as written before the seal existed
+    weights = [name for name in calls if name in decoded]
+    assert weights == list(decoded) and all(torch.equal(decoded[k], again[k]) for k in decoded)
+
+
+def _v1_with(edit) -> CompressedModel:
+    _, header, tensors = registry.read(V1_FIXTURE)
+    edit(header)
+    return CompressedModel(header, tensors)
+
+
+def _coded(header) -> dict:
+    return next(e for e in header["tensors"] if e["codec"] != "raw")
+
+
+V1_MUTATIONS = {
+    "non-string name": lambda h: h["tensors"][0].update(name=7),
+    "duplicate name": lambda h: h["tensors"][1].update(name=h["tensors"][0]["name"]),
+    "shape of a huge tensor": lambda h: _coded(h).update(shape=[2, 1 << 32]),
+    "shape not a list": lambda h: _coded(h).update(shape="96"),
+    "negative words": lambda h: _coded(h).update(words=-1),
+    "words past the stream": lambda h: _coded(h).update(words=_coded(h)["words"] + 1),
+    "escape too wide to code": lambda h: _coded(h).update(lo=[-(1 << 20)] * len(_coded(h)["lo"])),
+    "zero-width table": lambda h: _coded(h).update(k=[0] * len(_coded(h)["k"])),
+    "split of another length": lambda h: _coded(h).update(split=[False]),
+    "chunk size zero": lambda h: h["transform"].update(chunk_size=0),
+    "table precision out of range": lambda h: h["config"].update(table_precision=40),
+    "unknown dtype": lambda h: h["tensors"][0].update(dtype="complex32"),
+    "step not a number": lambda h: _coded(h).update(step="1"),
+    "tensors not a list": lambda h: h.update(tensors={}),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(V1_MUTATIONS))
+def test_the_v1_reader_refuses_a_malformed_header_before_decoding(mutation):
+    with pytest.raises(ContainerError):
+        _v1_with(V1_MUTATIONS[mutation]).decode()
+
+
+def test_the_v1_reader_says_what_it_cannot_verify(caplog):
+    with caplog.at_level(logging.WARNING):
+        _v1_with(lambda h: None).decode()
+    assert "not its name" in caplog.text
+
+
+def test_a_v1_container_round_trips_through_serialize():
+    """The v1 reader's seal is the identity: re-serialising a v1 container keeps its bytes' meaning."""
+    _, header, tensors = registry.read(V1_FIXTURE)
+    original = CompressedModel(header, tensors)
+    assert original.to_bytes() == serialize(header, tensors)
