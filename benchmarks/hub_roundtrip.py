@@ -4,7 +4,7 @@ For every model with a headline container in ``benchmarks/results/artifacts/``:
 
 1. push the container (with its model card, accuracy measured on the test split) and the
    uncompressed fp32 model to a loopback Hub server on 127.0.0.1 (the real ``huggingface_hub``
-   client talks to ``tests/hub_server.py``);
+   client talks to :mod:`hf_vae_compress.testing.hub_server`);
 2. in a fresh process each, load both with the call a user would make (transformers
    ``AutoModelForImageClassification.from_pretrained`` for transformers models and for timm models
    through TimmWrapper, ``hf_vae_compress.create_model("hf-hub:...")`` for timm), timing the load,
@@ -37,13 +37,12 @@ from hf_vae_compress.evaluate import evaluate, logits_of
 from hf_vae_compress.hub import CardInfo, push_to_hub
 from hf_vae_compress.models import model_format, read_config
 from hf_vae_compress.pipeline import load_compressed
+from hf_vae_compress.testing.hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 TOKEN = "hf_loopback"
 ORG = "loopback"
-sys.path.insert(0, str(ROOT / "tests"))
-from hub_server import HubServer  # noqa: E402
 
 # Run in a fresh interpreter: load REPO with LOADER, time it, evaluate, hash probe logits.
 CHILD = r"""

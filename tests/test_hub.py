@@ -1,4 +1,4 @@
-"""Hub round trip against the loopback server (tests/hub_server.py): push, then load in fresh processes.
+"""Hub round trip against the loopback Hub of hf_vae_compress.testing: push, then load in fresh processes.
 
 Tiny timm and transformers models are compressed once per module and pushed with
 ``hf_vae_compress.push_to_hub``. Every load from the Hub runs in a fresh subprocess with its own
@@ -23,10 +23,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_vae_compress import CardInfo, VAECompressionConfig, create_model, push_to_hub
+from hf_vae_compress import CardInfo, VAECompressionConfig, compress, create_model, push_to_hub, save_pretrained
+from hf_vae_compress.cli import main
 from hf_vae_compress.codec import CONTAINER_NAME
+from hf_vae_compress.data import load_image_dataset
+from hf_vae_compress.evaluate import evaluate
+from hf_vae_compress.integrations.transformers_quantizer import check_transformers_api
+from hf_vae_compress.models import load_model
 from hf_vae_compress.pipeline import compress_folder, load_compressed
-from tests.hub_server import HubServer
+from hf_vae_compress.testing.hub_server import HubServer
 
 TOKEN = "hf_test"
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,8 +159,6 @@ def _run(code: str, env: dict[str, str], name: str) -> dict:
 
 def test_transformers_api_surface_is_pinned():
     """The quantizer hooks this package relies on; a transformers upgrade that moves them fails here."""
-    from hf_vae_compress.integrations.transformers_quantizer import check_transformers_api
-
     problems = check_transformers_api()
     assert problems == [], "\n".join(["transformers moved API that the hf_vae_compress quantizer relies on:",
                                       *problems, "update hf_vae_compress/integrations/transformers_quantizer.py"])
@@ -232,10 +235,6 @@ def test_pushing_again_is_idempotent_and_stale_weights_are_deleted(hub, publishe
 
 
 def test_model_card_metadata_and_measured_accuracy(hub, published, small_test_set, tmp_path):
-    from hf_vae_compress.data import load_image_dataset
-    from hf_vae_compress.evaluate import evaluate
-    from hf_vae_compress.models import load_model
-
     repo = REPOS["timm"]
     card = _run(f"""
         from huggingface_hub import ModelCard
@@ -400,7 +399,7 @@ def test_local_folder_with_another_dtype_and_no_resave(published, tmp_path):
     from transformers import AutoModelForImageClassification
 
     folder = tmp_path / "vit"
-    published["compressed"]["vit"].save_pretrained(folder, published["sources"]["vit"])
+    save_pretrained(published["compressed"]["vit"], published["sources"]["vit"], folder)
     model = AutoModelForImageClassification.from_pretrained(folder, dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16 and "transformers_weights" not in model.config.to_dict()
     reference = load_compressed(published["dirs"]["vit"]).state_dict()
@@ -410,8 +409,6 @@ def test_local_folder_with_another_dtype_and_no_resave(published, tmp_path):
 
 
 def test_cli_push(hub, published, tmp_path, capsys):
-    from hf_vae_compress.cli import main
-
     repo = "test-org/cli-push"
     argv = ["push", str(published["dirs"]["vit"]), repo, "--endpoint", hub.url, "--token", TOKEN, "--dataset", "none",
             "--base", str(published["sources"]["vit"]), "--base-model", FP32_REPOS["vit"], "--license", "mit", "--json"]
@@ -480,9 +477,6 @@ def test_four_processes_loading_one_cold_cache_at_once_get_identical_weights(hub
 
 def test_an_interrupted_push_leaves_the_old_or_the_new_commit(hub, published, tmp_path):
     """A push killed at any moment: the repo is at its old commit or at the complete new one."""
-    from hf_vae_compress import compress
-    from hf_vae_compress.models import load_model
-
     repo, kind = "test-org/interrupted", "timm"
     push_to_hub(published["compressed"][kind], repo, published["sources"][kind], endpoint=hub.url, token=TOKEN)
     old = hub.files(repo)

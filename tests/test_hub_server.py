@@ -1,4 +1,4 @@
-"""The loopback Hub (tests/hub_server.py) against the real huggingface_hub client.
+"""The loopback Hub (hf_vae_compress.testing.hub_server) against the real huggingface_hub client.
 
 In-process calls pass ``endpoint=`` explicitly: huggingface_hub reads HF_ENDPOINT once, at import.
 Helpers without an ``endpoint`` argument (ModelCard.push_to_hub / ModelCard.load) and the offline
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.hub_server import HubServer, git_blob_oid
+from hf_vae_compress.testing import hub_server as hub_server_module
+from hf_vae_compress.testing.hub_server import HubServer, git_blob_oid
 
 TOKEN = "hf_test"
 REPO = "test-org/tiny-model"
@@ -297,11 +298,11 @@ def test_standalone_server_process(model_folder, tmp_path, monkeypatch):
     from huggingface_hub import hf_hub_download
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    script = Path(__file__).with_name("hub_server.py")
+    server = [sys.executable, hub_server_module.__file__]  # standard library only: starts without torch
     with socket.socket() as probe:  # a free port; the server also accepts --port 0 and prints the real one
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(script), "--host", "127.0.0.1", "--port", str(port)],
+    proc = subprocess.Popen([*server, "--host", "127.0.0.1", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(30, proc.kill)
     watchdog.start()
@@ -319,7 +320,7 @@ def test_standalone_server_process(model_folder, tmp_path, monkeypatch):
         assert proc.wait(timeout=10) == 0  # SIGTERM -> clean shutdown
         watchdog.cancel()
 
-    refused = subprocess.run([sys.executable, str(script), "--host", "0.0.0.0", "--port", "0"],
+    refused = subprocess.run([*server, "--host", "0.0.0.0", "--port", "0"],
                              capture_output=True, text=True, timeout=30)
     assert refused.returncode == 2 and "127.0.0.1" in refused.stderr
 

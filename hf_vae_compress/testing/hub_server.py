@@ -1,4 +1,4 @@
-"""In-memory loopback Hugging Face Hub for tests (standard library only).
+"""In-memory loopback Hugging Face Hub for tests and benchmarks (standard library only).
 
 Enough of the Hub HTTP API for the real ``huggingface_hub`` 2.4 client to run ``create_repo``,
 ``upload_folder`` / ``upload_file`` / ``create_commit`` / ``delete_file``, ``ModelCard.push_to_hub``
@@ -24,7 +24,8 @@ explicitly (``HfApi``, ``hf_hub_download``, ``snapshot_download``); helpers with
 argument (``ModelCard.push_to_hub``, ``ModelCard.load``, ``ModelCard.validate``) must run in a
 subprocess whose environment sets ``HF_ENDPOINT``.
 
-Standalone: ``python tests/hub_server.py --host 127.0.0.1 --port PORT`` prints
+Standalone: ``python -m hf_vae_compress.testing.hub_server --host 127.0.0.1 --port PORT`` (or
+``python path/to/hub_server.py ...``, which imports nothing but the standard library) prints
 ``serving on http://127.0.0.1:PORT`` (the real port when PORT is 0) and serves until killed.
 """
 
