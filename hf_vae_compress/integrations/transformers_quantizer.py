@@ -48,6 +48,7 @@ The hook names and signatures used here are listed in :data:`API_SURFACE` and ch
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import logging
 import re
@@ -55,15 +56,16 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors import SafetensorError, safe_open
 from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming, rename_source_key
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..codec import CONTAINER_NAME, ContainerError
-from ..codec import QUANT_METHOD
+from ..codec import QUANT_METHOD, ContainerError
 from ..loading import decode_container, fit_state_dict
+from .quantization_config import QuantizationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -81,24 +83,16 @@ def _plain_torch():
 
 
 class HfVaeCompressConfig(QuantizationConfigMixin):
-    """The ``quantization_config`` of a compressed checkpoint (plain JSON in ``config.json``).
+    """The ``quantization_config`` of a compressed checkpoint, as transformers holds it.
 
-    ``container``: the file holding the compressed weights; ``dtype``: the dtype of the decoded
-    floating-point weights, used when ``from_pretrained(dtype="auto")`` finds none in the config;
-    ``format_version``, ``bits_per_weight`` and ``codec_version`` are informational.
+    Fields, defaults and checks are :class:`~hf_vae_compress.integrations.quantization_config.QuantizationConfig`'s;
+    this class puts them behind transformers' mixin (``to_dict``, ``to_json_string``, ``update``)
+    and also keeps fields a newer hf_vae_compress wrote, so a model config saved again loses none.
     """
 
-    def __init__(self, container: str = CONTAINER_NAME, dtype: str | None = "float32", format_version: int = 1,
-                 bits_per_weight: float | None = None, codec_version: str | None = None, **kwargs):
-        kwargs.pop("quant_method", None)
-        self.quant_method = QUANT_METHOD
-        self.container = container
-        self.dtype = dtype
-        self.format_version = format_version
-        self.bits_per_weight = bits_per_weight
-        self.codec_version = codec_version
-        for key, value in kwargs.items():  # keep fields written by newer versions
-            setattr(self, key, value)
+    def __init__(self, **fields):
+        self.__dict__.update(QuantizationConfig.from_dict(fields).to_dict())
+        self.__dict__.update({k: v for k, v in fields.items() if k not in self.__dict__})
 
 
 class VaecDecode(ConversionOps):
@@ -274,8 +268,6 @@ API_SOURCE_FACTS = [
 
 
 def _resolve(dotted: str):
-    import importlib
-
     parts = dotted.split(".")
     for i in range(len(parts), 0, -1):
         try:
@@ -290,8 +282,6 @@ def _resolve(dotted: str):
 
 def check_transformers_api() -> list[str]:
     """Problems with the transformers API this quantizer relies on (empty when all is as expected)."""
-    import transformers
-
     problems = []
     for dotted, params in API_SURFACE.items():
         try:
