@@ -7,7 +7,8 @@ from .codec import (
 )
 from .evaluate import evaluate
 from .finetune import FinetuneConfig, finetune
-from .hub import CardInfo, create_model, push_to_hub, save_pretrained
+from .hub import CardInfo, push_to_hub, save_pretrained
+from .integrations.timm import create_model
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

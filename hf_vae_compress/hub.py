@@ -6,7 +6,7 @@ A saved folder (and a pushed repository) holds::
     weights.vaec.safetensors     the container (a name no stock loader, nor any ``variant``, asks for)
     modeling_hf_vae_compress.py  the remote-code shim for trust_remote_code=True
     README.md                    the model card, rendered from model_cards/model_card.md
-    preprocessor_config.json ... every other non-weight file of the base folder, unchanged
+    preprocessor_config.json ... the base folder's known side files (:data:`SIDE_FILES`), unchanged
     rate_accuracy_<model>.png    the rate-accuracy plot, when one is given
 
 Loading it back:
@@ -16,11 +16,11 @@ Loading it back:
   ``AutoModelForImageClassification.from_pretrained(repo)`` decodes (also a timm-format repo, through
   ``TimmWrapper``; ``AutoModelForObjectDetection`` for a detector); ``trust_remote_code=True`` does
   the import through the shim;
-* timm: :func:`create_model` (``"hf-hub:org/name"`` or ``"local-dir:/path"``).
+* timm: :func:`hf_vae_compress.create_model` (``"hf-hub:org/name"`` or ``"local-dir:/path"``),
+  in :mod:`hf_vae_compress.integrations.timm`.
 
-``save_pretrained`` and ``push_to_hub`` are also methods of :class:`~hf_vae_compress.CompressedModel`
-(attached below): the codec core stays free of Hub code, and the methods exist as soon as
-``hf_vae_compress`` is imported.
+:func:`save_pretrained` and :func:`push_to_hub` take the :class:`~hf_vae_compress.CompressedModel`
+as their first argument: the codec core knows nothing of the Hub, and no Hub code is attached to it.
 """
 
 from __future__ import annotations
@@ -38,14 +38,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .codec import CONTAINER_NAME, CompressedModel
-from .codec import QUANT_METHOD, container_name, is_compressed_config
 from .integrations import REMOTE_CODE_AUTO_MAP, REMOTE_CODE_DIR, REMOTE_CODE_MODULE
-from .loading import find_container, load_compressed, load_into
+from .integrations.quantization_config import QuantizationConfig
+from .loading import find_container, load_compressed
 from .models import (
-    WEIGHT_SUFFIXES, copy_side_files, model_format, nearest_existing, read_config, resolve_folder, weights_bytes,
+    WEIGHT_SUFFIXES, drop_timm_num_classes, load_model, model_format, nearest_existing, read_config, resolve_folder,
+    weights_bytes,
 )
 from .tasks import Task, task_for
 
@@ -83,19 +82,10 @@ def _as_card_info(card_info: CardInfo | dict | None) -> CardInfo:
     return card_info
 
 
-def _config_with_quantization(config: dict, compressed: CompressedModel, bits_per_weight: float, task: Task) -> dict:
+def _config_with_quantization(config: dict, quantization: QuantizationConfig, task: Task) -> dict:
+    """The base model's config, plus the quantization config and the remote-code shim's ``auto_map`` entry."""
     config = json.loads(json.dumps(config))  # deep copy
-    header = compressed.header
-    float_dtypes = [e["dtype"] for e in header["tensors"] if e["dtype"].startswith(("float", "bfloat"))]
-    dtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else "float32"
-    config["quantization_config"] = {
-        "quant_method": QUANT_METHOD,
-        "container": CONTAINER_NAME,
-        "dtype": dtype,
-        "format_version": header.get("format_version", 1),
-        "bits_per_weight": round(bits_per_weight, 4),
-        "codec_version": header.get("library", {}).get("hf_vae_compress", "unknown"),
-    }
+    config["quantization_config"] = quantization.to_dict()
     auto_map = dict(config.get("auto_map") or {})
     shim = {task.auto_class: REMOTE_CODE_AUTO_MAP[task.auto_class]}
     clash = {k: v for k, v in auto_map.items() if k in shim and v != shim[k]}
@@ -105,9 +95,7 @@ def _config_with_quantization(config: dict, compressed: CompressedModel, bits_pe
     else:
         auto_map.update(shim)
         config["auto_map"] = auto_map
-    if model_format(config) == "timm":  # timm 1.0.31 writes it and TimmWrapper would then pass it twice
-        config.get("model_args", {}).pop("num_classes", None)
-    return config
+    return drop_timm_num_classes(config)
 
 
 def _base_card_metadata(src: Path) -> dict:
@@ -133,8 +121,6 @@ def _infer_base_model(source: str, src: Path, config: dict) -> str | None:
 def _measure(src: Path, out: Path, info: CardInfo, task: Task, has_base_weights: bool) -> dict:
     """The task metric (top-1, or a detector's mAP) of the base and the compressed model on one
     dataset split, measured now."""
-    from .models import load_model
-
     data = task.load(info.split)
     result = {"compressed": task.score(load_compressed(out), data, batch_size=info.batch_size)}
     if has_base_weights:
@@ -189,6 +175,7 @@ def render_card(compressed: CompressedModel, config: dict, info: CardInfo, task:
     if not CARD_TEMPLATE.exists():
         raise FileNotFoundError(f"the model card template {CARD_TEMPLATE} is missing")
     fmt = model_format(config)
+    quantization = QuantizationConfig.from_dict(config["quantization_config"])
     report = compressed.report()
     num_weights = report["num_weights"]
     dataset_id = info.dataset_id
@@ -224,13 +211,13 @@ def render_card(compressed: CompressedModel, config: dict, info: CardInfo, task:
         title=model_name.split("/")[-1], base_model=info.base_model, library_name=fmt, repo_id=repo_id,
         bits_per_weight=f"{8 * container_bytes / num_weights:.2f}",
         ratio_vs_fp32=f"{report['fp32_safetensors_bytes'] / container_bytes:.1f}",
-        dtype=config["quantization_config"]["dtype"], architecture=architecture, rows=rows,
+        dtype=quantization.dtype, architecture=architecture, rows=rows,
         evaluated=bool(metrics), split=info.split, dataset=dataset_id,
         num_examples=compressed_metrics.get("num_examples"), plot=plot, container=CONTAINER_NAME,
         remote_code_file=f"{REMOTE_CODE_MODULE}.py", settings=_settings_table(compressed),
         metric_title=task.metric_title, bootstrap=task.metric == "top1", auto_class=task.auto_class,
         task_name=task.pipeline_tag.replace("-", " "), method=_coding_summary(compressed),
-        codec_version=config["quantization_config"]["codec_version"],
+        codec_version=quantization.codec_version,
         validation=_validation_summary(compressed.stats.get("validation")))
 
 
@@ -239,6 +226,41 @@ def _weight_files(folder: Path) -> list[str]:
     indexes and containers (all end in a weight suffix or ``.index.json``)."""
     return sorted(p.name for p in folder.iterdir()
                   if p.is_file() and p.name.endswith((*WEIGHT_SUFFIXES, ".index.json")))
+
+
+# What travels from a source folder into a compressed folder or a pushed repository: the model's
+# and its preprocessing's configs, what the model's library needs to load it, and its license.
+# Anything else (notes, training results, stray JSON) stays behind: a user's files are never
+# published by surprise.
+SIDE_FILES = frozenset({
+    "config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+    "image_processor_config.json", "video_preprocessor_config.json", "feature_extractor_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+    "open_clip_config.json", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE",
+})
+
+
+def side_files(src: str | Path) -> list[Path]:
+    """The known side files of a model folder (see :data:`SIDE_FILES`), plus the Python modules its
+    ``auto_map`` names: the base model's own remote code, which its library needs to build it."""
+    src = Path(src)
+    names = set(SIDE_FILES)
+    config = src / "config.json"
+    if config.is_file():
+        auto_map = json.loads(config.read_text()).get("auto_map") or {}
+        for ref in auto_map.values():
+            for item in ref if isinstance(ref, list) else [ref]:
+                if isinstance(item, str) and "." in item:
+                    names.add(item.split("--")[-1].rsplit(".", 1)[0] + ".py")
+    return sorted(p for p in src.iterdir() if p.is_file() and p.name in names)
+
+
+def copy_side_files(src: str | Path, out: str | Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy a model folder's known side files (never its weights, nor unknown files) into ``out``."""
+    for f in side_files(src):
+        if f.name not in skip:
+            shutil.copy2(f, Path(out) / f.name)
 
 
 def _check_writable(out: Path) -> None:
@@ -374,7 +396,7 @@ def save_pretrained(compressed: CompressedModel, source_folder: str | Path, out_
         container_bytes = (tmp / CONTAINER_NAME).stat().st_size
         bits_per_weight = 8 * container_bytes / compressed.report()["num_weights"]
         task = task_for(config, info.dataset)
-        config = _config_with_quantization(config, compressed, bits_per_weight, task)
+        config = _config_with_quantization(config, QuantizationConfig.of(compressed, bits_per_weight), task)
         _write(tmp / "config.json", json.dumps(config, indent=2) + "\n")
         for shim in sorted(REMOTE_CODE_DIR.glob("modeling_*.py")):
             shutil.copyfile(shim, tmp / shim.name)
@@ -436,81 +458,7 @@ def push_to_hub(compressed: CompressedModel, repo_id: str, source_folder: str | 
         stale = sorted(p for p in remote - set(files) if p.endswith(WEIGHT_SUFFIXES))
         operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
         operations += [CommitOperationDelete(path_in_repo=p) for p in stale]
-        bpw = json.loads((folder / "config.json").read_text())["quantization_config"]["bits_per_weight"]
+        bpw = QuantizationConfig.from_dict(read_config(folder)["quantization_config"]).bits_per_weight
         return api.create_commit(
             repo_id, operations=operations, revision=revision,
             commit_message=commit_message or f"Upload model compressed with hf-vae-compress ({bpw:.2f} bits/weight)")
-
-
-def _save_pretrained_method(self: CompressedModel, save_directory: str | Path, source_folder: str | Path,
-                            card_info: CardInfo | dict | None = None, **hub_kwargs) -> Path:
-    """Write a loadable folder with config, container, loading code and model card: see :func:`hub.save_pretrained`."""
-    return save_pretrained(self, source_folder, save_directory, card_info, **hub_kwargs)
-
-
-def _push_to_hub_method(self: CompressedModel, repo_id: str, source_folder: str | Path,
-                        card_info: CardInfo | dict | None = None, **kwargs):
-    """Push as one commit to the Hub: see :func:`hub.push_to_hub`."""
-    return push_to_hub(self, repo_id, source_folder, card_info, **kwargs)
-
-
-for _name, _method in (("save_pretrained", _save_pretrained_method), ("push_to_hub", _push_to_hub_method)):
-    if _name not in vars(CompressedModel):  # never shadow a method the codec core defines itself
-        _method.__name__ = _method.__qualname__ = _name
-        setattr(CompressedModel, _name, _method)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# loading with timm
-
-
-def _timm_source(model_name: str) -> tuple[str, str, str | None] | None:
-    """``("hf-hub", repo_id, revision)`` or ``("local-dir", path, None)``; ``None`` for other names."""
-    if model_name.startswith("hf-hub:"):
-        repo, _, revision = model_name[len("hf-hub:"):].partition("@")
-        return "hf-hub", repo, revision or None
-    if model_name.startswith("local-dir:"):
-        return "local-dir", model_name[len("local-dir:"):], None
-    return None
-
-
-def _fetch(kind: str, ref: str, revision: str | None, filename: str, cache_dir=None) -> Path:
-    if kind == "local-dir":
-        path = Path(ref) / filename
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist")
-        return path
-    from huggingface_hub import hf_hub_download
-
-    return Path(hf_hub_download(ref, filename, revision=revision, cache_dir=cache_dir))
-
-
-def create_model(model_name: str, pretrained: bool = True, **kwargs) -> torch.nn.Module:
-    """``timm.create_model`` that also loads hf-vae-compress checkpoints.
-
-    ``"hf-hub:org/name[@revision]"`` or ``"local-dir:/path"`` naming a compressed timm checkpoint:
-    the architecture is built by timm from the repo's ``config.json`` (``pretrained=False``), and the
-    decoded weights (SHA-256 checked) are loaded with ``load_state_dict(strict=True)``: a missing or
-    unexpected key raises. Any other name (or an uncompressed repo) goes to ``timm.create_model``
-    unchanged. Like timm, the model is returned in training mode; call ``.eval()``.
-    """
-    import timm
-
-    source = _timm_source(model_name) if pretrained else None
-    if source is None:
-        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
-    kind, ref, revision = source
-    cache_dir = kwargs.get("cache_dir")
-    config = json.loads(_fetch(kind, ref, revision, "config.json", cache_dir).read_text())
-    if kind == "local-dir":
-        container = find_container(ref)  # also folders written before compress wrote a quantization_config
-    elif is_compressed_config(config):
-        container = _fetch(kind, ref, revision, container_name(config), cache_dir)
-    else:
-        container = None
-    if container is None:
-        return timm.create_model(model_name, pretrained=True, **kwargs)
-    if model_format(config) != "timm":
-        raise ValueError(f"{model_name} is a compressed transformers checkpoint, not a timm one: load it with "
-                         "`import hf_vae_compress` and transformers' AutoModelForImageClassification.from_pretrained")
-    return load_into(timm.create_model(model_name, pretrained=False, **kwargs), container)

@@ -18,9 +18,20 @@ from typing import Callable
 
 import torch
 
-from .codec import CONTAINER_NAME, CompressedModel, ContainerError, folder_container
-from .codec import is_compressed_config
+from .codec import (
+    CONTAINER_NAME, CompressedModel, ContainerError, container_name, folder_container, is_compressed_config,
+)
 from .models import build_empty, load_model, read_config
+
+
+def named_container(config: dict) -> str | None:
+    """The container file a compressed folder's ``config.json`` names; None for any other config.
+
+    What can be asked of a Hub repository with only its config downloaded (timm's ``hf-hub:``
+    loader then downloads exactly this file); :func:`find_container` asks it of a local folder to
+    tell a compressed folder whose container is missing from a plain one.
+    """
+    return container_name(config) if is_compressed_config(config) else None
 
 
 def find_container(folder: str | Path) -> Path | None:
@@ -29,7 +40,7 @@ def find_container(folder: str | Path) -> Path | None:
     path = folder_container(folder)  # the one config.json names, else the one file present
     if path.is_file():
         return path
-    if (folder / "config.json").is_file() and is_compressed_config(read_config(folder)):
+    if (folder / "config.json").is_file() and named_container(read_config(folder)) is not None:
         raise FileNotFoundError(f"{folder} is a compressed checkpoint but its container {path.name} is missing")
     return None
 

@@ -12,13 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from .codec import folder_container
-from .codec import is_compressed_config
+from .codec import folder_container, is_compressed_config
 
 logger = logging.getLogger(__name__)
 
@@ -128,41 +126,6 @@ def weights_bytes(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
 
 
-# What travels from a source folder into a compressed folder or a pushed repository: the model's
-# and its preprocessing's configs, what the model's library needs to load it, and its license.
-# Anything else (notes, training results, stray JSON) stays behind: a user's files are never
-# published by surprise.
-SIDE_FILES = frozenset({
-    "config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
-    "image_processor_config.json", "video_preprocessor_config.json", "feature_extractor_config.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
-    "open_clip_config.json", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE",
-})
-
-
-def side_files(src: str | Path) -> list[Path]:
-    """The known side files of a model folder (see :data:`SIDE_FILES`), plus the Python modules its
-    ``auto_map`` names: the base model's own remote code, which its library needs to build it."""
-    src = Path(src)
-    names = set(SIDE_FILES)
-    config = src / "config.json"
-    if config.is_file():
-        auto_map = json.loads(config.read_text()).get("auto_map") or {}
-        for ref in auto_map.values():
-            for item in ref if isinstance(ref, list) else [ref]:
-                if isinstance(item, str) and "." in item:
-                    names.add(item.split("--")[-1].rsplit(".", 1)[0] + ".py")
-    return sorted(p for p in src.iterdir() if p.is_file() and p.name in names)
-
-
-def copy_side_files(src: str | Path, out: str | Path, skip: tuple[str, ...] = ()) -> None:
-    """Copy a model folder's known side files (never its weights, nor unknown files) into ``out``."""
-    for f in side_files(src):
-        if f.name not in skip:
-            shutil.copy2(f, Path(out) / f.name)
-
-
 def build_empty(folder: str | Path) -> torch.nn.Module:
     """The architecture described by a folder's config, randomly initialised, in eval mode."""
     folder = Path(folder)
@@ -216,23 +179,25 @@ def load_model(source: str | Path, **hub_kwargs) -> torch.nn.Module:
     return model.eval()
 
 
-def save_transformers(model: torch.nn.Module, folder: str | Path, dtype: torch.dtype = torch.float32) -> None:
-    """``save_pretrained`` with the weights stored in ``dtype`` while the config keeps float32, so
-    ``from_pretrained`` computes in fp32 (storage dtype is a size choice, not a compute one)."""
-    original = next(model.parameters()).dtype
-    model.to(dtype).save_pretrained(folder)
-    model.to(original)
-    config_path = Path(folder) / "config.json"
-    config = json.loads(config_path.read_text())
-    config["dtype"] = "float32"
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+def drop_timm_num_classes(config: dict) -> dict:
+    """A ``config.json`` (changed in place) that transformers' ``TimmWrapper`` can load too.
+
+    timm 1.0.31's ``save_for_hf`` writes ``num_classes`` into ``model_args`` as well as at the top
+    level, and ``TimmWrapper`` would then pass it twice; the top-level one stays. Configs of another
+    format are returned unchanged. Every timm config this library writes goes through here:
+    :func:`save_timm` and :func:`hf_vae_compress.hub.save_pretrained`.
+    """
+    if model_format(config) == "timm":
+        config.get("model_args", {}).pop("num_classes", None)
+    return config
 
 
 def save_timm(model: torch.nn.Module, folder: str | Path, dtype: torch.dtype = torch.float32) -> None:
-    """``timm.models.save_for_hf`` with two fixes.
+    """``timm.models.save_for_hf`` with two fixes: the config goes through :func:`drop_timm_num_classes`,
+    and the weights may be stored in a smaller dtype.
 
-    ``num_classes`` is dropped from ``model_args`` (timm 1.0.31 writes it and transformers'
-    TimmWrapper then passes it twice), and the weights may be stored in a smaller dtype.
+    The writer of the timm folders :func:`load_model` reads (the reference models' recipe and the
+    tests' timm fixtures save with it); it is kept beside that reader so the two agree.
     """
     import timm.models
     from safetensors.torch import save_file
@@ -241,8 +206,7 @@ def save_timm(model: torch.nn.Module, folder: str | Path, dtype: torch.dtype = t
     folder.mkdir(parents=True, exist_ok=True)
     timm.models.save_for_hf(model, str(folder), safe_serialization=True)
     config_path = folder / "config.json"
-    config = json.loads(config_path.read_text())
-    config.get("model_args", {}).pop("num_classes", None)
+    config = drop_timm_num_classes(json.loads(config_path.read_text()))
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     if dtype != torch.float32:
         state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()

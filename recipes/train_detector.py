@@ -30,7 +30,8 @@ from hf_vae_compress.data import FASHION_MNIST_CLASSES
 from hf_vae_compress.detection import (
     default_num_scenes, detection_collate, evaluate_detection, load_fashion_mnist_scenes,
 )
-from hf_vae_compress.models import load_model, save_transformers, weights_bytes
+from hf_vae_compress.models import load_model, weights_bytes
+from native_format import save_transformers  # recipes/native_format.py: a script's folder is on sys.path
 
 logger = logging.getLogger("train_detector")
 

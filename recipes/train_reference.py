@@ -31,7 +31,8 @@ from hf_vae_compress.data import (
     load_fashion_mnist,
 )
 from hf_vae_compress.evaluate import evaluate, logits_of
-from hf_vae_compress.models import load_model, save_timm, save_transformers, weights_bytes
+from hf_vae_compress.models import load_model, save_timm, weights_bytes
+from native_format import save_transformers  # recipes/native_format.py: a script's folder is on sys.path
 
 logger = logging.getLogger("train_reference")
 
