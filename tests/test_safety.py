@@ -106,11 +106,11 @@ def test_save_pretrained_refuses_weights_unless_overwrite(source, vit_folder, tm
     out = tmp_path / "out"
     shutil.copytree(vit_folder, out)
     with pytest.raises(FileExistsError, match="model.safetensors"):
-        compressed.save_pretrained(out, source)
-    compressed.save_pretrained(out, source, overwrite=True)
+        save_pretrained(compressed, source, out)
+    save_pretrained(compressed, source, out, overwrite=True)
     assert sorted(p.name for p in out.glob("*.safetensors")) == [CONTAINER_NAME]
     with pytest.raises(ValueError, match="source"):
-        compressed.save_pretrained(source, source, overwrite=True)
+        save_pretrained(compressed, source, source, overwrite=True)
 
 
 KILLED_RUN = textwrap.dedent("""
@@ -312,7 +312,7 @@ def test_the_card_says_how_accuracy_was_checked(source, tmp_path):
     for checked, out in ((True, tmp_path / "checked"), (False, tmp_path / "unchecked")):
         compressed.stats["validation"] = dict(validation, accuracy_checked=checked,
                                               warning=None if checked else "the base model scores 100.00 %")
-        card = (compressed.save_pretrained(out, source) / "README.md").read_text()
+        card = (save_pretrained(compressed, source, out) / "README.md").read_text()
         section = card.split("## How accuracy was checked", 1)[1].split("##", 1)[0]
         assert "5,000 examples of the `test[selection]` split" in section
         assert "drop of 0.50 pt (budget 0.5 pt)" in section and "the model never saw it" in section
