@@ -323,7 +323,7 @@ def _judge(outcome: tuple[str, object], clean: tuple[str, object]) -> tuple[str,
     if clean[0] == "refused":
         return "silently_wrong", f"decoded, where the clean container is refused here ({clean[1][:100]})"
     reference = clean[1]
-    differ = sorted(set(value) ^ set(reference)) or [
+    differ = sorted(set(value) ^ set(reference), key=repr) or [  # a mutant's names need not be strings
         k for k in reference if value[k].dtype != reference[k].dtype or not torch.equal(value[k], reference[k])]
     return ("silently_wrong", f"decoded to other weights: {differ[:3]}") if differ else ("harmless", "")
 
