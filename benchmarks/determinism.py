@@ -96,6 +96,7 @@ def cuda_vs_cpu(folder: Path) -> dict:
 def build(work: Path) -> list[Path]:
     """The containers, written once (post-hoc, data-free, 2 bits/weight) in the save_pretrained layout."""
     from hf_vae_compress import VAECompressionConfig
+    from hf_vae_compress.codec import FitConfig
     from hf_vae_compress.pipeline import compress_folder
 
     folders = []
@@ -105,7 +106,7 @@ def build(work: Path) -> list[Path]:
             if not (folder / "config.json").exists():
                 compress_folder(str(ROOT / "reference_models" / model), folder,
                                 VAECompressionConfig(target_bits_per_weight=2.0, transform=transform,
-                                                     train_steps=200), dataset=None, progress=False)
+                                                     fit=FitConfig(train_steps=200)), dataset=None, progress=False)
             folders.append(folder)
     return folders
 

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
                    lam=v1.header["lam"], v1=_summary(v1, bench.score(v1.decode()), bench))
         beta = v1.header["lam"] ** 2 * math.log(2) / 6  # lam_from_beta inverted: the same trade-off
         for bits in [VAECompressionConfig.vector_mantissa_bits, *args.mantissa_bits]:
-            config = VAECompressionConfig(**{**v1_config, "target_bits_per_weight": None, "beta": beta,
+            recorded = {k: v for k, v in v1.config.to_dict().items() if k in v1_config}  # less retired fields
+            config = VAECompressionConfig(**{**recorded, "target_bits_per_weight": None, "beta": beta,
                                              "vector_mantissa_bits": bits})
             out = WORK / name / f"format-v2-{config.transform}-lam-mb{bits}"
             compressed = compress_folder(str(bench.folder), out, config, dataset=bench.task.dataset, progress=False)

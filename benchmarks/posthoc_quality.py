@@ -40,7 +40,7 @@ from hf_vae_compress.codec import VAECompressionConfig, compress
 from hf_vae_compress.codec.calibration import calibrate
 from hf_vae_compress.models import load_model
 from hf_vae_compress.pipeline import Source, search_smallest
-from hf_vae_compress.tasks import task_for
+from hf_vae_compress.tasks import Classification, task_for
 
 logger = logging.getLogger("posthoc_quality")
 
@@ -112,7 +112,7 @@ def measure_model(name: str, variants: list[str], previous: dict | None, seed: i
 
 def _timed(model: torch.nn.Module, batches: list, config: VAECompressionConfig) -> dict:
     start = time.perf_counter()
-    calibration = calibrate(model, batches, len(batches), progress=False)
+    calibration = calibrate(model, batches, len(batches), Classification.fisher_loss(), progress=False)
     calibrated = time.perf_counter()
     compressed = compress(model, config, progress=False, calibration=calibration)
     done = time.perf_counter()

@@ -143,7 +143,7 @@ class Source:
         src = cls(folder, model, task_for(model, dataset, validation_split))
         src.check_selection()
         batches, loss_fn = src.task.calibration(model, calibration_batches, calibration_seed)
-        src.calibration = calibrate(model, batches, calibration_batches, None, loss_fn, progress)
+        src.calibration = calibrate(model, batches, calibration_batches, loss_fn, progress=progress)
         return src
 
     def check_selection(self) -> dict:

@@ -9,8 +9,9 @@ benchmarks get what depends on the task a model was trained for from here:
   weights can be scored on it;
 * ``score(model, data)``: a dict whose ``metric`` entry (``top1`` or COCO ``map``) is the number
   budgets are written against;
-* ``calibration(model, num_batches)``: training-split batches, and the loss whose gradients
-  measure each tensor's sensitivity (None: the codec's sampled-label classification Fisher);
+* ``calibration(model, num_batches)``: training-split batches, and ``fisher_loss()``, the loss
+  whose gradients measure each tensor's sensitivity (the codec core knows nothing of a model's
+  outputs: the task says what its loss is);
 * ``train_data``, ``sample``, ``model_inputs`` and ``finetune_loss``: what fine-tuning trains on;
 * ``pipeline_tag``, ``auto_class``, ``metric_title``, ``metric_type`` and ``describe``: how the
   model card names the task and prints its score.
@@ -81,11 +82,16 @@ class Classification:
             data = fit_labels(model, data)
         return evaluate(model, data, batch_size=batch_size, progress=progress)
 
-    def calibration(self, model: torch.nn.Module, num_batches: int, seed: int = 0) -> tuple[list, Callable | None]:
+    def calibration(self, model: torch.nn.Module, num_batches: int, seed: int = 0) -> tuple[list, Callable]:
         subset = _subset(fit_labels(model, self.load(CALIBRATION_SPLIT)), num_batches, seed)
         loader = torch.utils.data.DataLoader(with_transform(subset, image_transform(model)),
                                              batch_size=CALIBRATION_BATCH, collate_fn=collate)
-        return [batch["pixel_values"] for batch in itertools.islice(loader, num_batches)], None
+        return [batch["pixel_values"] for batch in itertools.islice(loader, num_batches)], self.fisher_loss()
+
+    @staticmethod
+    def fisher_loss() -> "SampledLabelLoss":
+        """A fresh sampled-label loss (its label stream starts again: one per calibration pass)."""
+        return SampledLabelLoss()
 
     def train_data(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return self.prepare(model, self.load(CALIBRATION_SPLIT))
@@ -145,13 +151,18 @@ class Detection:
         return None
 
     def calibration(self, model: torch.nn.Module, num_batches: int, seed: int = 0) -> tuple[list, Callable]:
-        """Labelled scenes and the detector's own loss (classification + box terms): the
-        sampled-label Fisher has no box term, and box regression is where detectors are fragile."""
+        """Labelled scenes and :meth:`fisher_loss`."""
         subset = _subset(self.load(CALIBRATION_SPLIT, num_batches * CALIBRATION_BATCH), num_batches, seed)
         collate_fn = detection_collate(load_image_processor(model), image_mode(model.config))
         rows = [subset[i] for i in range(len(subset))]
         return [collate_fn(rows[i: i + CALIBRATION_BATCH]) for i in range(0, len(rows), CALIBRATION_BATCH)], \
-            _detection_loss
+            self.fisher_loss()
+
+    @staticmethod
+    def fisher_loss() -> Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]:
+        """The detector's own loss (classification + box terms) on labelled scenes: the
+        sampled-label Fisher has no box term, and box regression is where detectors are fragile."""
+        return _detection_loss
 
     def train_data(self, model: torch.nn.Module) -> tuple[object, Callable]:
         """The training scenes and the collate that labels them for the detector's loss."""
@@ -175,6 +186,24 @@ class Detection:
         the student's and the teacher's query ``i`` need not be the same object.
         """
         return output.loss
+
+
+class SampledLabelLoss:
+    """A classifier's Fisher loss without labels: cross-entropy (summed over the batch) against
+    labels sampled from the model's own predictive distribution.
+
+    The score of a sampled label has zero mean, so the square of a batch's summed gradient divided
+    by the batch size is an unbiased estimate of the per-example squared gradient. The labels come
+    from one seeded stream over the batches it is called on, in order.
+    """
+
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, model: torch.nn.Module, batch) -> tuple[torch.Tensor, int]:
+        logits = logits_of(model(**batch) if isinstance(batch, dict) else model(batch)).float()
+        sampled = torch.multinomial(logits.detach().softmax(-1), 1, generator=self.generator).squeeze(1)
+        return F.cross_entropy(logits, sampled, reduction="sum"), logits.shape[0]
 
 
 def _detection_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:

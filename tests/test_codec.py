@@ -8,11 +8,15 @@ import torch
 from safetensors.torch import save, save_file
 
 from hf_vae_compress import CONTAINER_NAME, CompressedModel, ContainerError, IntegrityError, VAECompressionConfig, compress
+from hf_vae_compress.codec import FitConfig
 from hf_vae_compress.codec.format.registry import READERS, WRITER
+from hf_vae_compress.codec.rate import allocate, lam_from_beta
+from hf_vae_compress.codec.transform import IdentityTransform, WeightVAE
+from hf_vae_compress.tasks import Classification
 from tests.conftest import tiny_timm, tiny_vit
 from tests.test_detection import tiny_detector
 
-FAST = dict(transform="vae", train_steps=60, train_batch_chunks=1024)  # the VAE path: the one with a decoder
+FAST = dict(transform="vae", fit=FitConfig(train_steps=60, train_batch_chunks=1024))  # the VAE path: the one with a decoder
 
 
 def _relative_error(a: dict, b: dict) -> float:
@@ -101,7 +105,7 @@ def test_vae_finds_structure_the_identity_ablation_cannot():
     errors = {}
     for transform in ("identity", "vae"):
         compressed = compress(state, VAECompressionConfig(target_bits_per_weight=1.0, transform=transform,
-                                                          train_steps=300), progress=False)
+                                                          fit=FitConfig(train_steps=300)), progress=False)
         assert abs(compressed.report()["bits_per_weight"] - 1.0) < 0.1
         errors[transform] = _relative_error(state, compressed.decode())
     assert errors["vae"] < 0.8 * errors["identity"], errors
@@ -112,7 +116,7 @@ def test_fisher_allocation_gives_sensitive_tensors_finer_steps():
     batches = [torch.randn(16, 1, 28, 28) for _ in range(4)]
     compressed = compress(model, VAECompressionConfig(target_bits_per_weight=2.0, transform="identity",
                                                       calibration_batches=4), calibration_data=batches,
-                          progress=False)
+                          loss_fn=Classification.fisher_loss(), progress=False)
     steps = [e["step"] for e in compressed.header["tensors"] if "step" in e]
     assert max(steps) / min(steps) > 2  # not one step for all
 
@@ -126,6 +130,69 @@ def test_config_round_trips_and_rejects_nonsense():
         VAECompressionConfig.from_dict({"bogus": 1})
     with pytest.raises(ValueError, match="transform"):
         VAECompressionConfig(transform="pca")
+
+
+def test_fit_config_nests_in_the_config_and_round_trips():
+    config = VAECompressionConfig(transform="vae", fit=FitConfig(train_steps=7, learning_rate=0.5))
+    assert config.to_dict()["fit"] == {"train_steps": 7, "train_batch_chunks": 4096, "learning_rate": 0.5}
+    assert VAECompressionConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="unknown FitConfig"):
+        VAECompressionConfig.from_dict({"fit": {"steps": 7}})
+    with pytest.raises(ValueError, match="train_steps"):
+        FitConfig(train_steps=0)
+
+
+def test_a_container_that_names_the_training_settings_at_the_top_level_still_loads(timm_container, tmp_path):
+    _, compressed, _ = timm_container
+    old = CompressedModel(copy.deepcopy(compressed.header), compressed.tensors)
+    old.header["config"].update(old.header["config"].pop("fit"))  # as containers wrote them before FitConfig
+    reread = CompressedModel.load(old.save(tmp_path))
+    assert "train_steps" in reread.header["config"] and reread.config.fit == FitConfig()
+    assert all(torch.equal(a, b) for a, b in zip(reread.decode().values(), compressed.decode().values()))
+
+
+def test_only_the_identity_has_a_grid_in_weight_space():
+    assert IdentityTransform.has_weight_grid and not WeightVAE.has_weight_grid
+
+
+class _Quantizer:
+    """A stand-in whose nearest-rounded size is ``scale / lam`` bits; its coded symbols cost
+    ``extra`` times that (1: nearest rounding)."""
+
+    transform = None
+
+    def __init__(self, scale: float, extra: float = 1.0):
+        self.scale, self.extra, self.regrids = scale, extra, extra != 1.0
+
+    def bits(self, lam):
+        return self.scale / lam
+
+    def symbols(self, steps):
+        return [torch.tensor(steps)]
+
+    def symbol_bits(self, symbols):
+        return self.extra * self.scale / float(symbols[0][0])
+
+
+def test_allocation_hits_the_target_with_the_symbols_it_codes():
+    nearest = allocate(_Quantizer(1000.0), 500.0, None, [1.0])
+    assert abs(nearest.lam - 2.0) < 0.01 and nearest.quantizer.symbol_bits(nearest.symbols) == pytest.approx(500, 0.01)
+    costlier = allocate(_Quantizer(1000.0, extra=1.5), 500.0, None, [1.0])  # aimed lower, once
+    assert costlier.quantizer.symbol_bits(costlier.symbols) == pytest.approx(500, 0.01)
+    fitted_at = []
+
+    def learn(steps):
+        fitted_at.append(steps)
+        return _Quantizer(2000.0)
+
+    learned = allocate(_Quantizer(1000.0), 500.0, None, [1.0], learn)
+    assert fitted_at == [nearest.steps] and learned.lam == pytest.approx(4.0, 0.01)
+    assert allocate(_Quantizer(1000.0), None, 1e-3, [1.0], learn).lam == lam_from_beta(1e-3)
+
+
+def test_calibration_data_without_the_tasks_loss_is_refused_before_any_work():
+    with pytest.raises(ValueError, match="loss_fn"):
+        compress(tiny_timm(), VAECompressionConfig(), calibration_data=[torch.randn(2, 1, 28, 28)], progress=False)
 
 
 def test_truncated_foreign_and_future_files_are_refused(timm_container, tmp_path):

@@ -1,13 +1,16 @@
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from hf_vae_compress import evaluate
 from hf_vae_compress.cli import main
+from hf_vae_compress.codec.importance import fisher_diagonal
 from hf_vae_compress.data import image_transform, load_image_dataset
 from hf_vae_compress.evaluate import bootstrap_interval
 from hf_vae_compress.models import load_model, weights_bytes
+from hf_vae_compress.tasks import Classification
 
 
 def test_evaluate_counts_correct_predictions(timm_folder, small_test_set):
@@ -47,3 +50,26 @@ def test_cli_evaluate_prints_json(capsys, vit_folder, small_test_set):
 def test_cli_reports_missing_model_clearly(capsys, tmp_path):
     assert main(["evaluate", str(tmp_path), "--json"]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+class _WithLogits(torch.nn.Module):
+    """The same classifier, answering as transformers does (an output with ``.logits``)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixel_values):
+        return SimpleNamespace(logits=self.net(pixel_values))
+
+
+def test_the_classification_task_supplies_the_fisher_loss():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    batches = [torch.randn(8, 1, 4, 4) for _ in range(3)]
+    fisher = fisher_diagonal(net, batches, 3, Classification.fisher_loss(), progress=False)
+    again = fisher_diagonal(net, batches, 3, Classification.fisher_loss(), progress=False)  # a fresh label stream
+    wrapped = fisher_diagonal(_WithLogits(net), [{"pixel_values": b} for b in batches], 3,
+                              Classification.fisher_loss(), progress=False)
+    assert all(torch.equal(fisher[k], again[k]) and torch.equal(fisher[k], wrapped[f"net.{k}"]) for k in fisher)
+    assert all(f.sum() > 0 for f in fisher.values())

@@ -4,11 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from hf_vae_compress.codec import VAECompressionConfig, compress
+from hf_vae_compress.codec import FitConfig, VAECompressionConfig, compress
 from hf_vae_compress.codec.calibration import (LayerInputs, calibrate, layer_statistics, norm_input_means,
                                                norm_layers, output_aware_layers)
 from hf_vae_compress.codec.correction import bias_corrections, norm_corrections
-from hf_vae_compress.codec.output_aware import inverse_cholesky, output_aware_symbols
+from hf_vae_compress.codec import output_aware
+from hf_vae_compress.codec.output_aware import inverse_cholesky, layer_factor, output_aware_symbols
+from hf_vae_compress.tasks import Classification
 from tests.conftest import tiny_timm
 
 
@@ -94,8 +96,8 @@ def test_compress_with_output_aware_rounding_cuts_the_output_error_and_is_determ
     errors, sizes = {}, {}
     for rounding in ("nearest", "output_aware"):
         config = VAECompressionConfig(target_bits_per_weight=2.0, calibration_batches=2, rounding=rounding)
-        compressed = compress(model, config, calibration_data=batches, progress=False)
-        again = compress(model, config, calibration_data=batches, progress=False)
+        compressed = compress(model, config, calibration_data=batches, loss_fn=Classification.fisher_loss(), progress=False)
+        again = compress(model, config, calibration_data=batches, loss_fn=Classification.fisher_loss(), progress=False)
         assert compressed.to_bytes() == again.to_bytes()
         decoded = tiny_timm().eval()
         decoded.load_state_dict(compressed.decode())
@@ -104,6 +106,18 @@ def test_compress_with_output_aware_rounding_cuts_the_output_error_and_is_determ
         sizes[rounding] = len(compressed.to_bytes())
     assert errors["output_aware"] < 0.5 * errors["nearest"], errors
     assert sizes["output_aware"] < 1.2 * sizes["nearest"], sizes
+
+
+def test_a_rate_search_factors_each_layer_once(monkeypatch):
+    model = tiny_timm().eval()
+    calibration = calibrate(model, [torch.randn(8, 1, 28, 28)], 1, Classification.fisher_loss(), progress=False)
+    factored = []
+    monkeypatch.setattr(output_aware, "inverse_cholesky", lambda inputs: factored.append(inputs) or inverse_cholesky(inputs))
+    for bpw in (2.0, 3.0):  # two probes of a search
+        compress(model, VAECompressionConfig(target_bits_per_weight=bpw), calibration=calibration, progress=False)
+    assert len(factored) == len({id(inputs) for inputs in factored}) > 0  # 14 coded layers, not 28
+    name = next(iter(calibration.layers))
+    assert layer_factor(calibration, name) is layer_factor(calibration, name)
 
 
 def test_rounding_is_validated_and_round_trips():
@@ -118,7 +132,12 @@ def test_the_header_records_the_rounding_that_was_done():
     config = VAECompressionConfig(target_bits_per_weight=2.0, correct_norms=True)  # output-aware by default
     without_data = compress(model, config, progress=False)
     assert without_data.config.rounding == "nearest" and not without_data.config.correct_norms
-    with_data = compress(model, config, calibration_data=[torch.randn(8, 1, 28, 28)], progress=False)
+    with_data = compress(model, config, calibration_data=[torch.randn(8, 1, 28, 28)],
+                         loss_fn=Classification.fisher_loss(), progress=False)
     assert with_data.config.rounding == "output_aware" and with_data.config.correct_norms
     del with_data.header["config"]["rounding"]  # a container written before output-aware rounding existed
     assert with_data.config.rounding == "nearest"
+    vae = VAECompressionConfig(target_bits_per_weight=2.0, transform="vae", fit=FitConfig(train_steps=5))
+    learned = compress(model, vae, calibration_data=[torch.randn(8, 1, 28, 28)], loss_fn=Classification.fisher_loss(),
+                       progress=False)
+    assert learned.config.rounding == "nearest"  # the VAE's symbols are not levels in weight space

@@ -52,17 +52,11 @@ class Calibration:
     fisher: dict[str, torch.Tensor]
     layers: dict[str, LayerInputs] = field(default_factory=dict)  # keyed by the weight's name
     batches: list = field(default_factory=list)
-    _factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    # per layer, output-aware rounding's column order and Cholesky factor: they do not depend on the
+    # rate, so :func:`.output_aware.layer_factor` computes them on first use and keeps them here,
+    # where every probe of a rate search finds them
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _norm_means: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-
-    def inverse_cholesky(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The GPTQ column order and factor of a layer's input moments, computed once and kept (they
-        do not depend on the rate, so every probe of a rate search reuses them)."""
-        from .output_aware import inverse_cholesky
-
-        if name not in self._factors:
-            self._factors[name] = inverse_cholesky(self.layers[name])
-        return self._factors[name]
 
     def norm_means(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Per-channel input mean of every norm layer of the original ``model`` on the calibration
@@ -190,10 +184,12 @@ def layer_statistics(model: nn.Module, batches: list, layers: dict[str, nn.Modul
     return out
 
 
-def calibrate(model: nn.Module, batches: Iterable, num_batches: int, coded_names: Iterable[str] | None = None,
-              loss_fn: Callable | None = None, progress: bool = True) -> Calibration:
-    """Fisher and layer input moments (of ``coded_names``, or of every eligible layer) from
-    ``num_batches`` batches, which are kept for the norm statistics."""
+def calibrate(model: nn.Module, batches: Iterable, num_batches: int,
+              loss_fn: Callable[[nn.Module, object], tuple[torch.Tensor, int]],
+              coded_names: Iterable[str] | None = None, progress: bool = True) -> Calibration:
+    """Fisher of the task's ``loss_fn`` (see :func:`~.importance.fisher_diagonal`) and layer input
+    moments (of ``coded_names``, or of every eligible layer) from ``num_batches`` batches, which
+    are kept for the norm statistics."""
     batches = [b for _, b in zip(range(num_batches), batches)]
     fisher = fisher_diagonal(model, batches, num_batches, loss_fn, progress)
     layers = layer_statistics(model, batches, output_aware_layers(model, coded_names), progress=progress)

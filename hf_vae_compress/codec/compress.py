@@ -10,25 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 
+from .calibration import Calibration, calibrate
 from .chunking import row_scales, to_chunks
 from .compressed import CompressedModel
 from .config import VAECompressionConfig, check_target_rate
-from .calibration import Calibration, calibrate
 from .correction import bias_corrections, norm_corrections
+from .fit import Shard, fit, refine
 from .format.layout import ChunkLayout
 from .format.v2 import HEADER_BYTES_PER_TENSOR, code_side_parts
 from .importance import mean_normalised_fisher
 from .latents import CodedTensor, Latents
-from .output_aware import output_aware_symbols
-from .rate import estimate_tensor_bits, lam_from_beta, search_lam, steps_for
+from .output_aware import layer_factor, output_aware_symbols
+from .rate import Allocation, allocate, estimate_tensor_bits, steps_for
 from .select import select_tensors
-from .transform import Shard, Transform, build_transform
+from .transform import Transform, build_transform, transform_class
 
 logger = logging.getLogger(__name__)
 
@@ -89,82 +90,33 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
              calibration: Calibration | None = None) -> CompressedModel:
     """Compress a model (or a bare state dict) post-hoc.
 
-    ``calibration_data`` yields model inputs; with it, steps are allocated by Fisher sensitivity,
-    without it every tensor gets the same relative precision. ``loss_fn(model, batch) ->
-    (loss, batch_size)`` replaces the sampled-label classification loss for other tasks.
-    With a ``shard`` the VAE fit is data-parallel over processes; everything else is
-    deterministic and computed identically by each process, which all return the same result.
-    ``calibration`` (from :func:`~.calibration.calibrate`) replaces the calibration pass: a rate
-    search that compresses one model many times measures it once. Output-aware rounding and the
-    bias and norm corrections (``config.rounding``, ``config.correct_biases``,
-    ``config.correct_norms``) need it; without data they are skipped, and say so in the log.
+    ``calibration_data`` yields model inputs and ``loss_fn(model, batch) -> (loss, batch_size)``
+    is the task's Fisher loss (:meth:`hf_vae_compress.tasks.Classification.fisher_loss`, a
+    detector's own loss); with them, steps are allocated by Fisher sensitivity, without them
+    every tensor gets the same relative precision. With a ``shard`` the VAE fit is data-parallel
+    over processes; everything else is deterministic and computed identically by each process,
+    which all return the same result. ``calibration`` (from :func:`~.calibration.calibrate`)
+    replaces the calibration pass: a rate search that compresses one model many times measures it
+    once. Output-aware rounding and the bias and norm corrections (``config.rounding``,
+    ``config.correct_biases``, ``config.correct_norms``) need it; without data they are skipped,
+    and say so in the log.
     """
     config = config or VAECompressionConfig()
-    if config.target_bits_per_weight is not None:
-        check_target_rate(config.target_bits_per_weight)
+    _check_inputs(config, calibration_data, loss_fn)
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     state_dict = _untied({k: v.detach().cpu() for k, v in
                           (model.state_dict() if isinstance(model, torch.nn.Module) else model).items()})
-    coded_names, stored_names = select_tensors(state_dict, config)
-    if not coded_names:
-        raise ValueError(
-            f"nothing to compress: none of the model's {len(state_dict)} tensors is a floating-point weight with "
-            f"two or more dimensions and at least min_numel={config.min_numel} values (conv, linear, attention or "
-            "embedding weights)" + (f" outside modules_to_not_convert={config.modules_to_not_convert}"
-                                    if config.modules_to_not_convert else ""))
+    coded_names, stored_names = _selected(state_dict, config)
     coded = _prepare(state_dict, coded_names, config)
     if calibration is None and calibration_data is not None and isinstance(model, torch.nn.Module):
-        calibration = calibrate(model, calibration_data, config.calibration_batches, coded_names, loss_fn, progress)
-    sens = _sensitivities(coded, calibration)
+        calibration = calibrate(model, calibration_data, config.calibration_batches, loss_fn, coded_names, progress)
+    config = _feasible(config, model, calibration)
     stored = _stored(state_dict, stored_names, config)
-    num_weights = sum(v.numel() for v in state_dict.values() if v.is_floating_point())
     side = code_side_parts(coded, stored, config)
-    fixed_bits = 8 * (sum(len(m) + len(p) for part in side.values() for m, p in part.streams)
-                      + HEADER_BYTES_PER_TENSOR * len(state_dict))
-
-    def total_bits(transform: Transform, lam: float) -> float:
-        payload = sum(estimate_tensor_bits(transform.encode_all(c.chunks, step, i).numpy())
-                      for i, (c, step) in enumerate(zip(coded, steps_for(lam, sens))))
-        decoder = sum(v.numel() * v.element_size() for v in transform.stored_state().values())
-        return payload + fixed_bits + 8 * decoder
-
-    transform = build_transform("identity", config.chunk_size, config.hidden_size, len(coded))
-    if config.beta is not None:
-        lam = lam_from_beta(config.beta)
-    else:
-        target = config.target_bits_per_weight * num_weights
-        lam = search_lam(lambda l: total_bits(transform, l), target, sens)
-    if config.transform != "identity":
-        transform = build_transform(config.transform, config.chunk_size, config.hidden_size, len(coded))
-        chunks, index, log_steps = _flat(coded, steps_for(lam, sens))
-        transform.fit(chunks, index, log_steps, config, progress, shard)
-        if config.beta is None:
-            lam = search_lam(lambda l: total_bits(transform, l), target, sens)
-    def nearest(steps: list[float]) -> list[torch.Tensor]:
-        return [transform.encode_all(c.chunks, step, i) for i, (c, step) in enumerate(zip(coded, steps))]
-
-    steps = steps_for(lam, sens)
-    symbols = nearest(steps)
-    if config.rounding == "output_aware" and transform.kind == "identity" and calibration is not None:
-        symbols = _round_output_aware(state_dict, coded, steps, symbols, calibration)
-        if config.beta is None:
-            # GPTQ's symbols cost more bits than the nearest-rounded ones the search matched to the
-            # target (dev: 36 % more on resnet18 at 0.25 bits/weight): aim lower by that ratio, once.
-            actual = fixed_bits + sum(estimate_tensor_bits(s.numpy()) for s in symbols)
-            lam = search_lam(lambda l: total_bits(transform, l), target * target / actual, sens)
-            steps = steps_for(lam, sens)
-            symbols = _round_output_aware(state_dict, coded, steps, nearest(steps), calibration)
-    elif config.rounding == "output_aware":  # the header records what was done, not what was asked
-        logger.info("nearest rounding: output-aware rounding needs calibration data and the identity transform")
-        config = dataclasses.replace(config, rounding="nearest")
-    if (config.correct_biases or config.correct_norms) and (calibration is None or not isinstance(model, torch.nn.Module)):
-        logger.warning("bias and norm corrections skipped: they need a model and calibration data")
-        config = dataclasses.replace(config, correct_biases=False, correct_norms=False)
-    if coded:
-        chunks, index, log_steps = _flat(coded, steps)
-        transform.refine(chunks, torch.cat(symbols), index, log_steps, config, shard)
-
+    allocation = _allocate(state_dict, coded, side, config, calibration, progress, shard)
+    transform, steps, symbols = allocation.quantizer.transform, allocation.steps, allocation.symbols
+    refine(transform, [c.chunks for c in coded], symbols, steps, config.fit, config.seed, shard)
     latents = Latents(state_dict, coded, symbols, steps, stored, transform, config)
     corrected = _corrections(model, latents, calibration)
     if corrected:
@@ -172,20 +124,114 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
         side = None  # the stored tensors changed: code them again
     compressed = CompressedModel.from_latents(latents, progress, side)
     compressed.stats["encode_seconds"] = round(time.perf_counter() - start, 3)
-    compressed.header["lam"] = lam
+    compressed.header["lam"] = allocation.lam
     return compressed
+
+
+def _check_inputs(config: VAECompressionConfig, calibration_data: Iterable | None, loss_fn: Callable | None) -> None:
+    """Refuse what cannot work before any long work."""
+    if config.target_bits_per_weight is not None:
+        check_target_rate(config.target_bits_per_weight)
+    if calibration_data is not None and loss_fn is None:
+        raise ValueError("calibration_data needs the task's loss_fn(model, batch) -> (summed loss, batch size) to "
+                         "measure sensitivities: for a classifier, hf_vae_compress.tasks.Classification.fisher_loss()")
+
+
+def _selected(state_dict: dict[str, torch.Tensor], config: VAECompressionConfig) -> tuple[list[str], list[str]]:
+    """The names of the tensors to code and to store; a ValueError when nothing would be coded."""
+    coded_names, stored_names = select_tensors(state_dict, config)
+    if not coded_names:
+        raise ValueError(
+            f"nothing to compress: none of the model's {len(state_dict)} tensors is a floating-point weight with "
+            f"two or more dimensions and at least min_numel={config.min_numel} values (conv, linear, attention or "
+            "embedding weights)" + (f" outside modules_to_not_convert={config.modules_to_not_convert}"
+                                    if config.modules_to_not_convert else ""))
+    return coded_names, stored_names
+
+
+def _feasible(config: VAECompressionConfig, model, calibration: Calibration | None) -> VAECompressionConfig:
+    """``config`` less what cannot be done here, so that the header records what was done, not
+    what was asked: output-aware rounding needs calibration data and a transform with a weight
+    grid, the corrections need a model and calibration data."""
+    if config.rounding == "output_aware" and not (transform_class(config.transform).has_weight_grid
+                                                  and calibration is not None):
+        logger.info("nearest rounding: output-aware rounding needs calibration data and a transform whose symbols "
+                    "are levels in weight space (the identity)")
+        config = dataclasses.replace(config, rounding="nearest")
+    if (config.correct_biases or config.correct_norms) and (calibration is None or not isinstance(model, torch.nn.Module)):
+        logger.warning("bias and norm corrections skipped: they need a model and calibration data")
+        config = dataclasses.replace(config, correct_biases=False, correct_norms=False)
+    return config
+
+
+def _allocate(state_dict: dict[str, torch.Tensor], coded: list[CodedTensor], side: dict, config: VAECompressionConfig,
+              calibration: Calibration | None, progress: bool, shard: Shard | None) -> Allocation:
+    """The rate allocation (:func:`~.rate.allocate`) of the configured transform, fitted on the way."""
+    sens = _sensitivities(coded, calibration)
+    fixed_bits = 8 * (sum(len(m) + len(p) for part in side.values() for m, p in part.streams)
+                      + HEADER_BYTES_PER_TENSOR * len(state_dict))
+    gptq = calibration if config.rounding == "output_aware" else None
+
+    def learn(steps: list[float]) -> _Quantizer:
+        transform = build_transform(config.transform, config.chunk_size, config.hidden_size, len(coded))
+        fit(transform, [c.chunks for c in coded], steps, config.fit, config.seed, progress, shard)
+        return _Quantizer(transform, coded, sens, fixed_bits, state_dict, gptq)
+
+    identity = build_transform("identity", config.chunk_size, config.hidden_size, len(coded))
+    target = None if config.beta is not None else config.target_bits_per_weight * _num_weights(state_dict)
+    return allocate(_Quantizer(identity, coded, sens, fixed_bits, state_dict, gptq), target, config.beta, sens,
+                    None if config.transform == identity.kind else learn)
+
+
+def _num_weights(state_dict: dict[str, torch.Tensor]) -> int:
+    """Every floating-point value, coded or stored: the denominator of bits per weight, as in
+    :meth:`~.compressed.CompressedModel.report`."""
+    return sum(v.numel() for v in state_dict.values() if v.is_floating_point())
+
+
+@dataclass
+class _Quantizer:
+    """The coded tensors under one transform, rounded to nearest or, given a ``calibration``,
+    output-aware (a :class:`~.rate.Quantizer`, what the rate allocation probes)."""
+
+    transform: Transform
+    coded: list[CodedTensor]
+    sensitivities: list[float]
+    fixed_bits: float  # everything but the symbols and the decoder: side parts and headers
+    state_dict: dict[str, torch.Tensor]
+    calibration: Calibration | None
+
+    @property
+    def regrids(self) -> bool:
+        return self.calibration is not None
+
+    def bits(self, lam: float) -> float:
+        steps = steps_for(lam, self.sensitivities)
+        return self.symbol_bits(self.transform.encode_all(c.chunks, step, i)
+                                for i, (c, step) in enumerate(zip(self.coded, steps)))
+
+    def symbol_bits(self, symbols: Iterable[torch.Tensor]) -> float:
+        payload = sum(estimate_tensor_bits(s.numpy()) for s in symbols)
+        decoder = sum(v.numel() * v.element_size() for v in self.transform.stored_state().values())
+        return payload + self.fixed_bits + 8 * decoder
+
+    def symbols(self, steps: list[float]) -> list[torch.Tensor]:
+        nearest = [self.transform.encode_all(c.chunks, step, i) for i, (c, step) in enumerate(zip(self.coded, steps))]
+        if self.calibration is None:
+            return nearest
+        return _round_output_aware(self.state_dict, self.coded, steps, nearest, self.calibration)
 
 
 def _round_output_aware(state_dict: dict[str, torch.Tensor], coded: list[CodedTensor], steps: list[float],
                         symbols: list[torch.Tensor], calibration: Calibration) -> list[torch.Tensor]:
     """GPTQ symbols for every coded tensor whose layer inputs were measured; the others keep
-    their nearest-rounded ``symbols``. Only the identity transform has a grid in weight space."""
+    their nearest-rounded ``symbols``."""
     out = list(symbols)
     for i, c in enumerate(coded):
         if c.name not in calibration.layers:
             continue
         factors = (c.scales.double() * steps[i]).float()  # the decoder's per-row factor, exactly
-        rows = output_aware_symbols(state_dict[c.name], factors, calibration.inverse_cholesky(c.name))
+        rows = output_aware_symbols(state_dict[c.name], factors, layer_factor(calibration, c.name))
         rows = torch.nn.functional.pad(rows, (0, c.layout.padded_len - c.layout.row_len))
         out[i] = rows.reshape(c.layout.num_chunks, c.layout.chunk_size)
     return out
@@ -203,10 +249,3 @@ def _corrections(model, latents: Latents, calibration: Calibration | None) -> di
     if config.correct_norms:
         corrected.update(norm_corrections(model, dict(original, **decoded, **corrected), calibration))
     return corrected
-
-
-def _flat(coded: list[CodedTensor], steps: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All chunks, their tensor index and the per-tensor log steps: a transform's training data."""
-    chunks = torch.cat([c.chunks for c in coded])
-    index = torch.cat([torch.full((len(c.chunks),), i) for i, c in enumerate(coded)])
-    return chunks, index, torch.tensor([math.log(s) for s in steps])

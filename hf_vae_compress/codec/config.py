@@ -42,6 +42,24 @@ NORMALIZATIONS = ("channel", "tensor")
 
 
 @dataclass
+class FitConfig(JsonConfig):
+    """How the learned (VAE) transform is fitted to the model's chunks (:mod:`.fit`); the identity
+    transform learns nothing and ignores it. The decoder is then refined for half the steps at a
+    third of the learning rate."""
+
+    train_steps: int = 800
+    train_batch_chunks: int = 4096
+    learning_rate: float = 1e-2
+
+    def __post_init__(self) -> None:
+        if self.train_steps < 1 or self.train_batch_chunks < 1:
+            raise ValueError(f"train_steps and train_batch_chunks must be at least 1, got {self.train_steps} "
+                             f"and {self.train_batch_chunks}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a positive finite number, got {self.learning_rate}")
+
+
+@dataclass
 class VAECompressionConfig(JsonConfig):
     """How to compress a model's weights.
 
@@ -64,9 +82,7 @@ class VAECompressionConfig(JsonConfig):
     min_numel: int = 1024  # smaller tensors (and every 1-D tensor) are coded as floats, not chunked
     raw_dtype: str = "float16"  # stored float tensors are rounded to this dtype first ...
     vector_mantissa_bits: int = 7  # ... then to this relative precision (2**-8), and entropy-coded
-    train_steps: int = 800
-    train_batch_chunks: int = 4096
-    learning_rate: float = 1e-2
+    fit: FitConfig = field(default_factory=FitConfig)  # the VAE transform's training
     calibration_batches: int = 8
     # How weights are rounded to the grid: "output_aware" (GPTQ error compensation against each
     # layer's calibration inputs; identity transform, with calibration data: otherwise nearest) or
@@ -81,6 +97,8 @@ class VAECompressionConfig(JsonConfig):
     modules_to_not_convert: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if isinstance(self.fit, dict):  # from JSON: a stored config names the nested fields
+            self.fit = FitConfig.from_dict(self.fit)
         if (self.target_bits_per_weight is None) == (self.beta is None):
             raise ValueError("set exactly one of target_bits_per_weight and beta")
         for name in ("target_bits_per_weight", "beta"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .calibration import LayerInputs
+from .calibration import Calibration, LayerInputs
 
 BLOCK = 128
 DAMPING = 0.01  # times the mean diagonal of H: keeps the inverse stable (GPTQ's default)
@@ -40,6 +40,15 @@ def inverse_cholesky(inputs: LayerInputs, damping: float = DAMPING) -> tuple[tor
     h = h[order][:, order]
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return order, torch.linalg.cholesky(inverse, upper=True)
+
+
+def layer_factor(calibration: Calibration, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`inverse_cholesky` of the layer ``name``'s input moments, computed once per
+    calibration and kept in it: a rate search compresses one model many times, at other steps
+    but always against the same inputs."""
+    if name not in calibration.factors:
+        calibration.factors[name] = inverse_cholesky(calibration.layers[name])
+    return calibration.factors[name]
 
 
 def output_aware_symbols(weight: torch.Tensor, factors: torch.Tensor,

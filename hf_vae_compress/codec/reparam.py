@@ -14,10 +14,10 @@ import math
 import torch
 from torch import nn
 
+from .fit import laplace_bits, round_to_fp16_
 from .format.layout import from_chunks
 from .latents import Latents
 from .quantize import noisy, round_ste
-from .transform import laplace_bits, round_to_fp16_
 
 
 class LatentParametrization(nn.Module):

@@ -10,33 +10,23 @@ basis: before training the codec is scalar quantization in a decorrelated basis,
 moves away from that by lowering distortion + beta * rate. ``transform="identity"`` is the
 ablation with no transform at all (plain scalar quantization in the same pipeline).
 
-During training a factorised Laplace prior per (tensor, latent dimension) gives the rate; at
-coding time the entropy coder uses exact integer histograms of the quantized latents instead.
+This module holds the interface and the networks; fitting them (the KLT start, the training
+loops, the Laplace prior that stands in for the coder's rate while training) is :mod:`.fit`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .format import identity
 from .format.layout import ChunkLayout, from_chunks
-from .quantize import dequantize, noisy, quantize, round_ste
-
-logger = logging.getLogger(__name__)
+from .quantize import dequantize, quantize
 
 DECODE_BATCH = 1 << 18  # chunks per network call: bounds peak memory on large tensors
-
-# High-rate theory: with steps set by equal slopes, distortion in units of the step trades
-# against bits at dD/dR = -2 ln2 * step^2 / 12, i.e. this many squared steps per bit.
-RATE_WEIGHT = math.log(2) / 6
 
 
 class ConditionedResidualMLP(nn.Module):
@@ -94,9 +84,13 @@ class Transform(nn.Module):
 
     ``encode`` maps normalised chunks to integer symbols at a tensor's step, ``decode`` maps them
     back to chunks, and ``decode_weights`` goes all the way to the tensor (a transform may fuse
-    the steps). ``fit``/``refine`` learn whatever the transform learns (nothing for the identity);
-    ``stored_state``/``spec`` are what the container keeps of it, ``load_stored_state`` reads it
-    back; ``trainable_decoder`` is the network fine-tuning trains, if any.
+    the steps). ``stored_state``/``spec`` are what the container keeps of it, ``load_stored_state``
+    reads it back; ``trainable_decoder`` is the network fine-tuning trains, if any. What a
+    transform learns before coding, :mod:`.fit` fits.
+
+    ``has_weight_grid`` says whether a symbol is a level on a grid in weight space (symbol times
+    the row's factor), so that an encoder may choose symbols by their effect on the weights, as
+    output-aware rounding does; a learned decoder maps symbols to weights through a network.
 
     ``portable`` says whether decoding gives the same bits on every machine: true only for a
     decoder without float kernels whose results depend on the CPU (matmuls, transcendental
@@ -106,6 +100,7 @@ class Transform(nn.Module):
 
     kind: str
     portable: bool = False
+    has_weight_grid: bool = False
 
     def encode(self, chunks: torch.Tensor, step: float, index: int) -> torch.Tensor:
         raise NotImplementedError
@@ -124,14 +119,6 @@ class Transform(nn.Module):
         """The float32 tensor of ``symbols``: decoded chunks, un-chunked and de-scaled."""
         chunks = torch.cat([self.decode(s, step, index) for s in symbols.split(DECODE_BATCH)])
         return from_chunks(chunks, layout, scales)
-
-    def fit(self, chunks: torch.Tensor, index: torch.Tensor, log_steps: torch.Tensor, config,
-            progress: bool, shard: "Shard | None") -> None:
-        """Learn the transform on all coded chunks at the allocated steps (nothing to learn by default)."""
-
-    def refine(self, chunks: torch.Tensor, symbols: torch.Tensor, index: torch.Tensor, log_steps: torch.Tensor,
-               config, shard: "Shard | None") -> None:
-        """Adapt the decoder to the symbols actually coded (nothing to adapt by default)."""
 
     def stored_state(self) -> dict[str, torch.Tensor]:
         return {}
@@ -187,16 +174,6 @@ class WeightVAE(Transform):
     def decode(self, symbols: torch.Tensor, step: float, index: int) -> torch.Tensor:
         return self.decoder(dequantize(symbols, step), math.log(step), index)
 
-    def fit(self, chunks, index, log_steps, config, progress, shard) -> None:
-        fit_vae(self, chunks, index, log_steps, config.train_steps, config.train_batch_chunks,
-                config.learning_rate, config.seed, progress, shard)
-        round_to_fp16_(self.decoder)
-
-    def refine(self, chunks, symbols, index, log_steps, config, shard) -> None:
-        refine_decoder(self, chunks, symbols, index, log_steps, config.train_steps // 2,
-                       config.train_batch_chunks, config.learning_rate / 3, config.seed, shard)
-        round_to_fp16_(self.decoder)
-
     def stored_state(self) -> dict[str, torch.Tensor]:
         return {k: v.to(torch.float16) for k, v in self.decoder_state().items()}
 
@@ -216,6 +193,7 @@ class IdentityTransform(Transform):
 
     kind = "identity"
     portable = True  # one IEEE multiply per weight: correctly rounded on every machine
+    has_weight_grid = True  # symbol * step * row scale
 
     def encode(self, chunks: torch.Tensor, step: float, index: int) -> torch.Tensor:
         return quantize(chunks, step)
@@ -241,135 +219,3 @@ def transform_class(kind: str) -> type[Transform]:
 def build_transform(kind: str, chunk_size: int, hidden_size: int, num_tensors: int) -> Transform:
     cls = transform_class(kind)
     return cls(chunk_size, hidden_size, num_tensors) if cls is WeightVAE else cls()
-
-
-def laplace_bits(value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Bits of a unit-width bin centred on ``value`` under a zero-mean Laplace(scale)."""
-
-    def cdf(v: torch.Tensor) -> torch.Tensor:
-        return 0.5 + 0.5 * torch.sign(v) * (1 - torch.exp(-v.abs() / scale))
-
-    prob = (cdf(value + 0.5) - cdf(value - 0.5)).clamp_min(1e-9)
-    return -torch.log2(prob)
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This process's share of a data-parallel fit: it samples chunks ``rank::world_size`` and
-    ``average`` all-reduces a list of gradient tensors in place (mean over processes)."""
-
-    rank: int
-    world_size: int
-    average: Callable[[list[torch.Tensor]], None]
-
-
-def _optimise(params: list[torch.Tensor], loss_of: Callable[[torch.Tensor], torch.Tensor], num_chunks: int,
-              steps: int, batch_size: int, learning_rate: float, generator: torch.Generator,
-              shard: Shard | None, progress: bool, desc: str) -> list[float]:
-    """Adam with a cosine schedule over random batches of chunk indices (this process's shard)."""
-    rank, world = (shard.rank, shard.world_size) if shard else (0, 1)
-    pool = torch.arange(rank, num_chunks, world)
-    optimizer = torch.optim.Adam(params, lr=learning_rate)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    losses = []
-    for _ in tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False):
-        loss = loss_of(pool[torch.randint(0, len(pool), (batch_size,), generator=generator)])
-        optimizer.zero_grad()
-        loss.backward()
-        if shard is not None:
-            shard.average([p.grad for p in params if p.grad is not None])
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    return losses
-
-
-def fit_vae(vae: WeightVAE, chunks: torch.Tensor, tensor_index: torch.Tensor, log_steps: torch.Tensor,
-            steps: int, batch_size: int, learning_rate: float, seed: int, progress: bool = True,
-            shard: Shard | None = None) -> list[float]:
-    """Train encoder, decoder and prior on distortion (in squared steps) + RATE_WEIGHT * bits.
-
-    ``log_steps`` are per-tensor steps at the rate being targeted; each sample's step is jittered
-    by up to one octave either way so the step-conditioned networks work across the rate search.
-    With a ``shard``, each process draws its batches from its own slice of the chunks and the
-    gradients are averaged, so every process ends with the same networks.
-    Returns the loss per step.
-    """
-    generator = torch.Generator().manual_seed(seed * 1000 + (shard.rank if shard else 0))
-    num_tensors, dim = len(log_steps), chunks.shape[1]
-    vae.active_maps = init_klt_(vae, chunks, tensor_index)
-    vae.freeze_inactive_maps()
-    init_scale = torch.stack([chunks[tensor_index == t].abs().mean(0) for t in range(num_tensors)])
-    log_prior_scale = nn.Parameter(init_scale.clamp_min(1e-3).log())
-
-    def loss_of(idx: torch.Tensor) -> torch.Tensor:
-        x, t = chunks[idx], tensor_index[idx]
-        log_step = log_steps[t] + (torch.rand(len(idx), generator=generator) * 2 - 1) * math.log(2)
-        step = log_step.exp()[:, None]
-        latent_in_steps = vae.encoder(x, log_step, t) / step
-        x_hat = vae.decoder(round_ste(latent_in_steps) * step, log_step, t)
-        distortion = ((x - x_hat) / step).pow(2).sum(1)
-        bits = laplace_bits(noisy(latent_in_steps), log_prior_scale[t].exp() / step).sum(1)
-        return (distortion + RATE_WEIGHT * bits).mean() / dim
-
-    losses = _optimise([*vae.parameters(), log_prior_scale], loss_of, len(chunks), steps, batch_size,
-                       learning_rate, generator, shard, progress, "fit VAE")
-    logger.info("VAE fit: loss %.4f -> %.4f over %d steps", losses[0], losses[-1], steps)
-    return losses
-
-
-def refine_decoder(vae: WeightVAE, chunks: torch.Tensor, symbols: torch.Tensor, tensor_index: torch.Tensor,
-                   log_steps: torch.Tensor, steps: int, batch_size: int, learning_rate: float, seed: int,
-                   shard: Shard | None = None) -> None:
-    """Fit the decoder to the symbols the encoder actually produced: training saw uniform noise
-    and jittered steps, coding sees hard rounding at one step per tensor. A regression of chunks on
-    symbols, in squared steps; the rate is fixed, so this only lowers distortion.
-    """
-    generator = torch.Generator().manual_seed(seed * 1000 + (shard.rank if shard else 0) + 7)
-
-    def loss_of(idx: torch.Tensor) -> torch.Tensor:
-        t = tensor_index[idx]
-        step = log_steps[t].exp()[:, None]
-        x_hat = vae.decoder(symbols[idx].float() * step, log_steps[t], t)
-        return ((chunks[idx] - x_hat) / step).pow(2).mean()
-
-    _optimise(list(vae.decoder.parameters()), loss_of, len(chunks), steps, batch_size, learning_rate, generator,
-              shard, False, "refine decoder")
-
-
-MAP_COST_BITS = 16  # a stored map entry is fp16
-
-
-@torch.no_grad()
-def init_klt_(vae: WeightVAE, chunks: torch.Tensor, tensor_index: torch.Tensor) -> list[int]:
-    """Start each tensor's linear maps at its KLT (the eigenbasis of its chunk covariance).
-
-    An orthonormal basis keeps squared error unchanged while compacting energy into fewer latent
-    dimensions: the coding gain a linear transform can give, ``numel * 0.5 * log2(AM/GM)`` bits
-    of the covariance eigenvalues at high rate. A tensor keeps a (stored) map only when that gain
-    is at least twice the map's cost; the others keep the identity, untrained and not stored.
-    Returns the indices of the tensors that keep a map.
-    """
-    dim = chunks.shape[1]
-    active = []
-    for t in range(vae.encoder.linear.shape[0]):
-        x = chunks[tensor_index == t]
-        if len(x) <= dim:
-            continue
-        values, vectors = torch.linalg.eigh(x.T @ x / len(x))
-        values = values.clamp_min(1e-12)
-        gain_bits = x.numel() * 0.5 * float(torch.log2(values.mean() / values.log().mean().exp()))
-        if gain_bits < 2 * MAP_COST_BITS * dim * dim:
-            continue
-        basis = vectors.flip(1)  # largest variance first
-        vae.encoder.linear[t] = basis.T
-        vae.decoder.linear[t] = basis
-        active.append(t)
-    return active
-
-
-def round_to_fp16_(module: nn.Module) -> None:
-    """Round parameters to what the container stores, so encoder and decoder agree bit for bit."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(p.to(torch.float16).float())

@@ -78,9 +78,11 @@ def _transform(header: dict, tensors: dict[str, torch.Tensor]) -> Transform:
 
 
 def config_dict(header: dict) -> dict:
-    """The stored codec config, without what only this reader uses (its ANS table precision);
+    """The stored codec config, without what only this reader uses (its ANS table precision) and
+    the VAE's training settings, which the config now nests under ``fit`` (no decode reads them);
     version 1 predates output-aware rounding: it rounded to nearest."""
-    return {"rounding": "nearest", **{k: v for k, v in header["config"].items() if k != "table_precision"}}
+    retired = ("table_precision", "train_steps", "train_batch_chunks", "learning_rate")
+    return {"rounding": "nearest", **{k: v for k, v in header["config"].items() if k not in retired}}
 
 
 def seal(header: dict, tensors: dict[str, torch.Tensor]) -> dict:

@@ -579,7 +579,9 @@ def unpack(header: dict, tensors: dict[str, torch.Tensor]) -> Latents:
 
 
 # config fields that v2 containers written before they were retired still record; no v2 decode reads them
-_RETIRED_CONFIG = ("table_precision",)
+# (the VAE's training settings moved into the nested ``fit`` config: containers that name them at
+# the top level read with the default fit settings, which no decode reads either)
+_RETIRED_CONFIG = ("table_precision", "train_steps", "train_batch_chunks", "learning_rate")
 
 
 def config_dict(header: dict) -> dict:
