@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
@@ -38,7 +39,7 @@ class FinetuneConfig(JsonConfig):
     batch_size: int = 64  # per process
     latent_learning_rate: float = 1e-2  # latents are in units of their step
     learning_rate: float = 1e-3  # decoder, prior and stored parameters
-    rate_weight: float = 0.05  # loss per (bit per weight)
+    rate_weight: float = 0.05  # loss per (bit per coded weight: the rate term counts only the coded tensors)
     distill_weight: float = 1.0
     checkpoint_every: int = 100
     seed: int = 0
@@ -76,7 +77,7 @@ RUN_FILE = "run.json"  # in every checkpoint: what a run resuming from it must m
 # The compression settings that shape the latents a checkpoint holds (rounding and corrections are
 # left out: the header records what was applied, which can differ from what was asked).
 _LATENT_FIELDS = ("target_bits_per_weight", "beta", "transform", "chunk_size", "hidden_size", "normalization",
-                  "min_numel", "raw_dtype", "train_steps", "calibration_batches", "seed", "modules_to_not_convert")
+                  "min_numel", "raw_dtype", "fit", "calibration_batches", "seed", "modules_to_not_convert")
 
 
 def run_identity(model: nn.Module, compression: dict, config: FinetuneConfig) -> dict:
@@ -138,8 +139,6 @@ def finetune(compressed: CompressedModel, model: nn.Module, train_data, config: 
     ``model`` supplies the architecture and, for a classifier, the teacher's logits. Every process
     returns the same result; only the caller decides who writes it.
     """
-    from accelerate import Accelerator
-
     config = config or FinetuneConfig()
     task = task or Classification()
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
@@ -167,7 +166,9 @@ def finetune(compressed: CompressedModel, model: nn.Module, train_data, config: 
         accelerator.load_state(str(resume_from))
         logger.info("resumed from %s at step %d", resume_from, state.step)
     num_examples = task.num_examples(train_data)
-    num_weights = sum(c.layout.rows * c.layout.row_len for c in latents.coded)
+    # the weights the latents code (the rate term's denominator), not the report's num_weights,
+    # which counts every floating-point value, stored ones too
+    num_coded_weights = sum(c.layout.rows * c.layout.row_len for c in latents.coded)
     bar = tqdm(total=config.steps, initial=state.step, desc="fine-tune", unit="step",
                disable=not (progress and accelerator.is_main_process), leave=False)
     while state.step < config.steps:
@@ -178,13 +179,13 @@ def finetune(compressed: CompressedModel, model: nn.Module, train_data, config: 
         args, kwargs = task.model_inputs(batch)
         output, bits = student(*args, **kwargs)
         loss = (task.finetune_loss(output, batch, model, config.distill_weight)
-                + config.rate_weight * bits / num_weights)
+                + config.rate_weight * bits / num_coded_weights)
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
         state.step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", bpw=f"{bits.item() / num_weights:.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", coded_bpw=f"{bits.item() / num_coded_weights:.3f}")
         if checkpoint_dir and state.step % config.checkpoint_every == 0 and state.step < config.steps:
             _save_checkpoint(accelerator, Path(checkpoint_dir) / f"step_{state.step}", identity)
     bar.close()

@@ -12,9 +12,11 @@ from pathlib import Path
 import torch
 
 from hf_vae_compress import CompressedModel, VAECompressionConfig, compress
-from hf_vae_compress.codec import CONTAINER_NAME
+from hf_vae_compress.cli import main
+from hf_vae_compress.codec import CONTAINER_NAME, FitConfig
 from hf_vae_compress.finetune import FinetuneConfig, finetune
 from hf_vae_compress.models import load_model
+from hf_vae_compress.pipeline import search_smallest
 from tests.conftest import tiny_timm
 
 COMPRESS = ["--target-bpw", "3", "--train-steps", "40", "--json"]
@@ -44,7 +46,7 @@ def test_finetune_lowers_the_task_loss_at_a_rate_cost_it_controls():
     with torch.no_grad():
         y = model(x).argmax(-1)  # labels the original model gets right: fine-tuning should recover them
     # 0.5 bits/weight: format v2 spends less on side information, so at 0.8 nothing is left to recover
-    compressed = compress(model, VAECompressionConfig(target_bits_per_weight=0.5, train_steps=40), progress=False)
+    compressed = compress(model, VAECompressionConfig(target_bits_per_weight=0.5, fit=FitConfig(train_steps=40)), progress=False)
 
     def agreement(c: CompressedModel) -> float:
         student = tiny_timm()
@@ -116,16 +118,12 @@ def test_killed_run_resumes_to_the_uninterrupted_bytes(timm_folder, small_test_s
 
 
 def test_finetuning_without_data_is_refused(timm_folder, tmp_path, capsys):
-    from hf_vae_compress.cli import main
-
     assert main(["compress", str(timm_folder), str(tmp_path), "--dataset", "none", "--finetune-steps", "3"]) == 2
     assert "needs a dataset" in capsys.readouterr().err
 
 
 def test_rate_search_keeps_the_smallest_container_within_the_budget(timm_folder, small_test_set, tmp_path):
-    from hf_vae_compress.pipeline import search_smallest
-
-    config = VAECompressionConfig(train_steps=20, transform="identity")
+    config = VAECompressionConfig(transform="identity")
     result = search_smallest(str(timm_folder), tmp_path / "any", 100.0, str(small_test_set), config,
                              probes=3, progress=False)
     log = result.probes
