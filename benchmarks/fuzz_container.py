@@ -12,7 +12,10 @@ mutant in a worker process under limits. The sources are
 
 Each mutant is classified against the clean container's own outcome:
 
-* ``refused``: a clear :class:`ContainerError` (``IntegrityError`` included);
+* ``refused``: a clear :class:`ContainerError` (``IntegrityError`` included), or decoded weights
+  that the loaders' own check refuses (:func:`~hf_vae_compress.loading.fit_state_dict` against the
+  clean weights' names, shapes and dtypes; for version 1, which cannot verify names, their order):
+  what a user who loads the file into its model is told;
 * ``harmless``: decoded bit-identical to the clean container, or refused exactly as the clean
   container is on this machine (a VAE container whose float decoder cannot be verified here);
 * ``silently_wrong``: decoded without an error to weights that differ (or decoded at all where the
@@ -56,6 +59,7 @@ import torch
 
 from hf_vae_compress.codec import CompressedModel, ContainerError, VAECompressionConfig, compress, folder_container
 from hf_vae_compress.hub import save_pretrained
+from hf_vae_compress.loading import fit_state_dict
 from hf_vae_compress.models import load_model
 from hf_vae_compress.tasks import task_for
 
@@ -307,12 +311,26 @@ def make_case(kind: str, data: bytes, rng: random.Random, foreign: bytes, turn: 
 # The worker: decodes mutants under an address-space limit and reports one verdict per case
 
 
-def _decode(path: Path) -> tuple[str, object]:
-    """("weights", state dict) or ("refused", the error as text)."""
+def _decode(path: Path, clean: tuple[str, object] | None = None) -> tuple[str, object]:
+    """("weights", state dict) or ("refused", the error as text).
+
+    Given the clean container's outcome, decoded weights are also fitted to the clean weights'
+    names, shapes and dtypes by :func:`~hf_vae_compress.loading.fit_state_dict`, as every loader
+    fits them to the model (for version 1, in the writer's order): what no loader would load is
+    refused, as it is for a user.
+    """
     try:
-        return "weights", CompressedModel.load(path).decode()
+        compressed = CompressedModel.load(path)
+        decoded = compressed.decode()
     except ContainerError as err:
         return "refused", f"{type(err).__name__}: {err}"
+    if clean is not None and clean[0] == "weights":
+        expected = {k: v.to("meta") for k, v in clean[1].items()}
+        try:
+            fit_state_dict(decoded, expected, path, names_verified=compressed.names_verified)
+        except (ContainerError, RuntimeError) as err:  # the loaders' refusals: missing, unexpected, misshaped, misordered
+            return "refused", f"at load: {type(err).__name__}: {err}"
+    return "weights", decoded
 
 
 def _judge(outcome: tuple[str, object], clean: tuple[str, object]) -> tuple[str, str]:
@@ -347,7 +365,7 @@ def _worker(conn, address_space_gb: float) -> None:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         start = time.perf_counter()
         try:
-            verdict, detail = _judge(_decode(path), references[source])
+            verdict, detail = _judge(_decode(path, references[source]), references[source])
         except MemoryError as err:
             verdict, detail = "over_limit", f"MemoryError: {err}"[:200]
         except Exception as err:  # noqa: BLE001 - classifying every exception is the point

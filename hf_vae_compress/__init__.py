@@ -3,7 +3,8 @@
 import logging
 
 from .codec import (
-    CONTAINER_NAME, CompressedModel, ContainerError, IntegrityError, MachineDependentError, VAECompressionConfig, compress,
+    CONTAINER_NAME, CompressedModel, ContainerError, FitConfig, IntegrityError, MachineDependentError,
+    VAECompressionConfig, compress,
 )
 from .evaluate import evaluate
 from .finetune import FinetuneConfig, finetune
@@ -20,7 +21,7 @@ except ImportError as _err:  # transformers missing or too different: timm loadi
     logging.getLogger(__name__).warning("hf_vae_compress: transformers integration unavailable: %s", _err)
 
 __all__ = [
-    "CONTAINER_NAME", "CardInfo", "CompressedModel", "ContainerError", "FinetuneConfig", "IntegrityError",
+    "CONTAINER_NAME", "CardInfo", "CompressedModel", "ContainerError", "FinetuneConfig", "FitConfig", "IntegrityError",
     "MachineDependentError", "VAECompressionConfig", "compress", "create_model", "evaluate", "finetune", "push_to_hub", "save_pretrained",
 ]
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .codec import CompressedModel, ContainerError, VAECompressionConfig
+from .codec import CompressedModel, ContainerError, FitConfig, VAECompressionConfig
 from .codec.config import ROUNDINGS, TRANSFORMS, check_target_rate
 from .data import DataNotFoundError
 from .finetune import FinetuneConfig, check_resume, run_identity
@@ -79,7 +79,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
     check_model_folder(folder)
     check_output(args.out_dir, folder, args.overwrite)
     fields = dict(transform=args.transform, chunk_size=args.chunk_size, hidden_size=args.hidden_size,
-                  train_steps=args.train_steps, seed=args.seed, calibration_batches=args.calibration_batches,
+                  fit=FitConfig(train_steps=args.train_steps), seed=args.seed, calibration_batches=args.calibration_batches,
                   rounding=args.rounding, correct_biases=args.correct_biases, correct_norms=args.correct_norms)
     if args.beta is not None:
         fields.update(beta=args.beta, target_bits_per_weight=None)
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "transform, whose float decoder is not yet portable across machines")
     co.add_argument("--chunk-size", type=int, default=VAECompressionConfig.chunk_size)
     co.add_argument("--hidden-size", type=int, default=VAECompressionConfig.hidden_size)
-    co.add_argument("--train-steps", type=int, default=VAECompressionConfig.train_steps)
+    co.add_argument("--train-steps", type=int, default=FitConfig.train_steps)
     co.add_argument("--calibration-batches", type=int, default=VAECompressionConfig.calibration_batches)
     co.add_argument("--rounding", choices=ROUNDINGS, default=VAECompressionConfig.rounding,
                     help="output_aware: GPTQ error compensation against each layer's calibration inputs (default; "

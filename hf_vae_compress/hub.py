@@ -134,6 +134,8 @@ def _describe(task: Task, metrics: dict | None) -> str:
 
 def _settings_table(compressed: CompressedModel) -> str:
     config = compressed.config.to_dict()
+    if config["transform"] == "vae":  # only a learned transform is trained
+        config["train_steps"] = config["fit"]["train_steps"]
     keys = ["target_bits_per_weight", "beta", "transform", "rounding", "correct_biases", "correct_norms", "chunk_size",
             "hidden_size", "normalization", "min_numel", "raw_dtype", "train_steps", "calibration_batches", "seed"]
     lines = ["| setting | value |", "|---|---|"]

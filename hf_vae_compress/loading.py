@@ -13,15 +13,19 @@ holds a container file under today's or the version-1 name.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .codec import (
-    CONTAINER_NAME, CompressedModel, ContainerError, container_name, folder_container, is_compressed_config,
+    ALLOW_UNVERIFIED_ENV, CONTAINER_NAME, CompressedModel, ContainerError, allow_unverified, container_name,
+    folder_container, is_compressed_config,
 )
 from .models import build_empty, load_model, read_config
+
+logger = logging.getLogger(__name__)
 
 
 def named_container(config: dict) -> str | None:
@@ -46,13 +50,18 @@ def find_container(folder: str | Path) -> Path | None:
 
 
 def fit_state_dict(decoded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str | Path,
-                   rename: Callable[[str], str] | None = None) -> dict[str, torch.Tensor]:
+                   rename: Callable[[str], str] | None = None, names_verified: bool = True) -> dict[str, torch.Tensor]:
     """The decoded weights named, ordered and typed as ``expected`` (a state dict, meta tensors
     will do); raises on any missing, unexpected or mis-shaped key.
 
     ``rename`` maps a decoded name the model does not know to the model's name for it (e.g.
     transformers' legacy renamings, or TimmWrapper's ``timm_model.`` prefix). Floating-point
     tensors are cast only when the model was built in another dtype on purpose.
+
+    ``names_verified=False`` (a version-1 container: its hashes cover each tensor's bytes, not its
+    name) also asks that the tensors come in the model's state-dict order, the order the writer
+    took them in: two same-shaped tensors whose names were swapped would otherwise load silently
+    into each other's places. The opt-in for unverified decodes lets an order mismatch through.
     """
     renamed: dict[str, torch.Tensor] = {}
     for key, tensor in decoded.items():
@@ -67,6 +76,8 @@ def fit_state_dict(decoded: dict[str, torch.Tensor], expected: dict[str, torch.T
             f"the decoded weights of {source} do not fit the model: "
             f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    if not names_verified:
+        _check_writer_order(list(renamed), list(expected), source)
     out = {}
     for key, ref in expected.items():
         tensor = renamed[key]
@@ -78,10 +89,25 @@ def fit_state_dict(decoded: dict[str, torch.Tensor], expected: dict[str, torch.T
     return out
 
 
-def decode_container(container: str | Path) -> dict[str, torch.Tensor]:
+def _check_writer_order(decoded: list[str], expected: list[str], source: str | Path) -> None:
+    if decoded == expected:
+        return
+    first = next(i for i, (a, b) in enumerate(zip(decoded, expected)) if a != b)
+    message = (f"{source} is a version-1 container, whose hashes do not cover tensor names, and its tensors are "
+               f"not in the model's order (position {first}: {decoded[first]!r} where the model has "
+               f"{expected[first]!r}), so it cannot be shown that every weight carries its own name")
+    if not allow_unverified():
+        raise ContainerError(f"{message}. Recompress the model to write format 2, which verifies names, or set "
+                             f"{ALLOW_UNVERIFIED_ENV}=1 to load it unverified.")
+    logger.warning("%s; loading it unverified (%s set)", message, ALLOW_UNVERIFIED_ENV)
+
+
+def decode_container(container: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
     """The container's state dict, every tensor checked against its recorded hash (raises
-    :class:`~hf_vae_compress.ContainerError` / ``IntegrityError`` otherwise)."""
-    return CompressedModel.load(container).decode()
+    :class:`~hf_vae_compress.ContainerError` / ``IntegrityError`` otherwise), and whether its
+    format verifies tensor names (for :func:`fit_state_dict`)."""
+    compressed = CompressedModel.load(container)
+    return compressed.decode(), compressed.names_verified
 
 
 def load_into(model: torch.nn.Module, container: str | Path) -> torch.nn.Module:
@@ -100,7 +126,8 @@ def load_into(model: torch.nn.Module, container: str | Path) -> torch.nn.Module:
     except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as err:
         raise ContainerError(f"{container}: the container's tensor table is malformed: {err}") from err
     targets = model.state_dict()  # tensors that share storage with the model's parameters and buffers
-    fit_state_dict(declared, {k: v.to("meta") for k, v in targets.items()}, container)
+    fit_state_dict(declared, {k: v.to("meta") for k, v in targets.items()}, container,
+                   names_verified=compressed.names_verified)
     with torch.no_grad():
         for name, tensor in stream:
             targets[name].copy_(tensor)

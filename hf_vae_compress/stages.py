@@ -22,7 +22,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("config", ("codec.config",)),
     ("select", ("codec.select",)),
     ("chunk", ("codec.chunking",)),
-    ("transform", ("codec.quantize", "codec.transform")),
+    ("transform", ("codec.quantize", "codec.transform", "codec.fit")),
     ("quantize", ("codec.importance", "codec.output_aware", "codec.calibration", "codec.correction",
                   "codec.rate", "codec.latents")),
     ("container", ("codec.format.v1", "codec.format.v2", "codec.format.registry", "codec.compressed")),

@@ -2,6 +2,7 @@
 
 import copy
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,13 @@ import torch
 
 from hf_vae_compress import CompressedModel, ContainerError, IntegrityError, VAECompressionConfig, compress
 from hf_vae_compress.codec.format import integrity, registry
+from hf_vae_compress.codec import ALLOW_UNVERIFIED_ENV, folder_container
 from hf_vae_compress.codec.format.framing import serialize
+from hf_vae_compress.loading import load_folder
 from tests.conftest import tiny_timm
 
 V1_FIXTURE = Path(__file__).resolve().parent / "data" / "v1" / "fmnist-vit.vaec.safetensors"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "artifacts"
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +37,8 @@ def _reheadered(container: CompressedModel, edit) -> CompressedModel:
 
 
 def test_swapped_tensor_names_are_refused_as_corrupt(sealed):
-    def swap(header):
-        same = {}
-        for entry in header["tensors"]:
-            same.setdefault((tuple(entry["shape"]), entry["codec"]), []).append(entry)
-        a, b = next(group for group in same.values() if len(group) > 1)[:2]
-        a["name"], b["name"] = b["name"], a["name"]
-
     with pytest.raises(IntegrityError, match="corrupt"):
-        _reheadered(sealed, swap).decode()
+        _reheadered(sealed, _swap_same_shaped).decode()
 
 
 def test_a_flipped_stream_byte_is_refused_as_corrupt(sealed):
@@ -110,3 +107,34 @@ def test_a_v1_container_round_trips_through_serialize():
     _, header, tensors = registry.read(V1_FIXTURE)
     original = CompressedModel(header, tensors)
     assert original.to_bytes() == serialize(header, tensors)
+
+
+def _swap_same_shaped(header) -> tuple[str, str]:
+    groups = {}
+    for entry in header["tensors"]:
+        groups.setdefault((tuple(entry["shape"]), entry["codec"]), []).append(entry)
+    a, b = next(group for group in groups.values() if len(group) > 1)[:2]
+    a["name"], b["name"] = b["name"], a["name"]
+    return a["name"], b["name"]
+
+
+def test_a_v1_container_with_swapped_names_is_refused_at_load(tmp_path, monkeypatch):
+    """v1's hashes cannot see two same-shaped tensors trade names; the writer's order (the model's
+    state-dict order) can, wherever the container is loaded into a model."""
+    folder = tmp_path / "vit"
+    shutil.copytree(ARTIFACTS / "fmnist-vit", folder)
+    container = folder_container(folder)
+    _, header, tensors = registry.read(container)
+    _swap_same_shaped(header)
+    container.write_bytes(serialize(header, tensors))
+    assert CompressedModel.load(container).decode()  # the format alone cannot tell
+    with pytest.raises(ContainerError, match="not in the model's order"):
+        load_folder(folder)
+    monkeypatch.setenv(ALLOW_UNVERIFIED_ENV, "1")
+    assert isinstance(load_folder(folder), torch.nn.Module)  # the explicit opt-in, with a warning
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in ARTIFACTS.iterdir()
+                                        if CompressedModel.load(folder_container(p)).version == 1))
+def test_committed_v1_artifacts_load_in_the_writers_order(name):
+    assert isinstance(load_folder(ARTIFACTS / name), torch.nn.Module)

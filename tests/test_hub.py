@@ -25,7 +25,7 @@ import torch
 
 from hf_vae_compress import CardInfo, VAECompressionConfig, compress, create_model, push_to_hub, save_pretrained
 from hf_vae_compress.cli import main
-from hf_vae_compress.codec import CONTAINER_NAME
+from hf_vae_compress.codec import CONTAINER_NAME, FitConfig
 from hf_vae_compress.data import load_image_dataset
 from hf_vae_compress.evaluate import evaluate
 from hf_vae_compress.integrations.transformers_quantizer import check_transformers_api
@@ -35,7 +35,7 @@ from hf_vae_compress.testing.hub_server import HubServer
 
 TOKEN = "hf_test"
 ROOT = Path(__file__).resolve().parent.parent
-FAST = VAECompressionConfig(target_bits_per_weight=4.0, train_steps=60, train_batch_chunks=1024)
+FAST = VAECompressionConfig(target_bits_per_weight=4.0, fit=FitConfig(train_steps=60, train_batch_chunks=1024))
 REPOS = {"timm": "test-org/tiny-timm-vaec", "vit": "test-org/tiny-vit-vaec"}
 FP32_REPOS = {"timm": "test-org/tiny-timm", "vit": "test-org/tiny-vit"}
 TIMINGS: dict[str, float] = {}

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from hf_vae_compress import CONTAINER_NAME, CompressedModel, IntegrityError, VAECompressionConfig, compress
+from hf_vae_compress.codec import FitConfig
 from hf_vae_compress.codec.format.integrity import ALLOW_UNVERIFIED_ENV, MachineDependentError
 from hf_vae_compress.codec.transform import WeightVAE
 from tests.conftest import tiny_timm, tiny_vit
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = sorted(p for p in (ROOT / "benchmarks" / "results" / "artifacts").iterdir() if p.is_dir())
 FIXTURES = sorted((ROOT / "tests" / "data" / "v1").glob("*.safetensors"))
 OTHER_MACHINE = {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
-VAE = dict(transform="vae", train_steps=60, train_batch_chunks=1024)
+VAE = dict(transform="vae", fit=FitConfig(train_steps=60, train_batch_chunks=1024))
 
 
 def _probe(paths: list[Path], env: dict[str, str]) -> dict:

@@ -65,6 +65,11 @@ class CompressedModel:
         return cls(header, tensors)
 
     @property
+    def names_verified(self) -> bool:
+        """Whether the format's checks cover tensor names (version 1 hashed only their bytes)."""
+        return self._reader.NAMES_VERIFIED
+
+    @property
     def portable(self) -> bool:
         """Whether this container decodes to the same bits on every machine (no float decoder network)."""
         return transform_class(self.header["transform"]["kind"]).portable

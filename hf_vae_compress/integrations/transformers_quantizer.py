@@ -162,14 +162,15 @@ class HfVaeCompressQuantizer(HfQuantizer):
                                  f"{err}") from err
         start = time.perf_counter()
         with _plain_torch():  # from_pretrained runs this hook inside its init context (meta device, model dtype)
-            decoded = decode_container(self.container_path)  # ContainerError, IntegrityError propagate
+            decoded, names_verified = decode_container(self.container_path)  # ContainerError, IntegrityError propagate
         self.decode_seconds = time.perf_counter() - start
         renamings = [c for c in get_model_conversion_mapping(model) if isinstance(c, WeightRenaming)]
-        self.decoded = self._fit(model, decoded, renamings)
+        self.decoded = self._fit(model, decoded, renamings, names_verified)
         self.loaded_keys = None
         return model
 
-    def _fit(self, model, decoded: dict[str, torch.Tensor], renamings: list) -> dict[str, torch.Tensor]:
+    def _fit(self, model, decoded: dict[str, torch.Tensor], renamings: list,
+             names_verified: bool) -> dict[str, torch.Tensor]:
         """Name every decoded tensor as the model does (through its own renamings); raise on any
         missing, unexpected or mis-shaped key."""
         expected = model.state_dict()  # on meta: names, shapes and dtypes
@@ -177,7 +178,7 @@ class HfVaeCompressQuantizer(HfQuantizer):
         def rename(key: str) -> str:
             return rename_source_key(key, renamings, [], model.base_model_prefix, expected)[0]
 
-        return fit_state_dict(decoded, expected, self.container_path, rename)
+        return fit_state_dict(decoded, expected, self.container_path, rename, names_verified)
 
     # 3. the weight-loading pipeline: one converter takes the whole container
     def update_weight_conversions(self, weight_conversions, model):

@@ -34,6 +34,7 @@ from .layout import ChunkLayout, from_chunks
 from .limits import MAX_CHUNK_SIZE, MAX_HIDDEN_SIZE, MAX_NUMEL
 
 VERSION = 1
+NAMES_VERIFIED = False  # one SHA-256 per tensor, of its bytes only
 NUM_CONTEXTS = 3
 _PARTS = {"streams": torch.uint8, "tables": torch.uint16, "scales": torch.float16}
 MAX_TOKEN = 1 << 20  # |symbol| a table may name; the writer's were far below

@@ -56,6 +56,7 @@ from .limits import MAX_CHUNK_SIZE, MAX_HIDDEN_SIZE, MAX_NUMEL
 logger = logging.getLogger(__name__)
 
 VERSION = 2
+NAMES_VERIFIED = True  # the stored-bytes and model hashes both cover names
 HEADER_BYTES_PER_TENSOR = 16  # compressed JSON (measured: 9-14 B) + the CRC-32, for the rate search
 LOOKAHEAD = 4  # tensors decoded ahead of the consumer: bounds memory, keeps both cores busy
 _PARTS = ("streams", "tables", "scales", "vectors")
