@@ -20,7 +20,7 @@ from hf_vae_compress import VAECompressionConfig
 from hf_vae_compress.data import load_fashion_mnist
 from hf_vae_compress.evaluate import evaluate, logits_of
 from hf_vae_compress.models import load_model
-from hf_vae_compress.pipeline import Source, load_compressed, search_smallest
+from hf_vae_compress.pipeline import Source, describe_probe, load_compressed, search_smallest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,9 +37,11 @@ def main() -> None:
 
     start = time.perf_counter()
     source = Source.open(args.model, "fashion_mnist", VAECompressionConfig.calibration_batches)
-    search = search_smallest(source, args.out_dir, source.task.budget_pt, "fashion_mnist", VAECompressionConfig())
+    budget = source.task.budget_pt
+    search = search_smallest(source, args.out_dir, budget, "fashion_mnist", VAECompressionConfig(),
+                             on_probe=lambda probe: print(describe_probe(probe, budget), flush=True))
     if search.compressed is None:
-        raise SystemExit(f"no rate kept the validation drop within {source.task.budget_pt} pt: {search.probes}")
+        raise SystemExit(f"no rate kept the validation drop within {budget} pt: {search.probes}")
     encode_seconds = time.perf_counter() - start
     report = search.compressed.report()
 
