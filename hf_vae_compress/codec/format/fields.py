@@ -42,3 +42,12 @@ def shape_field(entry: dict, where: str) -> list[int]:
     if math.prod(shape) > MAX_NUMEL:
         raise fail(f"{where}.shape", f"{shape!r} has more than {MAX_NUMEL} values")
     return shape
+
+
+def entry_fields(entry: dict, where: str, seen: set[str]) -> tuple[str, str, str, list[int]]:
+    """A tensor-table entry's name (a new string), dtype and codec names, and shape, checked."""
+    name = get_field(entry, "name", str, where)
+    if name in seen:
+        raise fail(f"{where}.name", f"duplicate tensor name {name!r}")
+    seen.add(name)
+    return name, get_field(entry, "dtype", str, where), get_field(entry, "codec", str, where), shape_field(entry, where)

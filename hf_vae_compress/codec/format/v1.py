@@ -27,7 +27,7 @@ import torch
 
 from ..config import TRANSFORMS, VAECompressionConfig
 from ..transform import Transform, build_transform
-from .fields import FLOAT_DTYPES, INT_DTYPES, fail, get_field, int_field, shape_field
+from .fields import FLOAT_DTYPES, INT_DTYPES, entry_fields, fail, get_field, int_field
 from .framing import ContainerError
 from .integrity import IntegrityError, allow_unverified, machine_dependent, sha256_hex, warn_unverified
 from .layout import ChunkLayout, from_chunks
@@ -128,16 +128,10 @@ def validate(header: dict, tensors: dict[str, torch.Tensor]) -> None:
     values_bytes = 0
     for i, entry in enumerate(entries):
         where = f"tensors[{i}]"
-        name = get_field(entry, "name", str, where)
-        if name in names:
-            raise fail(f"{where}.name", f"duplicate tensor name {name!r}")
-        names.add(name)
-        dtype = get_field(entry, "dtype", str, where)
+        _, dtype, codec, shape = entry_fields(entry, where, names)
         if dtype not in FLOAT_DTYPES + INT_DTYPES:
             raise fail(f"{where}.dtype", f"unknown dtype {dtype!r}")
-        shape = shape_field(entry, where)
         values_bytes += math.prod(shape) * (4 if dtype in FLOAT_DTYPES else _dtype(dtype).itemsize)
-        codec = get_field(entry, "codec", str, where)
         if codec == "raw":
             stored = get_field(entry, "stored", str, where)
             key = f"raw.{stored}"

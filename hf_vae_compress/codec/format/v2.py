@@ -49,7 +49,7 @@ from .integrity import (
     STORED_HASH_FIELD, IntegrityError, ModelHash, allow_unverified, crc32, machine_dependent, stored_sha256,
     warn_unverified,
 )
-from .fields import FLOAT_DTYPES, INT_DTYPES, fail, get_field, int_field, shape_field
+from .fields import FLOAT_DTYPES, INT_DTYPES, entry_fields, fail, get_field, int_field
 from .layout import ChunkLayout
 from .limits import MAX_CHUNK_SIZE, MAX_HIDDEN_SIZE, MAX_NUMEL
 
@@ -310,39 +310,7 @@ def validate(header: dict, tensors: dict[str, torch.Tensor]) -> _Validated:
     entries = get_field(header, "tensors", list, "header")
     int_field(header, "fp32_safetensors_bytes", "header", 0, 1 << 50)
     parts = {k: _Slicer(k, _part_bytes(tensors, k)) for k in _PARTS}
-    coded_streams, rows, float_sizes, raw_sizes = {}, {}, {}, {}
-    names: set[str] = set()
-    total = 0
-    for i, entry in enumerate(entries):
-        where = f"tensors[{i}]"
-        name = get_field(entry, "name", str, where)
-        if name in names:
-            raise fail(f"{where}.name", f"duplicate tensor name {name!r}")
-        names.add(name)
-        dtype = get_field(entry, "dtype", str, where)
-        codec = get_field(entry, "codec", str, where)
-        shape = shape_field(entry, where)
-        total += math.prod(shape)
-        if total > MAX_NUMEL:
-            raise fail(f"{where}.shape", "the model has more values than any container may hold")
-        if codec == kind:
-            layout, layout_name = _coded_entry(entry, where, dtype, shape, chunk_size)
-            sizes = streams.tensor_stream_sizes(layout_name, layout.num_chunks, chunk_size)
-            lengths = _lengths_field(entry.get("streams"), f"{where}.streams", len(sizes))
-            coded_streams[name] = _take_streams(lengths, parts["tables"], parts["streams"])
-            rows[name] = layout.rows
-        elif codec == "float":
-            if dtype not in FLOAT_DTYPES:
-                raise fail(f"{where}.dtype", f"{dtype!r} is not a float dtype")
-            if get_field(entry, "stored", str, where) not in FLOAT_DTYPES:
-                raise fail(f"{where}.stored", "not a float dtype")
-            float_sizes[name] = math.prod(shape)
-        elif codec == "raw":
-            if dtype not in INT_DTYPES:
-                raise fail(f"{where}.dtype", f"{dtype!r} is not an integer dtype")
-            raw_sizes[name] = math.prod(shape)
-        else:
-            raise fail(f"{where}.codec", f"unknown codec {codec!r}")
+    coded_streams, rows, float_sizes, raw_sizes = _entries(entries, kind, chunk_size, parts)
     parts["streams"].finish()
     transform = _stored_transform(tensors, spec, kind, chunk_size, hidden_size, len(coded_streams))
     scale_streams = _take_streams(_lengths_field(header.get("scales"), "scales", len(streams.stream_sizes(sum(rows.values())))),
@@ -364,6 +332,39 @@ def validate(header: dict, tensors: dict[str, torch.Tensor]) -> _Validated:
         raise fail("tensors", f"{len(entries)} tensors but {len(checks)} bytes of checks")
     return _Validated(entries, config, transform, chunk_size, pcodec, coded_streams, rows, float_sizes, raw_sizes,
                       scale_streams, vectors_layout, vector_streams, checks)
+
+
+def _entries(entries: list, kind: str, chunk_size: int, parts: dict[str, _Slicer]) -> tuple[dict, dict, dict, dict]:
+    """The tensor table, checked entry by entry: each coded tensor's streams (sliced from the
+    parts) and rows, and the value counts of the stored float and integer tensors."""
+    coded_streams, rows, float_sizes, raw_sizes = {}, {}, {}, {}
+    names: set[str] = set()
+    total = 0
+    for i, entry in enumerate(entries):
+        where = f"tensors[{i}]"
+        name, dtype, codec, shape = entry_fields(entry, where, names)
+        total += math.prod(shape)
+        if total > MAX_NUMEL:
+            raise fail(f"{where}.shape", "the model has more values than any container may hold")
+        if codec == kind:
+            layout, layout_name = _coded_entry(entry, where, dtype, shape, chunk_size)
+            sizes = streams.tensor_stream_sizes(layout_name, layout.num_chunks, chunk_size)
+            lengths = _lengths_field(entry.get("streams"), f"{where}.streams", len(sizes))
+            coded_streams[name] = _take_streams(lengths, parts["tables"], parts["streams"])
+            rows[name] = layout.rows
+        elif codec == "float":
+            if dtype not in FLOAT_DTYPES:
+                raise fail(f"{where}.dtype", f"{dtype!r} is not a float dtype")
+            if get_field(entry, "stored", str, where) not in FLOAT_DTYPES:
+                raise fail(f"{where}.stored", "not a float dtype")
+            float_sizes[name] = math.prod(shape)
+        elif codec == "raw":
+            if dtype not in INT_DTYPES:
+                raise fail(f"{where}.dtype", f"{dtype!r} is not an integer dtype")
+            raw_sizes[name] = math.prod(shape)
+        else:
+            raise fail(f"{where}.codec", f"unknown codec {codec!r}")
+    return coded_streams, rows, float_sizes, raw_sizes
 
 
 def _coded_entry(entry: dict, where: str, dtype: str, shape: list[int], chunk_size: int) -> tuple[ChunkLayout, str]:
