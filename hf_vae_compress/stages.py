@@ -15,7 +15,7 @@ from __future__ import annotations
 
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("format primitives", (
-        "codec.format", "codec.format.limits", "codec.format.framing", "codec.format.fields",
+        "codec.format", "codec.format.limits", "codec.format.framing",
         "codec.format.integrity", "codec.format.layout", "codec.format.grid", "codec.format.identity",
         "codec.format.streams",
     )),
@@ -25,9 +25,9 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("transform", ("codec.quantize", "codec.transform", "codec.fit")),
     ("quantize", ("codec.importance", "codec.output_aware", "codec.calibration", "codec.correction",
                   "codec.rate", "codec.latents")),
-    ("container", ("codec.format.v1", "codec.format.v2", "codec.format.registry", "codec.compressed")),
+    ("container", ("codec.format.fields", "codec.format.v1", "codec.format.v2", "codec.format.registry", "codec.compressed")),
     ("compress", ("codec.compress", "codec.reparam", "codec")),
-    ("tasks", ("data", "evaluate", "detection", "tasks")),
+    ("tasks", ("data", "evaluate", "detection", "synthetic", "tasks")),
     ("models", ("models", "loading")),
     ("integrations", ("integrations", "integrations.quantization_config", "integrations.transformers_quantizer",
                       "integrations.timm", "integrations.remote_code", "integrations.remote_code.modeling_hf_vae_compress")),

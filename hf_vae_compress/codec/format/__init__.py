@@ -12,6 +12,7 @@ committed container.
 * :mod:`.grid`: row scales, stored steps, float symbols;
 * :mod:`.identity`: the identity transform's decode arithmetic;
 * :mod:`.streams`: pcodec entropy coding;
+* :mod:`.fields`: checked reads of header fields, shared by the readers;
 * :mod:`.v1` (frozen, read only), :mod:`.v2` (written), :mod:`.registry` (which reads which).
 
 The VAE transform's decoder is a float network (:mod:`..transform`) whose weights each container

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 
+from ..config import TRANSFORMS, VAECompressionConfig
 from .framing import ContainerError
-from .limits import MAX_NUMEL, MAX_TENSOR_DIMS
+from .limits import MAX_CHUNK_SIZE, MAX_HIDDEN_SIZE, MAX_NUMEL, MAX_TENSOR_DIMS
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "bool")
@@ -51,3 +52,20 @@ def entry_fields(entry: dict, where: str, seen: set[str]) -> tuple[str, str, str
         raise fail(f"{where}.name", f"duplicate tensor name {name!r}")
     seen.add(name)
     return name, get_field(entry, "dtype", str, where), get_field(entry, "codec", str, where), shape_field(entry, where)
+
+
+def codec_fields(header: dict, config: dict) -> tuple[VAECompressionConfig, dict, str, int, int]:
+    """The header's codec config (``config``: as the version's reader reads it) and its transform
+    spec, kind, chunk size and hidden size, checked against the readers' limits."""
+    get_field(header, "config", dict, "header")
+    try:
+        parsed = VAECompressionConfig.from_dict(config)
+    except (TypeError, ValueError) as err:
+        raise fail("config", str(err)) from err
+    spec = get_field(header, "transform", dict, "header")
+    kind = get_field(spec, "kind", str, "transform")
+    if kind not in TRANSFORMS:
+        raise fail("transform.kind", f"unknown transform {kind!r}")
+    chunk_size = int_field(spec, "chunk_size", "transform", 1, MAX_CHUNK_SIZE)
+    hidden_size = int_field(spec, "hidden_size", "transform", 1, MAX_HIDDEN_SIZE)
+    return parsed, spec, kind, chunk_size, hidden_size

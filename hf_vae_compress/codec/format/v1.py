@@ -25,13 +25,12 @@ import constriction
 import numpy as np
 import torch
 
-from ..config import TRANSFORMS, VAECompressionConfig
 from ..transform import Transform, build_transform
-from .fields import FLOAT_DTYPES, INT_DTYPES, entry_fields, fail, get_field, int_field
+from .fields import FLOAT_DTYPES, INT_DTYPES, codec_fields, entry_fields, fail, get_field, int_field
 from .framing import ContainerError
 from .integrity import IntegrityError, allow_unverified, machine_dependent, sha256_hex, warn_unverified
 from .layout import ChunkLayout, from_chunks
-from .limits import MAX_CHUNK_SIZE, MAX_HIDDEN_SIZE, MAX_NUMEL
+from .limits import MAX_NUMEL
 
 VERSION = 1
 NAMES_VERIFIED = False  # one SHA-256 per tensor, of its bytes only
@@ -109,18 +108,8 @@ def validate(header: dict, tensors: dict[str, torch.Tensor]) -> None:
     mutated header cannot size an allocation; each failure is a :class:`ContainerError` naming
     the field. (The version-1 code itself trusted its header.)
     """
-    config = get_field(header, "config", dict, "header")
-    int_field(config, "table_precision", "config", 8, 15)
-    try:
-        VAECompressionConfig.from_dict(config_dict(header))
-    except (TypeError, ValueError) as err:
-        raise fail("config", str(err)) from err
-    spec = get_field(header, "transform", dict, "header")
-    kind = get_field(spec, "kind", str, "transform")
-    if kind not in TRANSFORMS:
-        raise fail("transform.kind", f"unknown transform {kind!r}")
-    chunk_size = int_field(spec, "chunk_size", "transform", 1, MAX_CHUNK_SIZE)
-    int_field(spec, "hidden_size", "transform", 1, MAX_HIDDEN_SIZE)
+    int_field(get_field(header, "config", dict, "header"), "table_precision", "config", 8, 15)
+    _, _, kind, chunk_size, _ = codec_fields(header, config_dict(header))
     fp32_bytes = int_field(header, "fp32_safetensors_bytes", "header", 0, 1 << 50)
     entries = get_field(header, "tensors", list, "header")
     need = dict.fromkeys(_PARTS, 0)

@@ -40,18 +40,18 @@ import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
-from ..config import TRANSFORMS, VAECompressionConfig
+from ..config import VAECompressionConfig
 from ..latents import CodedTensor, Latents
 from ..transform import Transform, build_transform
 from . import grid, streams
+from .fields import FLOAT_DTYPES, INT_DTYPES, codec_fields, entry_fields, fail, get_field, int_field
 from .framing import FORMAT_NAME, ContainerError
 from .integrity import (
     STORED_HASH_FIELD, IntegrityError, ModelHash, allow_unverified, crc32, machine_dependent, stored_sha256,
     warn_unverified,
 )
-from .fields import FLOAT_DTYPES, INT_DTYPES, entry_fields, fail, get_field, int_field
 from .layout import ChunkLayout
-from .limits import MAX_CHUNK_SIZE, MAX_HIDDEN_SIZE, MAX_NUMEL
+from .limits import MAX_NUMEL
 
 logger = logging.getLogger(__name__)
 
@@ -293,16 +293,7 @@ def validate(header: dict, tensors: dict[str, torch.Tensor]) -> _Validated:
     :class:`ContainerError` naming the field.
     """
     get_field(header, "config", dict, "header")
-    try:
-        config = VAECompressionConfig.from_dict(config_dict(header))
-    except (TypeError, ValueError) as err:
-        raise fail("config", str(err)) from err
-    spec = get_field(header, "transform", dict, "header")
-    kind = get_field(spec, "kind", str, "transform")
-    if kind not in TRANSFORMS:
-        raise fail("transform.kind", f"unknown transform {kind!r}")
-    chunk_size = int_field(spec, "chunk_size", "transform", 1, MAX_CHUNK_SIZE)
-    hidden_size = int_field(spec, "hidden_size", "transform", 1, MAX_HIDDEN_SIZE)
+    config, spec, kind, chunk_size, hidden_size = codec_fields(header, config_dict(header))
     try:
         pcodec = bytes.fromhex(get_field(header, "pcodec", str, "header"))
     except ValueError as err:
