@@ -19,13 +19,14 @@ from tqdm.auto import tqdm
 
 from .codec import CompressedModel, ContainerError, FitConfig, VAECompressionConfig
 from .codec.config import ROUNDINGS, TRANSFORMS, check_target_rate
-from .data import DataNotFoundError
+from .data import DataNotFoundError, is_unlabelled
 from .finetune import FinetuneConfig, check_resume, run_identity
 from .hub import CardInfo, check_output, push_to_hub, save_pretrained
 from .loading import find_container
 from .models import check_model_folder, load_model, resolve_folder, weights_bytes
 from .pipeline import UNCHECKED_BPW, Source, describe_probe, load_any, search_smallest
-from .tasks import DEFAULT_DATASET, task_for
+from .synthetic import SyntheticConfig
+from .tasks import CHECK_NONE, DEFAULT_DATASET, task_for
 
 logger = logging.getLogger("hf_vae_compress")
 
@@ -41,11 +42,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> dict:
 
 def _check_compress_args(args: argparse.Namespace, fixed_rate: bool) -> None:
     """Refuse combinations of flags that cannot work, before anything is loaded."""
-    if not args.dataset:
-        for flag, given in (("--max-accuracy-drop", args.max_accuracy_drop is not None),
-                            ("--finetune-steps", args.finetune_steps > 0), ("--validation-split", bool(args.validation_split))):
+    synthetic = not args.dataset and args.synthetic_images > 0
+    if not args.dataset and not synthetic and args.max_accuracy_drop is not None:
+        raise ValueError("--max-accuracy-drop needs images to check on: pass --dataset, or synthetic images "
+                         "(--synthetic-images above 0)")
+    if not args.dataset or is_unlabelled(args.dataset):
+        what = "--dataset none gives none" if not args.dataset else f"{args.dataset} has no labels"
+        for flag, given in (("--finetune-steps", args.finetune_steps > 0),
+                            ("--validation-split", bool(args.validation_split))):
             if given:
-                raise ValueError(f"{flag} needs a dataset (--dataset none gives none): pass --dataset or drop {flag}")
+                raise ValueError(f"{flag} needs a dataset with labels ({what}): pass one or drop {flag}")
     if (args.checkpoint_dir or args.resume_from) and not fixed_rate:
         raise ValueError("--checkpoint-dir and --resume-from need a fixed rate (--target-bpw or --beta): "
                          "a rate search fine-tunes many candidates")
@@ -55,17 +61,20 @@ def _check_compress_args(args: argparse.Namespace, fixed_rate: bool) -> None:
 
 def _over_budget(validation: dict | None, rate: str) -> str | None:
     """A warning when a fixed rate's measured validation drop does not fit the task's budget."""
-    if validation is None or validation.get("within_budget", True) or not validation.get("accuracy_checked", True):
+    if validation is None or validation.get("within_budget", True) or not validation.get("rate_checked", True):
         return None  # nothing measured, or measured on data that cannot show a drop (its own warning says so)
     return (f"{rate} loses {validation['drop_pt']:.2f} ± {validation.get('drop_se_pt', 0.0):.2f} pt of "
-            f"{validation['metric']} on the {validation['split']} split, over the task's budget of "
-            f"{validation['budget_pt']} pt: drop the rate argument to search the smallest container within budget")
+            f"{validation['metric']} on the {validation['split']} split, over the {validation['allowed_pt']:g} pt "
+            f"that {validation['check']} may use: drop the rate argument to search the smallest container within it")
 
 
 def _cmd_compress(args: argparse.Namespace) -> dict | None:
     """Fixed rate with ``--target-bpw`` / ``--beta``; otherwise the smallest container within an
     accuracy budget (``--max-accuracy-drop``, or the task's own budget when data is available).
-    Without data nothing can be checked: a conservative rate, and a warning that says so.
+    Without data (``--dataset none``) the model makes its own images (``--synthetic-images``): they
+    calibrate, and agreement with the original on others decides the rate, held to a share of the
+    budget and reported as not an accuracy check; with ``--synthetic-images 0`` nothing can be
+    checked: a conservative rate, and a warning that says so.
 
     Every input is checked before the long work (loading data, calibrating, searching): the source
     folder, the output folder (never the source, never another model's weights without
@@ -97,14 +106,18 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main_process = accelerator is None or accelerator.is_main_process
     split = {"validation_split": args.validation_split} if args.validation_split else {}
-    src = Source.open(folder, args.dataset, config.calibration_batches, **split)
+    synthetic = SyntheticConfig(calibration_images=args.synthetic_calibration_images,
+                                check_images=args.synthetic_images, steps=args.synthetic_steps, seed=args.seed) \
+        if not args.dataset and args.synthetic_images > 0 else None
+    src = Source.open(folder, args.dataset, config.calibration_batches, synthetic=synthetic, **split)
     probes, warnings = None, []
     if not fixed_rate and src.task is not None:
         budget = src.task.budget_pt if budget is None else budget
+        allowed = budget * src.task.budget_share
         result = search_smallest(src, None, budget, args.dataset, config, tuning, accelerator=accelerator,
-                                 on_probe=lambda probe: _show_probe(probe, budget), **split)
+                                 on_probe=lambda probe: _show_probe(probe, allowed), **split)
         if result.compressed is None:
-            raise ValueError(f"no rate tried kept the validation drop within {budget} pt "
+            raise ValueError(f"no rate tried kept the validation drop within {allowed:g} pt "
                              f"(probes: {result.probes}); give --target-bpw to choose a rate yourself")
         compressed, validation, probes = result.compressed, result.validation, result.probes
     else:
@@ -127,6 +140,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
     return {**compressed.stats, **report,
             **dict(out_dir=str(args.out_dir), validation=validation,
                    accuracy_checked=validation is not None and validation.get("accuracy_checked", True),
+                   check=validation["check"] if validation is not None else CHECK_NONE,
                    over_budget=_over_budget(validation, "") is not None,
                    warning=warning, rate_search=probes, compress_seconds=round(time.perf_counter() - start, 2),
                    finetune=compressed.header.get("finetune"))}
@@ -189,7 +203,7 @@ def _describe_validation(result: dict) -> str:
     v = result["validation"]
     if v is None:
         return "not measured (no dataset): accuracy was not checked"
-    where = f"{v['examples']:,} {v['split']} examples"
+    where = f"{v['check']}, {v['examples']:,} {v['split']} examples"
     if v.get("holdout"):
         where += f", held out from {v['holdout']['carved_from']} (seed {v['holdout']['seed']})"
     if v.get("report_split"):
@@ -197,7 +211,7 @@ def _describe_validation(result: dict) -> str:
     if not v.get("accuracy_checked", True):
         where += "; NOT an accuracy check: the model may have trained on these examples"
     return (f"{v['metric']} {100 * v['compressed']:.2f} vs {100 * v['base']:.2f}: drop {v['drop_pt']:.2f} "
-            f"± {v['drop_se_pt']:.2f} pt (budget {v['budget_pt']} pt; {where})")
+            f"± {v['drop_se_pt']:.2f} pt (allowed {v['allowed_pt']:g} of a {v['budget_pt']} pt budget; {where})")
 
 
 def _finite(text: str) -> float:
@@ -255,7 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--dataset", default=DEFAULT_DATASET,
                     help="data for Fisher bit allocation and the accuracy check: a Hub id, a save_to_disk folder or "
                          "an imagefolder directory; 'default' is the task's own (fashion_mnist, or "
-                         "fashion_mnist_scenes for a detector); 'none' is data-free (accuracy not checked)")
+                         "fashion_mnist_scenes for a detector); a folder of images without class folders (or a "
+                         "save_to_disk dataset without a label column) checks agreement with the original instead; "
+                         "'none' makes synthetic images from the model (see --synthetic-images)")
+    co.add_argument("--synthetic-images", type=int, default=SyntheticConfig.check_images, metavar="N",
+                    help="with --dataset none: synthetic images that check agreement with the original (not "
+                         "accuracy: held to half the budget); 0 makes none, uses a fixed conservative rate and "
+                         "checks nothing")
+    co.add_argument("--synthetic-calibration-images", type=int, default=SyntheticConfig.calibration_images,
+                    metavar="N", help="with --dataset none: synthetic images to calibrate on (never checked on)")
+    co.add_argument("--synthetic-steps", type=int, default=SyntheticConfig.steps,
+                    help="optimisation steps per batch of synthetic images (more: closer statistics, slower)")
     co.add_argument("--transform", choices=TRANSFORMS, default=VAECompressionConfig.transform,
                     help="identity: scalar quantization, decodes bit-identically everywhere (default); vae: the learned "
                          "transform, whose float decoder is not yet portable across machines")

@@ -420,6 +420,57 @@ def _open_splits(name: str) -> dict:
             "`Dataset.save_to_disk`, or an imagefolder directory (class_name/image.png)") from err
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def is_unlabelled(name: str) -> bool:
+    """Whether dataset ``name`` holds images without labels: a folder of image files with no class
+    folders (read without the ``datasets`` package), or a ``datasets`` dataset with an ``Image``
+    column and no ``ClassLabel`` column in any split, saved with ``save_to_disk``. Anything else
+    (a Hub id included) is left to the labelled path, which names what it found when it cannot use it."""
+    path = Path(name)
+    if not path.is_dir():
+        return False
+    if _image_files(path) and not any(p.is_dir() and _image_files(p) for p in path.iterdir()):
+        return True
+    if not any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")) \
+            and not any((sub / "dataset_info.json").exists() for sub in path.iterdir() if sub.is_dir()):
+        return False  # an imagefolder of class folders (or nothing usable): the labelled path explains
+    import datasets
+
+    features = [ds.features for ds in _open_splits(name).values()]
+    return any(isinstance(f, datasets.Image) for fs in features for f in fs.values()) and \
+        not any(isinstance(f, datasets.ClassLabel) for fs in features for f in fs.values())
+
+
+def load_unlabelled_images(name: str) -> list:
+    """Every image of an unlabelled dataset (:func:`is_unlabelled`) as PIL images, in a fixed order:
+    a folder's files by name, a ``datasets`` dataset's splits in order, each in row order."""
+    from PIL import Image
+
+    path = Path(name)
+    if path.is_dir() and _image_files(path):
+        images = []
+        for file in _image_files(path):
+            try:
+                with Image.open(file) as image:
+                    images.append(image.copy())
+            except OSError as err:
+                raise DatasetError(f"{file} is not a readable image ({err}); remove it or replace it") from err
+        return images
+    import datasets
+
+    images = []
+    for dataset in _open_splits(name).values():
+        column = next(k for k, f in dataset.features.items() if isinstance(f, datasets.Image))
+        images += list(dataset[column])
+    return images
+
+
 def _split_names(splits: dict) -> list[str]:
     return [s if s is not None else "(one dataset, no splits)" for s in splits]
 

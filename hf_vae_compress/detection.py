@@ -249,3 +249,49 @@ def evaluate_detection(model: torch.nn.Module, dataset, image_processor=None, ba
         "num_examples": len(dataset),
         "num_params": int(sum(p.numel() for p in model.parameters())),
     }
+
+
+# A detection the model itself is more likely right than wrong about: what "the original's own
+# boxes" are when there are no labels (targets of the agreement mAP and of the label-free Fisher).
+OWN_BOX_SCORE = 0.5
+
+
+@torch.inference_mode()
+def detect(model: torch.nn.Module, pixel_values: torch.Tensor, image_processor=None, threshold: float = 0.0,
+           batch_size: int = 64) -> list[dict]:
+    """The post-processed detections (``boxes`` xyxy in the input's pixels, ``scores``, ``labels``)
+    of a detector on images already preprocessed into ``pixel_values``."""
+    processor = image_processor or load_image_processor(model)
+    model.eval()
+    size = tuple(pixel_values.shape[-2:])
+    found = []
+    for batch in pixel_values.split(batch_size):
+        outputs = model(pixel_values=batch)
+        detections = processor.post_process_object_detection(outputs, threshold=threshold,
+                                                              target_sizes=[size] * len(batch))
+        found += [{key: value.cpu() for key, value in d.items()} for d in detections]
+    return found
+
+
+def own_boxes(detections: list[dict], min_score: float = OWN_BOX_SCORE) -> list[dict]:
+    """A detector's confident detections as dataset ``objects`` (COCO ``[x, y, w, h]`` and category):
+    the targets against which another model's agreement with it is scored."""
+    objects = []
+    for d in detections:
+        keep = d["scores"] >= min_score
+        boxes = d["boxes"][keep].float()
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+        objects.append({"bbox": xywh.tolist(), "category": d["labels"][keep].tolist()})
+    return objects
+
+
+def box_labels(objects: list[dict], size: tuple[int, int]) -> list[dict]:
+    """``objects`` as the labels transformers' detection losses take: class ids and normalised
+    ``(cx, cy, w, h)`` boxes in an image of ``size`` (height, width)."""
+    height, width = size
+    labels = []
+    for o in objects:
+        xywh = torch.tensor(o["bbox"], dtype=torch.float32).reshape(-1, 4)
+        cxcywh = torch.cat([xywh[:, :2] + xywh[:, 2:] / 2, xywh[:, 2:]], 1) / torch.tensor([width, height] * 2)
+        labels.append({"class_labels": torch.tensor(o["category"], dtype=torch.long), "boxes": cxcywh})
+    return labels

@@ -153,17 +153,28 @@ def _coding_summary(compressed: CompressedModel) -> str:
     return f"entropy-coded scalar quantization on a Fisher-allocated grid, with {rounding}"
 
 
-def _validation_summary(validation: dict | None) -> str | None:
+def _validation_summary(validation: dict | None) -> str:
     """The card's "How accuracy was checked" paragraph, from the pipeline's ``stats["validation"]``
-    (:meth:`~hf_vae_compress.pipeline.Source.validation_drop`): where the rate was chosen, the
-    measured drop against its budget, and the pipeline's own words on which split was used and
-    whether the model may have trained on it."""
+    (:meth:`~hf_vae_compress.pipeline.Source.validation_drop`): which check decided the rate
+    (labelled accuracy, agreement with the original on the user's unlabelled images or on synthetic
+    images, or none), the measured figure against what it was allowed, and the pipeline's own words
+    on which examples were used and whether the model may have trained on them."""
     if validation is None:
-        return None
-    text = (f"The rate was chosen on {validation['examples']:,} examples of the `{validation['split']}` split: "
-            f"{validation['metric']} {100 * validation['base']:.2f} % for the base model, "
-            f"{100 * validation['compressed']:.2f} % compressed, a drop of {validation['drop_pt']:.2f} pt "
-            f"(budget {validation['budget_pt']} pt). {validation['selection']}")
+        return ("Which check decided the rate: **none**. No validation was recorded with this container: its "
+                "effect on accuracy was not measured.")
+    check = validation.get("check", "labelled accuracy")
+    if check == "labelled accuracy":
+        text = (f"Which check decided the rate: **{check}**. The rate was chosen on {validation['examples']:,} "
+                f"examples of the `{validation['split']}` split: {validation['metric']} "
+                f"{100 * validation['base']:.2f} % for the base model, {100 * validation['compressed']:.2f} % "
+                f"compressed, a drop of {validation['drop_pt']:.2f} pt (budget {validation['budget_pt']} pt). "
+                f"{validation['selection']}")
+    else:
+        allowed = validation.get("allowed_pt", validation["budget_pt"])
+        text = (f"Which check decided the rate: **{check}**. On {validation['examples']:,} {validation['split']} "
+                f"images the compressed model scores {validation['metric']} {100 * validation['compressed']:.2f} % "
+                f"against the original's {100 * validation['base']:.2f} %, a drop of {validation['drop_pt']:.2f} pt "
+                f"(allowed {allowed:g} pt of a {validation['budget_pt']} pt budget). {validation['selection']}")
     if not validation["accuracy_checked"]:
         text += f" **This is not an accuracy check:** {validation['warning']}"
     return text

@@ -15,6 +15,13 @@ Before any long work :meth:`Source.check_selection` scores the base model there:
 memorised (see :func:`memorisation_check`), nothing measured there is called an accuracy check,
 and a rate search refuses to start (:class:`UncheckedAccuracyError`). The measured drop, with how
 its split was chosen, goes into ``CompressedModel.stats["validation"]`` for the JSON and the card.
+
+Without labels the same search runs on agreement with the original model
+(:class:`~hf_vae_compress.tasks.Agreement`): on the user's unlabelled images (a dataset with no
+labels), or, with no data at all and a :class:`~hf_vae_compress.synthetic.SyntheticConfig`, on
+images made from the model, whose agreement is not accuracy and may use only a share of the budget
+(``check`` and ``allowed_pt`` in ``stats["validation"]`` say which check decided the rate and what it
+was held to).
 """
 
 from __future__ import annotations
@@ -34,12 +41,13 @@ from tqdm.auto import tqdm
 
 from .codec import CompressedModel, Shard, VAECompressionConfig, compress
 from .codec.calibration import Calibration, calibrate
-from .data import HOLDOUT_MAX, stratified_sample
+from .data import HOLDOUT_MAX, is_unlabelled, stratified_sample
 from .finetune import FinetuneConfig, finetune
 from .hub import save_pretrained
 from .loading import load_compressed, load_folder
 from .models import load_model, resolve_folder
-from .tasks import Task, task_for
+from .synthetic import SyntheticConfig
+from .tasks import CHECK_LABELLED, CHECK_SYNTHETIC, Task, synthetic_task, task_for, unlabelled_task
 
 logger = logging.getLogger(__name__)
 
@@ -129,21 +137,25 @@ class Source:
 
     @classmethod
     def open(cls, source: str | Path, dataset: str | None, calibration_batches: int, progress: bool = True,
-             calibration_seed: int = 0, validation_split: str | None = None, **hub_kwargs) -> "Source":
+             calibration_seed: int = 0, validation_split: str | None = None, synthetic: SyntheticConfig | None = None,
+             **hub_kwargs) -> "Source":
         """Load the model and, with a dataset, check its selection split (:meth:`check_selection`),
         then calibrate on ``calibration_batches`` batches drawn from its train split with
         ``calibration_seed``. ``validation_split`` names the split or slice the accuracy check
-        selects on (``"test"``, ``"train[:10%]"``); None: the automatic rule (module docstring)."""
+        selects on (``"test"``, ``"train[:10%]"``); None: the automatic rule (module docstring).
+
+        A dataset without labels (:func:`~hf_vae_compress.data.is_unlabelled`) is split into
+        calibration and check images; without a dataset, ``synthetic`` makes both from the model
+        (None: no data at all, nothing calibrated or checked)."""
         folder = resolve_folder(str(source), **hub_kwargs)
         model = load_model(folder)
-        if not dataset:
-            if validation_split is not None:
-                raise ValueError(f"validation_split {validation_split!r} needs a dataset to take it from")
-            return cls(folder, model)
-        src = cls(folder, model, task_for(model, dataset, validation_split))
+        task = _open_task(model, dataset, calibration_batches, calibration_seed, validation_split, synthetic, progress)
+        src = cls(folder, model, task)
+        if task is None:
+            return src
         src.check_selection()
-        batches, loss_fn = src.task.calibration(model, calibration_batches, calibration_seed)
-        src.calibration = calibrate(model, batches, calibration_batches, loss_fn, progress=progress)
+        batches, loss_fn = task.calibration(model, calibration_batches, calibration_seed)
+        src.calibration = calibrate(model, batches, len(batches), loss_fn, progress=progress)
         return src
 
     def check_selection(self) -> dict:
@@ -162,6 +174,8 @@ class Source:
         self._held_out = task.prepare(self.model, task.load(chosen.split))
         self._base = self._measure(self.model)
         self._scorer = copy.deepcopy(self.model)
+        if task.check != CHECK_LABELLED:
+            return self._agreement_selection(chosen)
         base, base_examples = self._base
         comparison = None
         if base_examples is not None and chosen.comparison_split is not None:
@@ -185,8 +199,29 @@ class Source:
         logger.info("accuracy check on %s: %s", chosen.split, chosen.description)
         if warning:
             logger.warning(warning)
-        self.selection = dict(chosen.as_dict(), memorisation=memorisation, accuracy_checked=not memorisation["detected"],
+        self.selection = dict(chosen.as_dict(), check=task.check, memorisation=memorisation,
+                              accuracy_checked=not memorisation["detected"], rate_checked=not memorisation["detected"],
                               warning=warning)
+        return self.selection
+
+    def _agreement_selection(self, chosen) -> dict:
+        """The selection of an :class:`~hf_vae_compress.tasks.Agreement` check: no memorisation test
+        (the original agrees with itself by construction), a rate it can decide, and an accuracy
+        check only where disagreement bounds the drop on the user's own images (a classifier's).
+        Synthetic images are never called an accuracy check."""
+        task = self.task
+        warning = None
+        if task.check == CHECK_SYNTHETIC:
+            warning = (f"accuracy was not checked: no dataset was given, so the rate was chosen by {task.check} "
+                       f"({task.num_examples(self._held_out):,} images made from the model), held to "
+                       f"{task.budget_share:.0%} of the budget. Agreement on synthetic images is not accuracy: "
+                       "check the model on your data before relying on it, or pass --dataset (unlabelled images "
+                       "are enough).")
+            logger.warning(warning)
+        logger.info("rate check: %s", chosen.description)
+        self.selection = dict(chosen.as_dict(), check=task.check, memorisation=None,
+                              accuracy_checked=task.check != CHECK_SYNTHETIC and not task.detector,
+                              rate_checked=True, warning=warning)
         return self.selection
 
     def compress(self, config: VAECompressionConfig, finetune_config: FinetuneConfig | None = None,
@@ -216,7 +251,10 @@ class Source:
         memorised, ``accuracy_checked`` is False and nothing is ``within_budget``. ``selection``
         says in words which split was scored and how it was chosen, ``report_split`` where the
         final model should be reported, ``trained_on_risk`` whether the model may have trained on
-        the split, ``warning`` what to tell the user (None: nothing).
+        the split, ``warning`` what to tell the user (None: nothing). ``check`` names the kind of check
+        (:data:`~hf_vae_compress.tasks.CHECKS`); the drop plus its standard error must fit
+        ``allowed_pt``, the budget times the check's ``budget_share``; ``synthetic`` says how
+        synthetic images were made and what they cost (None: real images).
         """
         task = self.task
         selection = self.check_selection()
@@ -227,13 +265,15 @@ class Source:
         if examples is not None and len(examples) > 1:
             se = float(100 * np.std(base_examples - examples, ddof=1) / np.sqrt(len(examples)))
         budget = task.budget_pt if budget_pt is None else budget_pt
-        checked = selection["accuracy_checked"]
-        result = dict(metric=task.metric, split=selection["split"], examples=task.num_examples(self._held_out),
-                      base=base, compressed=score, drop_pt=drop, drop_se_pt=se, budget_pt=budget,
-                      within_budget=checked and drop + se <= budget, holdout=selection["holdout"],
+        allowed = budget * task.budget_share
+        result = dict(metric=task.metric, check=selection["check"], split=selection["split"],
+                      examples=task.num_examples(self._held_out), base=base, compressed=score, drop_pt=drop,
+                      drop_se_pt=se, budget_pt=budget, budget_share=task.budget_share, allowed_pt=allowed,
+                      within_budget=selection["rate_checked"] and drop + se <= allowed, holdout=selection["holdout"],
                       selection=selection["description"], report_split=selection["report_split"],
-                      trained_on_risk=selection["trained_on_risk"], accuracy_checked=checked,
-                      memorisation=selection["memorisation"], warning=selection["warning"])
+                      trained_on_risk=selection["trained_on_risk"], accuracy_checked=selection["accuracy_checked"],
+                      rate_checked=selection["rate_checked"], memorisation=selection["memorisation"],
+                      warning=selection["warning"], synthetic=getattr(task, "synthetic", None))
         compressed.stats["validation"] = result
         return result
 
@@ -252,6 +292,20 @@ class Source:
 
     def save(self, compressed: CompressedModel, out_dir: str | Path) -> Path:
         return save_pretrained(compressed, self.folder, out_dir)
+
+
+def _open_task(model: torch.nn.Module, dataset: str | None, calibration_batches: int, seed: int,
+               validation_split: str | None, synthetic: SyntheticConfig | None, progress: bool) -> Task | None:
+    """The task that checks compressions of ``model``: labelled data, the user's unlabelled images,
+    synthetic images (no dataset, ``synthetic`` given), or none. Unlabelled and synthetic images are
+    the check themselves, so a ``validation_split`` is refused for them."""
+    if validation_split is not None and (not dataset or is_unlabelled(dataset)):
+        raise ValueError(f"validation_split {validation_split!r} needs a labelled dataset to take it from")
+    if not dataset:
+        return synthetic_task(model, synthetic, progress) if synthetic is not None else None
+    if is_unlabelled(dataset):
+        return unlabelled_task(model, dataset, calibration_batches, seed)
+    return task_for(model, dataset, validation_split)
 
 
 def compress_folder(source: str, out_dir: str | Path, config: VAECompressionConfig,
@@ -315,7 +369,7 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
                     accelerator=None, progress: bool = True, validation_split: str | None = None,
                     on_probe: ProbeReport | None = None) -> SearchResult:
     """The smallest container whose task-metric drop (top-1 or mAP, in points) on the held-out
-    split is at most ``max_drop_pt``.
+    split is at most ``max_drop_pt`` (times the check's ``budget_share``: less on synthetic images).
 
     Bisects the target bits per weight on a log scale: each probe halves the bracket, moving down
     after a probe that keeps the budget (its drop plus one standard error, see
@@ -347,8 +401,9 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
     if src.task is None:
         raise ValueError("an accuracy budget needs a dataset to measure the drop on")
     selection = src.check_selection()
-    if not selection["accuracy_checked"]:
+    if not selection["rate_checked"]:
         raise UncheckedAccuracyError(f"no rate search: {selection['warning']}")
+    allowed = max_drop_pt * src.task.budget_share  # what each probe's drop plus its standard error must fit
     main_process = _is_main(accelerator)
     lo, hi = math.log(bpw_range[0]), math.log(bpw_range[1])
     best, best_validation, log = None, None, []
@@ -371,11 +426,11 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
                         bits_per_weight=report["bits_per_weight"], bytes=report["total_bytes"],
                         validation_drop_pt=validation["drop_pt"],
                         validation_drop_se_pt=validation.get("drop_se_pt") if src.paired else None,
-                        accepted=drop <= max_drop_pt, seconds=round(seconds, 2),
+                        accepted=drop <= allowed, seconds=round(seconds, 2),
                         estimated_seconds_left=round((probes - index) * (time.perf_counter() - probes_start) / index, 1)))
         if main_process:
-            _report_probe(log[-1], max_drop_pt, bar, on_probe)
-        if drop <= max_drop_pt:
+            _report_probe(log[-1], allowed, bar, on_probe)
+        if drop <= allowed:
             hi = math.log(bpw)
             if best is None or report["total_bytes"] < len(best.to_bytes()):
                 best, best_validation = probe, validation

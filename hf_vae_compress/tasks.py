@@ -14,7 +14,15 @@ benchmarks get what depends on the task a model was trained for from here:
   outputs: the task says what its loss is);
 * ``train_data``, ``sample``, ``model_inputs`` and ``finetune_loss``: what fine-tuning trains on;
 * ``pipeline_tag``, ``auto_class``, ``metric_title``, ``metric_type`` and ``describe``: how the
-  model card names the task and prints its score.
+  model card names the task and prints its score;
+* ``check`` and ``budget_share``: which kind of check the selection split gives (:data:`CHECKS`) and
+  the share of the budget its drop may use.
+
+Without labels the original model labels the data itself (:class:`Agreement`): a classifier's top-1
+*agreement* with it bounds the accuracy drop on the same images (the drop is at most the
+disagreement rate), and a detector's mAP against the original's own boxes plays the same role. The
+images are the user's unlabelled ones (:func:`unlabelled_task`) or, with no data at all, made from
+the model (:func:`synthetic_task`, :mod:`hf_vae_compress.synthetic`), where agreement is not accuracy.
 """
 
 from __future__ import annotations
@@ -26,20 +34,30 @@ from typing import Callable, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .data import (
-    FASHION_MNIST, Selection, collate, fit_labels, image_columns, image_mode, image_transform, load_image_dataset,
-    load_image_processor, selection, with_transform,
+    FASHION_MNIST, HOLDOUT_MAX, HOLDOUT_SEED, DatasetError, Selection, collate, fit_labels, image_columns, image_mode,
+    image_transform, load_image_dataset, load_image_processor, load_unlabelled_images, model_labels, selection,
+    with_transform,
 )
 from .detection import (
-    FASHION_MNIST_SCENES, detection_collate, evaluate_detection, is_detection_model, load_detection_dataset,
-    scenes_selection,
+    FASHION_MNIST_SCENES, OWN_BOX_SCORE, box_labels, detect, detection_collate, evaluate_detection,
+    is_detection_model, load_detection_dataset, mean_average_precision, own_boxes, scenes_selection,
 )
 from .evaluate import as_tensors, evaluate, logits_of, predict
+from .synthetic import SYNTHETIC_BUDGET_SHARE, SyntheticConfig, SyntheticImages, input_bounds, synthesize
 
 DEFAULT_DATASET = "default"  # the task's own data: Fashion-MNIST items, or scenes of them for a detector
 CALIBRATION_SPLIT = "train"  # calibration and fine-tuning data: ``train`` less whatever the selection took from it
 CALIBRATION_BATCH = 32
+
+# Which check decided a rate (stats["validation"]["check"], the model card): the kinds, in words.
+CHECK_LABELLED = "labelled accuracy"
+CHECK_UNLABELLED = "agreement on the user's unlabelled images"
+CHECK_SYNTHETIC = "agreement on synthetic images"
+CHECK_NONE = "none"
+CHECKS = (CHECK_LABELLED, CHECK_UNLABELLED, CHECK_SYNTHETIC, CHECK_NONE)
 
 
 @dataclass(frozen=True)
@@ -55,6 +73,8 @@ class Classification:
     auto_class: ClassVar[str] = "AutoModelForImageClassification"
     metric_title: ClassVar[str] = "Top-1 accuracy"
     metric_type: ClassVar[str] = "accuracy"
+    check: ClassVar[str] = CHECK_LABELLED
+    budget_share: ClassVar[float] = 1.0  # labelled accuracy may use the whole budget
 
     @staticmethod
     def describe(scores: dict) -> str:
@@ -126,6 +146,8 @@ class Detection:
     auto_class: ClassVar[str] = "AutoModelForObjectDetection"
     metric_title: ClassVar[str] = "COCO box mAP@[.5:.95]"
     metric_type: ClassVar[str] = "mean_average_precision"
+    check: ClassVar[str] = CHECK_LABELLED
+    budget_share: ClassVar[float] = 1.0
 
     @staticmethod
     def describe(scores: dict) -> str:
@@ -217,7 +239,149 @@ def _subset(dataset, num_batches: int, seed: int):
     return dataset.shuffle(seed=seed).select(range(take))
 
 
-Task = Classification | Detection
+@dataclass(frozen=True, eq=False)
+class Agreement:
+    """How closely a compressed model follows the original on images without labels: each image's
+    label is the original's own prediction (a classifier's top-1 class; a detector's boxes scored at
+    least ``OWN_BOX_SCORE``).
+
+    The base model agrees with itself, so the drop is the compressed model's disagreement: for a
+    classifier the top-1 drop on these images is at most that rate (a changed prediction can turn
+    a right answer wrong, never two). ``check`` says whose images they are; ``budget_share`` how
+    much of the budget the drop may use (less than all on synthetic images, which are not the
+    images the model is used on). ``calibration_images`` and ``check_images`` are disjoint and
+    already preprocessed for the model.
+    """
+
+    base: Classification | Detection
+    calibration_images: torch.Tensor
+    check_images: torch.Tensor
+    check: str
+    description: str
+    budget_share: float = 1.0
+    synthetic: dict | None = None  # how synthetic images were made and what they cost (SyntheticImages.describe)
+    validation_split: None = None  # the images are the selection: no split to name
+
+    @property
+    def detector(self) -> bool:
+        return isinstance(self.base, Detection)
+
+    @property
+    def metric(self) -> str:
+        return "map_vs_original" if self.detector else "agreement"
+
+    @property
+    def budget_pt(self) -> float:
+        return self.base.budget_pt
+
+    @property
+    def dataset(self) -> str:
+        return self.check
+
+    def selection(self) -> Selection:
+        return Selection(split="synthetic" if self.check == CHECK_SYNTHETIC else "unlabelled", report_split=None,
+                         comparison_split=None, trained_on_risk=False, description=self.description)
+
+    def load(self, split: str) -> torch.Tensor:
+        return self.check_images
+
+    def prepare(self, model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """The images with ``model``'s own labels (it is handed the original)."""
+        if self.detector:
+            return images, own_boxes(detect(model, images))
+        return images, torch.as_tensor(predict(model, (images, torch.zeros(len(images), dtype=torch.long)),
+                                               progress=False)[0])
+
+    def per_example(self, model: torch.nn.Module, data) -> np.ndarray | None:
+        """1 where ``model`` predicts the original's class; None for a detector (mAP is whole-set)."""
+        if self.detector:
+            return None
+        preds, labels = predict(model, data, progress=False)
+        return (preds == labels).astype(np.float64)
+
+    def score(self, model: torch.nn.Module, data, batch_size: int = 256, progress: bool = False) -> dict:
+        if self.detector:
+            return {self.metric: mean_average_precision(detect(model, data[0]), data[1])["map"]}
+        scores = evaluate(model, data, batch_size=batch_size, progress=progress)
+        return {self.metric: scores["top1"], **scores}
+
+    def num_examples(self, data) -> int:
+        return len(data[0])
+
+    def calibration(self, model: torch.nn.Module, num_batches: int, seed: int = 0) -> tuple[list, Callable]:
+        """Every calibration image, in batches, and the Fisher loss without labels: labels sampled
+        from a classifier's own predictions, or a detector's loss against its own boxes."""
+        batches = list(self.calibration_images.split(CALIBRATION_BATCH))
+        if not self.detector:
+            return batches, self.base.fisher_loss()
+        size = tuple(self.calibration_images.shape[-2:])
+        return [{"pixel_values": b, "labels": box_labels(own_boxes(detect(model, b)), size)} for b in batches], \
+            self.base.fisher_loss()
+
+    def train_data(self, model: torch.nn.Module):
+        raise ValueError(f"fine-tuning needs labelled data; the data here is {self.check}")
+
+
+def _preprocess(model: torch.nn.Module, images: list, detector: bool) -> torch.Tensor:
+    """PIL images as the model's inputs, by its own preprocessing."""
+    if detector:
+        mode = image_mode(model.config)
+        return load_image_processor(model)(images=[im.convert(mode) for im in images],
+                                           return_tensors="pt")["pixel_values"]
+    transform = image_transform(model)
+    return torch.stack([transform(im) for im in images])
+
+
+def _num_classes(model: torch.nn.Module) -> int | None:
+    """How many classes a classifier predicts (None for a detector)."""
+    if is_detection_model(model):
+        return None
+    count = model_labels(model)[0]
+    return int(count) if count else None
+
+
+def synthetic_task(model: torch.nn.Module, config: SyntheticConfig, progress: bool = True) -> Agreement:
+    """:class:`Agreement` on images made from ``model`` (:func:`~hf_vae_compress.synthetic.synthesize`),
+    within what its preprocessing can produce: the preprocessed all-black and all-white images."""
+    detector = is_detection_model(model)
+    black, white = (_preprocess(model, [Image.new("RGB", (64, 64), (value,) * 3)], detector)[0] for value in (0, 255))
+    call = (lambda m, x: m(pixel_values=x)) if detector else None
+    images: SyntheticImages = synthesize(model, input_bounds(black, white), config, _num_classes(model), call,
+                                         progress)
+    base = Detection() if detector else Classification()
+    what = "mAP against the original's own boxes" if detector else "top-1 agreement with the original"
+    description = (f"{what.capitalize()} on {len(images.check):,} synthetic images made from the model itself "
+                   f"({images.prior} prior, {config.steps} steps, seed {config.seed}; {len(images.calibration):,} "
+                   f"others calibrated). Agreement on synthetic images is not accuracy: they are not the images the "
+                   f"model is used on, so the drop there is held to {SYNTHETIC_BUDGET_SHARE:.0%} of the budget.")
+    return Agreement(base, images.calibration, images.check, CHECK_SYNTHETIC, description, SYNTHETIC_BUDGET_SHARE,
+                     images.describe())
+
+
+def unlabelled_task(model: torch.nn.Module, dataset: str, calibration_batches: int, seed: int = HOLDOUT_SEED,
+                    max_check: int = HOLDOUT_MAX) -> Agreement:
+    """:class:`Agreement` on the user's unlabelled images: a seeded permutation gives the first
+    ``calibration_batches`` batches (at most half the images) to calibration and up to ``max_check``
+    of the rest to the check, so the check never scores an image that was calibrated on."""
+    images = load_unlabelled_images(dataset)
+    if len(images) < 2:
+        raise DatasetError(f"the unlabelled dataset {dataset!r} holds {len(images)} image(s): at least two are needed, "
+                           "one to calibrate on and one to check")
+    order = np.random.default_rng(seed).permutation(len(images))
+    take = min(calibration_batches * CALIBRATION_BATCH, len(images) // 2)
+    detector = is_detection_model(model)
+    calibration = _preprocess(model, [images[i] for i in order[:take]], detector)
+    check = _preprocess(model, [images[i] for i in order[take:take + max_check]], detector)
+    base = Detection(dataset) if detector else Classification(dataset)
+    what = f"mAP against the original's own boxes (score >= {OWN_BOX_SCORE})" if detector else \
+        "top-1 agreement with the original (the accuracy drop on these images is at most the disagreement rate)"
+    description = (f"{what[0].upper()}{what[1:]} on {len(check):,} of the user's {len(images):,} unlabelled images "
+                   f"in {dataset!r} (seed {seed}; {len(calibration):,} others calibrated). If the model trained on "
+                   "these images, it may agree more on them than on new ones.")
+    return Agreement(base, calibration, check, CHECK_UNLABELLED, description)
+
+
+Task = Classification | Detection | Agreement
 
 
 def task_for(model, dataset: str | None = None, validation_split: str | None = None) -> Task:

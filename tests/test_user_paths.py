@@ -120,7 +120,8 @@ def test_fixed_rate_still_reports_the_drop_and_no_data_warns(timm_folder, train_
     assert "validation: top1" in summary and "drop" in summary and "held out from test" in summary
     assert "rate_search" not in summary
 
-    assert main(["compress", str(timm_folder), str(tmp_path / "blind"), "--dataset", "none", *FAST, "--json"]) == 0
+    assert main(["compress", str(timm_folder), str(tmp_path / "blind"), "--dataset", "none", "--synthetic-images", "0",
+                 *FAST, "--json"]) == 0  # no data and no synthetic images: nothing to check on
     captured = capsys.readouterr()
     result = json.loads(captured.out)
     assert not result["accuracy_checked"] and result["validation"] is None
@@ -166,7 +167,8 @@ def cli_folders(timm_folder, vit_folder, tmp_path_factory):
         shutil.copytree(source, src, dirs_exist_ok=True)
         (src / "my_private_notes.json").write_text('{"secret": 1}')
         out[kind] = tmp_path_factory.mktemp(f"cli-{kind}") / "compressed"
-        assert main(["compress", str(src), str(out[kind]), "--dataset", "none", *FAST, "--target-bpw", "4"]) == 0
+        assert main(["compress", str(src), str(out[kind]), "--dataset", "none", "--synthetic-images", "0", *FAST,
+                     "--target-bpw", "4"]) == 0
     return out
 
 

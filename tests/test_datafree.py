@@ -1,0 +1,127 @@
+"""Compressing without labelled data: synthetic images made from the model (``--dataset none``) and
+a folder of the user's unlabelled images, both deciding the rate by agreement with the original."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hf_vae_compress import data
+from hf_vae_compress.cli import main
+from hf_vae_compress.codec import CompressedModel
+from hf_vae_compress.loading import find_container
+from hf_vae_compress.models import load_model
+from hf_vae_compress.synthetic import PRIOR_BATCHNORM, PRIOR_CLASS_INVERSION, SYNTHETIC_BUDGET_SHARE, SyntheticConfig
+from hf_vae_compress.tasks import CHECK_SYNTHETIC, CHECK_UNLABELLED, synthetic_task
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--transform", "identity", "--calibration-batches", "1"]
+TINY_SYNTHETIC = ["--synthetic-images", "48", "--synthetic-calibration-images", "16", "--synthetic-steps", "4"]
+TINY = SyntheticConfig(calibration_images=8, check_images=16, steps=3, batch_size=8)
+
+
+@pytest.mark.parametrize("kind", ["timm", "vit"])
+def test_synthetic_images_are_seeded_within_the_input_range_and_follow_the_models_prior(kind, timm_folder, vit_folder):
+    model = load_model(timm_folder if kind == "timm" else vit_folder)
+    first, again = (synthetic_task(model, TINY, progress=False) for _ in range(2))
+    other = synthetic_task(model, SyntheticConfig(**{**TINY.__dict__, "seed": 1}), progress=False)
+    assert torch.equal(first.calibration_images, again.calibration_images)
+    assert torch.equal(first.check_images, again.check_images)
+    assert not torch.equal(first.check_images, other.check_images)
+    assert first.calibration_images.shape == (8, 1, 28, 28) and first.check_images.shape == (16, 1, 28, 28)
+    # within what the preprocessing makes of black and white pixels (mean 0.286, std 0.353)
+    low, high = (0 - data.FASHION_MNIST_MEAN) / data.FASHION_MNIST_STD, (1 - data.FASHION_MNIST_MEAN) / data.FASHION_MNIST_STD
+    images = torch.cat([first.calibration_images, first.check_images])
+    assert images.min() >= low - 1e-5 and images.max() <= high + 1e-5
+    assert first.synthetic["prior"] == (PRIOR_BATCHNORM if kind == "timm" else PRIOR_CLASS_INVERSION)
+    assert first.synthetic["seconds"] > 0 and first.synthetic["loss_end"] < first.synthetic["loss_start"]
+
+
+def test_a_tiny_model_without_data_gets_synthetic_calibration_and_an_agreement_checked_rate(timm_folder, tmp_path,
+                                                                                           capsys):
+    out = tmp_path / "out"
+    assert main(["compress", str(timm_folder), str(out), "--dataset", "none", *FAST, *TINY_SYNTHETIC, "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    validation = result["validation"]
+    assert result["check"] == validation["check"] == CHECK_SYNTHETIC and not result["accuracy_checked"]
+    assert validation["examples"] == 48 and validation["synthetic"]["calibration_images"] == 16
+    assert validation["synthetic"]["seconds"] > 0 and validation["base"] == 1.0  # the original agrees with itself
+    assert validation["allowed_pt"] == pytest.approx(SYNTHETIC_BUDGET_SHARE * validation["budget_pt"])
+    assert "not accuracy" in result["warning"] and "not accuracy" in captured.err
+    probes = result["rate_search"]
+    assert len(probes) >= 3 and all(p["accepted"] == (p["validation_drop_pt"] + p["validation_drop_se_pt"]
+                                                      <= validation["allowed_pt"]) for p in probes)
+    assert validation["drop_pt"] + validation["drop_se_pt"] <= validation["allowed_pt"]
+    # the synthetic images calibrated output-aware rounding, as data would
+    assert CompressedModel.load(find_container(out)).header["config"]["rounding"] == "output_aware"
+    card = (out / "README.md").read_text().split("## How accuracy was checked", 1)[1].split("##", 1)[0]
+    assert f"**{CHECK_SYNTHETIC}**" in card and "not an accuracy check" in card
+
+
+def test_no_synthetic_images_keeps_the_unchecked_fixed_rate(timm_folder, tmp_path, capsys):
+    assert main(["compress", str(timm_folder), str(tmp_path / "blind"), "--dataset", "none", "--synthetic-images", "0",
+                 *FAST, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["check"] == "none" and result["validation"] is None and "accuracy was not checked" in result["warning"]
+    assert main(["compress", str(timm_folder), str(tmp_path / "x"), "--dataset", "none", "--synthetic-images", "0",
+                 "--max-accuracy-drop", "1"]) == 2
+    assert "needs images to check on" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def unlabelled_folder(tmp_path_factory):
+    """80 Fashion-MNIST test images as PNG files in one folder: no class folders, no labels."""
+    folder = tmp_path_factory.mktemp("unlabelled")
+    for i, row in enumerate(data.load_fashion_mnist("test").select(range(80))):
+        row["image"].save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_a_folder_of_unlabelled_images_decides_the_rate_by_agreement(unlabelled_folder, timm_folder, tmp_path, capsys):
+    assert data.is_unlabelled(str(unlabelled_folder)) and not data.is_unlabelled(str(timm_folder))
+    out = tmp_path / "out"
+    assert main(["compress", str(timm_folder), str(out), "--dataset", str(unlabelled_folder), *FAST,
+                 "--max-accuracy-drop", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    validation = result["validation"]
+    assert result["check"] == CHECK_UNLABELLED and result["accuracy_checked"] and validation["synthetic"] is None
+    assert validation["examples"] == 48 and validation["allowed_pt"] == 2  # 32 calibrated (one batch), 48 checked
+    assert validation["drop_pt"] + validation["drop_se_pt"] <= 2 and len(result["rate_search"]) >= 3
+    card = (out / "README.md").read_text()
+    assert f"**{CHECK_UNLABELLED}**" in card and "not an accuracy check" not in card
+    refused = main(["compress", str(timm_folder), str(tmp_path / "y"), "--dataset", str(unlabelled_folder),
+                    "--validation-split", "test"])
+    assert refused == 2 and "needs a dataset with labels" in capsys.readouterr().err
+
+
+def test_a_datasets_dataset_without_labels_is_unlabelled(tmp_path):
+    import datasets
+
+    images = [row["image"] for row in data.load_fashion_mnist("test").select(range(4))]
+    datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})) \
+        .save_to_disk(str(tmp_path / "ds"))
+    assert data.is_unlabelled(str(tmp_path / "ds"))
+    loaded = data.load_unlabelled_images(str(tmp_path / "ds"))
+    assert [np.asarray(a).tobytes() for a in loaded] == [np.asarray(b).tobytes() for b in images]
+
+
+def test_the_synthetic_path_needs_no_dataset_package(timm_folder, tmp_path):
+    """``datasets`` blocked (an import of it fails): --dataset none still compresses and checks."""
+    script = (
+        "import sys, json; sys.modules['datasets'] = None\n"
+        "from hf_vae_compress.cli import main\n"
+        f"code = main(['compress', {str(timm_folder)!r}, {str(tmp_path / 'out')!r}, '--dataset', 'none', "
+        f"*{FAST + TINY_SYNTHETIC!r}, '--target-bpw', '3', '--json'])\n"
+        "assert 'datasets' not in sys.modules or sys.modules['datasets'] is None\n"
+        "sys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["check"] == CHECK_SYNTHETIC and result["validation"]["examples"] == 48
