@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from .codec import CompressedModel, Shard, VAECompressionConfig, compress
 from .codec.calibration import Calibration, calibrate
 from .data import HOLDOUT_MAX, is_unlabelled, stratified_sample
+from .detection import OWN_BOX_SCORE
 from .finetune import FinetuneConfig, finetune
 from .hub import save_pretrained
 from .loading import load_compressed, load_folder
@@ -211,7 +212,13 @@ class Source:
         Synthetic images are never called an accuracy check."""
         task = self.task
         warning = None
-        if task.check == CHECK_SYNTHETIC:
+        decidable = not task.detector or any(len(o["category"]) for o in self._held_out[1])
+        if not decidable:
+            warning = (f"the original detector finds no box it scores at least {OWN_BOX_SCORE} on the "
+                       f"{task.num_examples(self._held_out):,} {chosen.split} images: there is nothing to agree on, so "
+                       "no rate can be checked there. Give --dataset with images of what it detects, or a fixed rate.")
+            logger.warning(warning)
+        elif task.check == CHECK_SYNTHETIC:
             warning = (f"accuracy was not checked: no dataset was given, so the rate was chosen by {task.check} "
                        f"({task.num_examples(self._held_out):,} images made from the model), held to "
                        f"{task.budget_share:.0%} of the budget. Agreement on synthetic images is not accuracy: "
@@ -221,7 +228,7 @@ class Source:
         logger.info("rate check: %s", chosen.description)
         self.selection = dict(chosen.as_dict(), check=task.check, memorisation=None,
                               accuracy_checked=task.check != CHECK_SYNTHETIC and not task.detector,
-                              rate_checked=True, warning=warning)
+                              rate_checked=decidable, warning=warning)
         return self.selection
 
     def compress(self, config: VAECompressionConfig, finetune_config: FinetuneConfig | None = None,

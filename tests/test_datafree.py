@@ -125,3 +125,24 @@ def test_the_synthetic_path_needs_no_dataset_package(timm_folder, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
     assert result["check"] == CHECK_SYNTHETIC and result["validation"]["examples"] == 48
+
+
+def test_a_detector_without_data_checks_against_its_own_boxes(tmp_path, capsys):
+    """A tiny random detector: synthetic images from its backbone's BatchNorm statistics calibrate it
+    (the Fisher of its own loss against its own boxes) and a fixed rate is scored as mAP against the
+    original's boxes, or, where it finds none it is confident of, said to be uncheckable."""
+    from tests.test_detection import processor, tiny_detector
+
+    folder = tmp_path / "detector"
+    tiny_detector().save_pretrained(folder)
+    processor().save_pretrained(folder)
+    assert main(["compress", str(folder), str(tmp_path / "out"), "--dataset", "none", *FAST, "--synthetic-images", "4",
+                 "--synthetic-calibration-images", "4", "--synthetic-steps", "1", "--target-bpw", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    validation = result["validation"]
+    assert validation["metric"] == "map_vs_original" and validation["synthetic"]["prior"] == PRIOR_BATCHNORM
+    assert result["check"] == CHECK_SYNTHETIC and not result["accuracy_checked"]
+    if not validation["rate_checked"]:
+        assert "nothing to agree on" in result["warning"]
+    else:
+        assert validation["base"] > 0.9  # the original's own confident boxes: it finds them all
