@@ -24,12 +24,16 @@ def _output_error(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> float:
     return float(((x @ (w - q).T) ** 2).mean())
 
 
+def _moments(x: torch.Tensor) -> LayerInputs:
+    """The input moments of an ungrouped layer fed the rows of ``x``."""
+    return LayerInputs((x.T @ x / len(x))[None], x.mean(0)[None])
+
+
 def test_gptq_lowers_the_output_error_of_nearest_rounding_on_the_same_grid():
     x = _correlated_inputs(4096, 48)
     w = torch.randn(16, 48)
     factors = torch.full((16,), 0.5) * torch.linspace(0.5, 1.5, 16)  # one grid step per row
-    inputs = LayerInputs(x.T @ x / len(x), x.mean(0))
-    symbols = output_aware_symbols(w, factors, inverse_cholesky(inputs))
+    symbols = output_aware_symbols(w, factors, inverse_cholesky(_moments(x)))
     assert symbols.dtype == torch.int32 and symbols.shape == w.shape
     nearest = torch.round(w / factors[:, None])
     gptq_error = _output_error(w, symbols * factors[:, None], x)
@@ -40,7 +44,7 @@ def test_gptq_lowers_the_output_error_of_nearest_rounding_on_the_same_grid():
 def test_gptq_is_nearest_rounding_when_inputs_are_uncorrelated():
     w = torch.randn(8, 300)
     factors = torch.full((8,), 0.3)
-    inputs = LayerInputs(torch.diag(torch.rand(300) + 0.5), torch.zeros(300))  # diagonal H: nothing to push
+    inputs = LayerInputs(torch.diag(torch.rand(300) + 0.5)[None], torch.zeros(1, 300))  # diagonal H: nothing to push
     symbols = output_aware_symbols(w, factors, inverse_cholesky(inputs))
     assert torch.equal(symbols, torch.round(w / 0.3).to(torch.int32))
 
@@ -53,9 +57,9 @@ def test_layer_moments_match_a_direct_computation_in_any_grouping():
     together = layer_statistics(model, batches, layers)
     one_at_a_time = layer_statistics(model, batches, layers, max_bytes=1)  # a forward pass per layer
     hidden = torch.cat([model[2](model[1](model[0](b))) for b in batches]).detach()
-    assert torch.allclose(together["3.weight"].second, hidden.T @ hidden / len(hidden), atol=1e-5)
+    assert torch.allclose(together["3.weight"].second[0], hidden.T @ hidden / len(hidden), atol=1e-5)
     patches = torch.cat([nn.functional.unfold(b, 3, padding=1).transpose(1, 2).reshape(-1, 18) for b in batches])
-    assert torch.allclose(together["0.weight"].second, patches.T @ patches / len(patches), atol=1e-5)
+    assert torch.allclose(together["0.weight"].second[0], patches.T @ patches / len(patches), atol=1e-5)
     for name in layers:
         assert torch.allclose(together[name].second, one_at_a_time[name].second)
         assert torch.allclose(together[name].mean, one_at_a_time[name].mean)
@@ -64,7 +68,7 @@ def test_layer_moments_match_a_direct_computation_in_any_grouping():
 def test_bias_correction_restores_the_output_mean():
     layer = nn.Linear(6, 3)
     x = torch.randn(500, 6) + 2.0
-    inputs = LayerInputs(x.T @ x / len(x), x.mean(0))
+    inputs = _moments(x)
     original = {"weight": layer.weight.detach(), "bias": layer.bias.detach()}
     shifted = layer.weight.detach() + 0.1  # a correlated error: every weight rounded up
     corrected = bias_corrections(original, {"weight": shifted}, {"weight": inputs})
@@ -141,3 +145,131 @@ def test_the_header_records_the_rounding_that_was_done():
     learned = compress(model, vae, calibration_data=[torch.randn(8, 1, 28, 28)], loss_fn=Classification.fisher_loss(),
                        progress=False)
     assert learned.config.rounding == "nearest"  # the VAE's symbols are not levels in weight space
+
+
+# Grouped and depthwise convolutions: each group of output rows is its own GPTQ problem over its
+# group's input channels.
+
+def _grouped_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise: 8 problems of d = 9
+                         nn.ReLU(),
+                         nn.Conv2d(8, 12, 3, padding=1, groups=4)).eval()  # 4 problems of d = 18, 3 rows each
+
+
+def _smooth_images(n: int, seed: int = 0) -> torch.Tensor:
+    """Images whose neighbouring pixels are correlated, as in real feature maps: upsampled noise."""
+    g = torch.Generator().manual_seed(seed)
+    return nn.functional.interpolate(torch.randn(n, 2, 4, 4, generator=g), size=12, mode="bilinear") + 0.5
+
+
+def _layer_input(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda _module, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return seen[0]
+
+
+def test_grouped_and_depthwise_convolutions_are_measured_per_group():
+    model, x = _grouped_model(), _smooth_images(8)  # 8 * 12 * 12 rows: under the per-batch cap, all kept
+    layers = output_aware_layers(model)
+    assert set(layers) == {"0.weight", "2.weight", "4.weight"}
+    stats = layer_statistics(model, [x], layers)
+    assert stats["2.weight"].second.shape == (8, 9, 9) and stats["4.weight"].second.shape == (4, 18, 18)
+    for name, layer in (("2.weight", model[2]), ("4.weight", model[4])):
+        patches = nn.functional.unfold(_layer_input(model, layer, x), 3, padding=1).transpose(1, 2)
+        per_group = patches.reshape(-1, layer.groups, layer.weight[0].numel()).transpose(0, 1)
+        for g in range(layer.groups):
+            rows = per_group[g]
+            assert torch.allclose(stats[name].second[g], rows.T @ rows / len(rows), atol=1e-5)
+            assert torch.allclose(stats[name].mean[g], rows.mean(0), atol=1e-6)
+
+
+def test_grouped_and_depthwise_convolutions_round_output_aware():
+    """At the same grid, GPTQ per group changes symbols and lowers the layer's output error,
+    both as ``tr(ΔW H ΔWᵀ)`` summed over groups and measured by running the layer."""
+    model, x = _grouped_model(), _smooth_images(8)
+    stats = layer_statistics(model, [x], output_aware_layers(model))
+    for name, layer in (("2.weight", model[2]), ("4.weight", model[4])):
+        w = layer.weight.detach()
+        factors = 0.6 * w.flatten(1).pow(2).mean(1).sqrt()  # a coarse step per output row
+        gptq = output_aware_symbols(w, factors, inverse_cholesky(stats[name]))
+        nearest = torch.round(w.flatten(1) / factors[:, None])
+        assert (gptq != nearest).any()
+        inputs = _layer_input(model, layer, x)
+        errors = {}
+        for kind, symbols in (("gptq", gptq), ("nearest", nearest)):
+            delta = (symbols * factors[:, None] - w.flatten(1)).reshape(layer.groups, -1, w[0].numel())
+            trace = float(sum(torch.trace(d @ h @ d.T) for d, h in zip(delta, stats[name].second)))
+            quantized = nn.functional.conv2d(inputs, (symbols * factors[:, None]).reshape(w.shape), None,
+                                             padding=1, groups=layer.groups)
+            measured = float((quantized - nn.functional.conv2d(inputs, w, None, padding=1, groups=layer.groups))
+                             .pow(2).mean(dim=(0, 2, 3)).sum())  # summed over output channels, like the trace
+            errors[kind] = trace, measured
+        assert errors["gptq"][1] == pytest.approx(errors["gptq"][0], rel=1e-3)
+        assert errors["gptq"][0] < 0.8 * errors["nearest"][0], (name, errors)
+
+
+def test_compress_rounds_grouped_convolutions_output_aware():
+    """Through compress, at the same steps (a fixed beta): the depthwise and the grouped layer each
+    decode to other weights than nearest rounding's, and the model with only that layer quantized
+    is closer to the original."""
+    model = _grouped_model()
+    batches = [_smooth_images(8, seed) for seed in range(2)]
+    decoded = {}
+    for rounding in ("nearest", "output_aware"):
+        config = VAECompressionConfig(beta=0.1, target_bits_per_weight=None, min_numel=16, calibration_batches=2,
+                                      rounding=rounding)
+        compressed = compress(model, config, calibration_data=batches, loss_fn=lambda m, b: (m(b).pow(2).sum(), len(b)),
+                              progress=False)
+        assert compressed.config.rounding == rounding
+        decoded[rounding] = compressed.decode()
+    for name in ("2.weight", "4.weight"):
+        assert not torch.equal(decoded["nearest"][name], decoded["output_aware"][name])
+        errors = {}
+        for rounding, state in decoded.items():
+            quantized = _grouped_model()
+            quantized.load_state_dict(dict(model.state_dict(), **{name: state[name]}))
+            with torch.no_grad():
+                errors[rounding] = float((quantized(batches[0]) - model(batches[0])).pow(2).mean())
+        assert errors["output_aware"] < 0.8 * errors["nearest"], (name, errors)
+
+
+def test_bias_correction_restores_a_grouped_convolutions_output_mean():
+    model, x = _grouped_model(), _smooth_images(8)
+    layer = model[4]
+    stats = layer_statistics(model, [x], {"4.weight": layer})
+    original = {"weight": layer.weight.detach(), "bias": layer.bias.detach()}
+    shifted = original["weight"] + 0.1 * torch.linspace(-1, 1, 12)[:, None, None, None]  # a different error per row
+    corrected = bias_corrections(original, {"weight": shifted}, {"weight": stats["4.weight"]})
+    inputs = _layer_input(model, layer, x)
+    out_original = nn.functional.conv2d(inputs, original["weight"], original["bias"], padding=1, groups=4)
+    out_corrected = nn.functional.conv2d(inputs, shifted, corrected["bias"], padding=1, groups=4)
+    assert torch.allclose(out_original.mean(dim=(0, 2, 3)), out_corrected.mean(dim=(0, 2, 3)), atol=1e-4)
+
+
+def test_grouped_conv1d_is_measured_and_other_layers_are_left_to_nearest():
+    model = nn.Sequential(nn.Conv1d(4, 6, 3, padding=2, dilation=2, stride=2, groups=2),
+                          nn.ConvTranspose2d(6, 4, 3), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+                          nn.Conv2d(4, 4, 3, padding="same"), nn.Embedding(10, 4))
+    assert set(output_aware_layers(model)) == {"0.weight"}
+    conv = model[0]
+    x = torch.randn(5, 4, 11)
+    stats = layer_statistics(conv, [x], {"weight": conv})["weight"]
+    patches = nn.functional.unfold(x[:, :, None], (1, 3), (1, 2), (0, 2), (1, 2)).transpose(1, 2).reshape(-1, 2, 6)
+    for g in range(2):
+        assert torch.allclose(stats.second[g], patches[:, g].T @ patches[:, g] / len(patches), atol=1e-5)
+
+
+def test_a_convolution_with_one_output_channel_rounds_output_aware():
+    """Its layout's rows are its input channels (one step each), not its one output row."""
+    model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1)).eval()
+    batches = [_smooth_images(8)]
+    config = VAECompressionConfig(target_bits_per_weight=2.0, min_numel=16, calibration_batches=1)
+    compressed = compress(model, config, calibration_data=batches, loss_fn=lambda m, b: (m(b).sum(), len(b)),
+                          progress=False)
+    assert compressed.config.rounding == "output_aware"
+    assert compressed.decode()["2.weight"].shape == (1, 8, 3, 3)

@@ -4,13 +4,15 @@ compression of it (a rate search compresses one model many times).
 - The diagonal Fisher (:mod:`.importance`) sets each tensor's step.
 - Per coded layer, the second moment of its inputs, ``H = E[x xᵀ]``: the output error of a weight
   error ``ΔW`` is ``tr(ΔW H ΔWᵀ)``, which is what output-aware rounding (:mod:`.output_aware`)
-  minimises and what bias correction (:mod:`.correction`) needs the mean of.
+  minimises and what bias correction (:mod:`.correction`) needs the mean of. A grouped
+  convolution's output rows each see only their group's input channels, so it gets one ``H`` per
+  group (depthwise: one per channel), each over that group's patch.
 - Per normalisation layer with running statistics, the mean of its inputs on the same batches,
   measured when norm correction first asks (it is off by default): the correction compares them
   with the quantized model's.
 
-Inputs are captured with forward hooks and reduced to ``d x d`` sums as each batch passes: no
-activation is kept. Layers are taken in groups whose statistics fit ``max_bytes``, one forward
+Inputs are captured with forward hooks and reduced to ``groups x d x d`` sums as each batch
+passes: no activation is kept. Layers are taken in groups whose statistics fit ``max_bytes``, one forward
 pass over the batches per group, so memory is bounded by the budget and not by the model.
 """
 
@@ -36,12 +38,18 @@ MAX_STATISTICS_BYTES = 1 << 30
 
 @dataclass
 class LayerInputs:
-    """A layer's input moments: ``second`` = E[x xᵀ] (d x d) and ``mean`` = E[x] (d), where x is an
-    input row of the layer's weight viewed as (out, d): a feature vector for a linear layer, an
-    unfolded patch for a convolution."""
+    """A layer's input moments per group of its output rows: ``second[g]`` = E[x xᵀ] (d x d) and
+    ``mean[g]`` = E[x] (d), where x is what the rows of group g multiply when the weight is viewed as
+    (out, d): a feature vector for a linear layer, an unfolded patch of the group's input channels
+    for a convolution. Output rows ``g * out/groups`` to ``(g+1) * out/groups`` belong to group g
+    (PyTorch's grouped convolution); an ungrouped layer has one group."""
 
-    second: torch.Tensor
-    mean: torch.Tensor
+    second: torch.Tensor  # (groups, d, d)
+    mean: torch.Tensor  # (groups, d)
+
+    @property
+    def groups(self) -> int:
+        return len(self.second)
 
 
 @dataclass
@@ -66,6 +74,13 @@ class Calibration:
         return self._norm_means
 
 
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a[g] @ b[g]`` for every group g. One group goes through the plain matrix product, not a
+    batched one (whose kernel may sum in another order): ungrouped layers then get the same bits,
+    and so the same symbols, as before grouped layers were measured."""
+    return (a[0] @ b[0]).unsqueeze(0) if len(a) == 1 else a @ b
+
+
 def model_inputs(batch) -> tuple[tuple, dict]:
     """A calibration batch as call arguments. Labels are dropped: the statistics are of the
     inputs the deployed model sees, and without them a detector skips its matching loss."""
@@ -76,17 +91,30 @@ def model_inputs(batch) -> tuple[tuple, dict]:
 
 def output_aware_layers(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, nn.Module]:
     """The weights (of ``names``, or all) whose output error ``tr(ΔW H ΔWᵀ)`` the codec can
-    measure: those of ``nn.Linear`` and of ungrouped, zero-padded ``nn.Conv2d`` (weight name -> module)."""
+    measure: those of ``nn.Linear`` and of zero-padded ``nn.Conv1d`` and ``nn.Conv2d``, grouped
+    and depthwise ones included (weight name -> module).
+
+    Not measured: transposed convolutions (an output pixel sums weights of several kernel
+    positions against different input pixels, so the error does not factor into rows of the
+    stored weight times one input vector), embeddings (a one-hot input: ``H`` is diagonal and
+    output-aware rounding would be nearest rounding), and convolutions that pad by reflection or
+    replication or with ``padding="same"`` (their patches are not what :func:`layer_rows` cuts):
+    those round to nearest."""
     wanted = None if names is None else set(names)
     found = {}
     for module_name, module in model.named_modules():
         weight_name = f"{module_name}.weight" if module_name else "weight"
         if wanted is not None and weight_name not in wanted:
             continue
-        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1
-                                             and module.padding_mode == "zeros"):
+        if isinstance(module, nn.Linear) or (isinstance(module, (nn.Conv1d, nn.Conv2d))
+                                             and module.padding_mode == "zeros" and not isinstance(module.padding, str)):
             found[weight_name] = module
     return found
+
+
+def input_groups(module: nn.Module) -> int:
+    """How many groups of output rows see distinct inputs: a convolution's ``groups``, else 1."""
+    return getattr(module, "groups", 1) if isinstance(module, (nn.Conv1d, nn.Conv2d)) else 1
 
 
 def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -102,13 +130,19 @@ def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def layer_rows(module: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The layer's input as (n, d) rows matching its weight's (out, d) view, at most
-    :data:`MAX_ROWS_PER_BATCH` of them (a seeded random subset)."""
+    """The layer's input as (n, groups * d) rows, at most :data:`MAX_ROWS_PER_BATCH` of them (a
+    seeded random subset). Columns ``g * d`` to ``(g+1) * d`` are what group g's rows of the
+    weight, viewed as (out, d), multiply: unfolding orders a patch by input channel, and a group's
+    channels are consecutive. A 1-D convolution is unfolded as a 2-D one of height 1."""
     x = x.detach().float()
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         if isinstance(module.padding, str):
             raise ValueError(f"string padding {module.padding!r} is not supported")
-        x = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        geometry = module.kernel_size, module.dilation, module.padding, module.stride
+        if isinstance(module, nn.Conv1d):  # a 2-D convolution of height 1
+            (kernel,), (dilation,), (padding,), (stride,) = geometry
+            x, geometry = x.unsqueeze(-2), ((1, kernel), (1, dilation), (0, padding), (1, stride))
+        x = nn.functional.unfold(x, *geometry)
         x = x.transpose(1, 2)
     rows = x.reshape(-1, x.shape[-1])
     if len(rows) > MAX_ROWS_PER_BATCH:
@@ -152,34 +186,41 @@ def norm_input_means(model: nn.Module, batches: list, modules: dict[str, nn.Modu
     return {name: total / n for name, (total, n) in _accumulate(model, batches, modules, reduce).items()}
 
 
-def _groups(layers: dict[str, nn.Module], max_bytes: int) -> list[list[str]]:
-    """Consecutive layers whose d x d float32 sums fit ``max_bytes`` together (a layer larger
-    than the budget goes alone)."""
-    groups, current, size = [], [], 0
+def _passes(layers: dict[str, nn.Module], max_bytes: int) -> list[list[str]]:
+    """Consecutive layers whose groups x d x d float32 sums fit ``max_bytes`` together (a layer
+    larger than the budget goes alone). A grouped layer's sums are never larger than an ungrouped
+    one's with the same input channels: groups * d² = (in * kernel) * d."""
+    passes, current, size = [], [], 0
     for name, module in layers.items():
         d = module.weight[0].numel()
-        cost = 4 * d * d
+        cost = 4 * input_groups(module) * d * d
         if current and size + cost > max_bytes:
-            groups.append(current)
+            passes.append(current)
             current, size = [], 0
         current.append(name)
         size += cost
-    return groups + ([current] if current else [])
+    return passes + ([current] if current else [])
+
+
+def _moments(module: nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per group, the sums of x xᵀ (groups x d x d) and of x (groups x d) over ``rows``, and their count."""
+    groups = input_groups(module)
+    per_group = rows.reshape(len(rows), groups, -1).transpose(0, 1)
+    return grouped_matmul(per_group.transpose(1, 2), per_group), rows.sum(0).reshape(groups, -1), len(rows)
 
 
 def layer_statistics(model: nn.Module, batches: list, layers: dict[str, nn.Module],
                      max_bytes: int = MAX_STATISTICS_BYTES, progress: bool = False) -> dict[str, LayerInputs]:
-    """:class:`LayerInputs` for every layer of ``layers``, one pass over ``batches`` per group."""
+    """:class:`LayerInputs` for every layer of ``layers``, in as few passes over ``batches`` as fit ``max_bytes``."""
     out = {}
-    groups = _groups(layers, max_bytes)
-    for group in tqdm(groups, desc="input moments", disable=not progress or len(groups) == 1, leave=False):
+    passes = _passes(layers, max_bytes)
+    for names in tqdm(passes, desc="input moments", disable=not progress or len(passes) == 1, leave=False):
         generator = torch.Generator().manual_seed(0)
 
         def reduce(module, x):
-            rows = layer_rows(module, x, generator)
-            return rows.T @ rows, rows.sum(0), len(rows)
+            return _moments(module, layer_rows(module, x, generator))
 
-        sums = _accumulate(model, batches, {n: layers[n] for n in group}, reduce)
+        sums = _accumulate(model, batches, {n: layers[n] for n in names}, reduce)
         out.update({name: LayerInputs(second / n, total / n) for name, (second, total, n) in sums.items()})
     return out
 

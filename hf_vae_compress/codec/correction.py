@@ -6,7 +6,8 @@ downstream, whose statistics were measured on the original model, then subtracts
 (Nagel et al. 2019, "Data-free quantization"). Both fixes edit tensors the container stores anyway:
 
 - **bias correction**: a coded layer with a bias gets ``b - (W_q - W) E[x]``, the exact shift of
-  its output mean on the calibration inputs;
+  its output mean on the calibration inputs (for a grouped convolution, each output row's ``E[x]``
+  is its group's);
 - **norm correction**: each norm layer's running mean moves by the difference between its input
   means in the quantized and in the original model on the same batches
   (paired, so the estimate has little noise even from a few batches). A norm's input depends on
@@ -35,7 +36,9 @@ def bias_corrections(original: dict[str, torch.Tensor], quantized: dict[str, tor
         if bias_name not in original or weight_name not in quantized:
             continue
         delta = (quantized[weight_name].float() - original[weight_name].float()).flatten(1)
-        out[bias_name] = original[bias_name].float() - delta @ inputs.mean
+        rows = delta.reshape(inputs.groups, -1, delta.shape[1])  # a grouped layer's rows see their group's mean
+        shift = torch.cat([group_rows @ mean for group_rows, mean in zip(rows, inputs.mean)])
+        out[bias_name] = original[bias_name].float() - shift
     return out
 
 
