@@ -1,8 +1,9 @@
 """What a user gets from ``hf-vae-compress compress MODEL OUT`` with no rate argument (``make bench``).
 
-For every reference model, and for one architecture none of them shares (``unseen-regnetx002``,
+For every reference model, and for two architectures none of them shares (``unseen-regnetx002``,
+grouped convolutions, and ``unseen-mobilenetv2``, a depthwise convolution in every block; each
 trained into ``outputs/`` by ``recipes/train_reference.py`` when it is missing: the defaults were
-never chosen on it), this runs the CLI exactly as a user would, in a fresh process:
+never chosen on them), this runs the CLI exactly as a user would, in a fresh process:
 
 1. ``compress MODEL OUT --json``: the accuracy-checked default (smallest container within the
    task's budget on the validation split);
@@ -42,20 +43,22 @@ ARTIFACTS = RESULTS / "artifacts"
 WORK = ROOT / "outputs" / "default_compress"
 REFERENCES = ["fmnist-resnet18", "fmnist-mobilenetv3", "fmnist-vit", "fmnist-rtdetr"]
 UNSEEN = "unseen-regnetx002"
-UNSEEN_FOLDER = ROOT / "outputs" / UNSEEN
-UNSEEN_TRAINING = ["--model", UNSEEN, "--epochs", "4", "--lr", "4e-3", "--max-minutes", "14"]
+UNSEEN_DEPTHWISE = "unseen-mobilenetv2"
+UNSEEN_MODELS = (UNSEEN, UNSEEN_DEPTHWISE)  # not reference models; one training protocol for both
+UNSEEN_TRAINING = ["--epochs", "4", "--lr", "4e-3", "--max-minutes", "14"]
 
 
 def model_folder(name: str) -> Path:
-    if name != UNSEEN:
+    if name not in UNSEEN_MODELS:
         return ROOT / "reference_models" / name
-    if not (UNSEEN_FOLDER / "train_result.json").exists():
-        logger.info("training %s (not a reference model) into %s", UNSEEN, UNSEEN_FOLDER)
+    folder = ROOT / "outputs" / name
+    if not (folder / "train_result.json").exists():
+        logger.info("training %s (not a reference model) into %s", name, folder)
         subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                         str(ROOT / "recipes" / "accelerate" / "cpu_1proc.yaml"),
-                        str(ROOT / "recipes" / "train_reference.py"), *UNSEEN_TRAINING,
-                        "--output", str(UNSEEN_FOLDER)], check=True, cwd=ROOT)
-    return UNSEEN_FOLDER
+                        str(ROOT / "recipes" / "train_reference.py"), "--model", name, *UNSEEN_TRAINING,
+                        "--output", str(folder)], check=True, cwd=ROOT)
+    return folder
 
 
 def cli_compress(folder: Path, out: Path, *extra: str) -> dict:
@@ -84,8 +87,8 @@ def measure(name: str, runs: tuple[str, ...], previous: dict | None, save_artifa
     test = task.prepare(base_model, task.load("test"))
     base = task.score(base_model, test)[task.metric]
     work = WORK / name
-    row = dict(previous or {}, model=name, reference=name != UNSEEN, metric=task.metric, budget_pt=task.budget_pt,
-               base_test=base)
+    row = dict(previous or {}, model=name, reference=name not in UNSEEN_MODELS, metric=task.metric,
+               budget_pt=task.budget_pt, base_test=base)
     for kind in runs:
         if kind == "default":
             run = cli_compress(folder, work / FOLDERS[kind])
@@ -110,7 +113,7 @@ def measure(name: str, runs: tuple[str, ...], previous: dict | None, save_artifa
         shutil.copytree(work / FOLDERS["default"], target)
         row["default"]["artifact"] = str(target.relative_to(ROOT))
     row["default_time_vs_fixed_rate"] = row["default"]["compress_seconds"] / row["fixed_rate"]["compress_seconds"]
-    if name == UNSEEN:
+    if name in UNSEEN_MODELS:
         row["training"] = json.loads((folder / "train_result.json").read_text())
     return row
 
@@ -121,7 +124,7 @@ def _commit() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=[*REFERENCES, UNSEEN])
+    parser.add_argument("--models", nargs="+", default=[*REFERENCES, *UNSEEN_MODELS])
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS),
                         help="which runs to (re)measure; the others keep their results in --output")
     parser.add_argument("--output", type=Path, default=RESULTS / "default_compress.json")
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         rows[name] = measure(name, tuple(args.runs), rows.get(name), name in args.artifacts)
         result = dict(platform=dict(python=platform.python_version(), torch=torch.__version__,
                                     machine=platform.machine(), threads=torch.get_num_threads()),
-                      rows=[rows[n] for n in [*REFERENCES, UNSEEN] if n in rows])
+                      rows=[rows[n] for n in [*REFERENCES, *UNSEEN_MODELS] if n in rows])
         args.output.write_text(json.dumps(result, indent=1) + "\n")  # after each model: a long run keeps its work
 
 
