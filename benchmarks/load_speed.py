@@ -1,8 +1,8 @@
 """Decode + load speed and peak memory against plain fp32 safetensors, measured in the same run.
 
 A timm ``resnet50`` (random init: speed does not depend on training) is saved as fp32
-safetensors and compressed data-free with the default settings (``--transforms``: the default
-VAE transform and the identity ablation). Both paths build the architecture the same way, then:
+safetensors and compressed data-free at 1 bit/weight (``--transforms``: the identity transform,
+the default, and the VAE). Both paths build the architecture the same way, then:
 
 * fp32: ``safetensors.torch.load_file`` + ``load_state_dict``;
 * ours: ``CompressedModel.load(...)`` and its tensors (entropy decode + transform + checks),
