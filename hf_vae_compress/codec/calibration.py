@@ -12,8 +12,8 @@ compression of it (a rate search compresses one model many times).
   with the quantized model's.
 
 Inputs are captured with forward hooks and reduced to ``groups x d x d`` sums as each batch
-passes: no activation is kept. Layers are taken in groups whose statistics fit ``max_bytes``, one forward
-pass over the batches per group, so memory is bounded by the budget and not by the model.
+passes: no activation is kept. Layers are measured in passes over the batches, as many layers per
+pass as their statistics fit ``max_bytes``, so memory is bounded by the budget and not by the model.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def output_aware_layers(model: nn.Module, names: Iterable[str] | None = None) ->
 
 def input_groups(module: nn.Module) -> int:
     """How many groups of output rows see distinct inputs: a convolution's ``groups``, else 1."""
-    return getattr(module, "groups", 1) if isinstance(module, (nn.Conv1d, nn.Conv2d)) else 1
+    return module.groups if isinstance(module, (nn.Conv1d, nn.Conv2d)) else 1
 
 
 def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
