@@ -88,7 +88,7 @@ def measure(name: str, runs: tuple[str, ...], previous: dict | None, save_artifa
     base = task.score(base_model, test)[task.metric]
     work = WORK / name
     row = dict(previous or {}, model=name, reference=name not in UNSEEN_MODELS, metric=task.metric,
-               budget_pt=task.budget_pt, base_test=base)
+               budget_pt=task.budget_pt, base_test=base, threads=torch.get_num_threads())
     for kind in runs:
         if kind == "default":
             run = cli_compress(folder, work / FOLDERS[kind])
