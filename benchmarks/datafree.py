@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 from pathlib import Path
@@ -71,6 +72,7 @@ def measure(name: str, kind: str, row: dict, default_rows: dict) -> dict:
                    base_test=task.score(base_model, test)[task.metric])
     out = WORK / name / kind
     args = RUNS[kind] or ["--dataset", str(unlabelled_folder(isinstance(task, Detection)))]
+    load = os.getloadavg()[0]  # other jobs on the machine stretch compress_seconds: say how busy it was
     try:
         run = cli_compress(folder, out, *args, "--overwrite")
     except RuntimeError as err:  # e.g. no rate kept the check's budget: the CLI's own error, kept as the result
@@ -84,7 +86,7 @@ def measure(name: str, kind: str, row: dict, default_rows: dict) -> dict:
                   check_drop_pt=validation.get("drop_pt"), check_drop_se_pt=validation.get("drop_se_pt"),
                   allowed_pt=validation.get("allowed_pt"), check_examples=validation.get("examples"),
                   synthetic=validation.get("synthetic"), rounding=_rounding(out),
-                  compress_seconds=run["wall_seconds"], probes=run["rate_search"], commit=_commit())
+                  compress_seconds=run["wall_seconds"], load_average_1min_at_start=load, probes=run["rate_search"], commit=_commit())
     default = default_rows.get(name, {}).get("default")
     if default is not None:
         result["labelled_default_ratio"] = default["ratio_vs_fp32"]
