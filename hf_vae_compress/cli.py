@@ -26,7 +26,7 @@ from .loading import find_container
 from .models import check_model_folder, load_model, resolve_folder, weights_bytes
 from .pipeline import UNCHECKED_BPW, Source, describe_probe, load_any, search_smallest
 from .synthetic import SyntheticConfig
-from .tasks import CHECK_NONE, DEFAULT_DATASET, task_for
+from .tasks import CHECK_LABELLED, CHECK_NONE, DEFAULT_DATASET, task_for
 
 logger = logging.getLogger("hf_vae_compress")
 
@@ -63,9 +63,12 @@ def _over_budget(validation: dict | None, rate: str) -> str | None:
     """A warning when a fixed rate's measured validation drop does not fit the task's budget."""
     if validation is None or validation.get("within_budget", True) or not validation.get("rate_checked", True):
         return None  # nothing measured, or measured on data that cannot show a drop (its own warning says so)
+    budget, allowed = validation["budget_pt"], validation.get("allowed_pt", validation["budget_pt"])
+    held = f"the task's budget of {budget} pt" if allowed == budget else \
+        f"the {allowed:g} pt that {validation['check']} may use of the task's budget of {budget} pt"
     return (f"{rate} loses {validation['drop_pt']:.2f} ± {validation.get('drop_se_pt', 0.0):.2f} pt of "
-            f"{validation['metric']} on the {validation['split']} split, over the {validation['allowed_pt']:g} pt "
-            f"that {validation['check']} may use: drop the rate argument to search the smallest container within it")
+            f"{validation['metric']} on the {validation['split']} split, over {held}: drop the rate argument to "
+            "search the smallest container within budget")
 
 
 def _cmd_compress(args: argparse.Namespace) -> dict | None:
@@ -140,7 +143,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
     return {**compressed.stats, **report,
             **dict(out_dir=str(args.out_dir), validation=validation,
                    accuracy_checked=validation is not None and validation.get("accuracy_checked", True),
-                   check=validation["check"] if validation is not None else CHECK_NONE,
+                   check=validation.get("check", CHECK_LABELLED) if validation is not None else CHECK_NONE,
                    over_budget=_over_budget(validation, "") is not None,
                    warning=warning, rate_search=probes, compress_seconds=round(time.perf_counter() - start, 2),
                    finetune=compressed.header.get("finetune"))}
@@ -203,7 +206,7 @@ def _describe_validation(result: dict) -> str:
     v = result["validation"]
     if v is None:
         return "not measured (no dataset): accuracy was not checked"
-    where = f"{v['check']}, {v['examples']:,} {v['split']} examples"
+    where = f"{v.get('check', CHECK_LABELLED)}, {v['examples']:,} {v['split']} examples"
     if v.get("holdout"):
         where += f", held out from {v['holdout']['carved_from']} (seed {v['holdout']['seed']})"
     if v.get("report_split"):
@@ -211,7 +214,8 @@ def _describe_validation(result: dict) -> str:
     if not v.get("accuracy_checked", True):
         where += "; NOT an accuracy check: the model may have trained on these examples"
     return (f"{v['metric']} {100 * v['compressed']:.2f} vs {100 * v['base']:.2f}: drop {v['drop_pt']:.2f} "
-            f"± {v['drop_se_pt']:.2f} pt (allowed {v['allowed_pt']:g} of a {v['budget_pt']} pt budget; {where})")
+            f"± {v['drop_se_pt']:.2f} pt (allowed {v.get('allowed_pt', v['budget_pt']):g} of a {v['budget_pt']} pt "
+            f"budget; {where})")
 
 
 def _finite(text: str) -> float:
