@@ -237,8 +237,9 @@ def default_lines(path: Path) -> list[str]:
              "rate argument, then the output folder loaded and scored on the test split. *Default*: the smallest "
              "container within the task's budget on the validation split. *Time* is against a fixed-rate "
              "`compress --target-bpw` at the rate the default chose, in the same run, on a machine shared with other "
-             "jobs (the ratios are indicative). *Data-free*: `--dataset none`, whose accuracy the CLI says it did not "
-             "check, at the rate the run used. Each row names the commit it was measured at: rows older than the "
+             "jobs (the ratios are indicative). *Data-free*: `--dataset none` as it was at the row's commit: rows "
+             "measured before synthetic calibration (commit 82f7be3) used a fixed rate and checked nothing; today's "
+             "data-free path is under \"Without labelled data\". Each row names the commit it was measured at: rows older than the "
              "identity default (commit eeaf27d) ran the VAE transform, and the rate search's one-standard-error margin "
              "came with commit 67c9581. The commit is the default run's: output-aware rounding is the default from "
              "commit dad2d4c on, and the selection rule that never trusts training data (issue 21) from c013ba5. A "
@@ -256,6 +257,34 @@ def default_lines(path: Path) -> list[str]:
                      f"| {d['test_drop_pt']:.2f} {unit} | {d['probes']} | {d['compress_seconds']:.0f} s "
                      f"({r['default_time_vs_fixed_rate']:.1f}x) | {free['bits_per_weight']:.1f}, {free['ratio_vs_fp32']:.1f}x, "
                      f"{free['test_drop_pt']:.2f} {unit} | `{(d.get('commit') or '?')[:7]}` |")
+    return lines + [""]
+
+
+def datafree_lines(path: Path) -> list[str]:
+    """Compressing without labelled data (datafree.json): synthetic images, and unlabelled images."""
+    if not path.exists():
+        return []
+    lines = ["#### Without labelled data", "",
+             "`benchmarks/datafree.py`: `compress MODEL OUT --dataset none` (synthetic images, the rate checked by "
+             "agreement with the original on other synthetic images, which is not accuracy) and `--dataset FOLDER` "
+             "with the validation images as files, labels removed (agreement on them). Test labels are used only "
+             "to report the drop; *labelled default* is `default_compress.json`'s ratio. Compress times are on 2 "
+             "CPU cores shared with other jobs.", "",
+             "| model | labelled default | `--dataset none`: x fp32, test drop, time | unlabelled images: x fp32 "
+             "(share of the labelled default), test drop | measured at commit |", "|---|---:|---:|---:|---|"]
+    for r in json.loads(path.read_text())["rows"]:
+        unit = _unit(r["metric"])
+        free, unlabelled = r.get("data_free") or {}, r.get("unlabelled") or {}
+        default = free.get("labelled_default_ratio") or unlabelled.get("labelled_default_ratio")
+        if "ratio_vs_fp32" in free:
+            free_cell = f"{free['ratio_vs_fp32']:.1f}x, {free['test_drop_pt']:.2f} {unit}, {free['compress_seconds']:.0f} s"
+        else:
+            free_cell = "no rate kept the check's budget" if free else "not run"
+        unlabelled_cell = (f"{unlabelled['ratio_vs_fp32']:.1f}x ({100 * unlabelled['ratio_vs_labelled_default']:.0f} %), "
+                           f"{unlabelled['test_drop_pt']:.2f} {unit}" if "ratio_vs_fp32" in unlabelled else "not run")
+        commits = sorted({(run.get("commit") or "?")[:7] for run in (free, unlabelled) if run})
+        name = f"`{r['model']}`" + ("" if r["reference"] else " (not a reference model)")
+        lines.append(f"| {name} | {default:.1f}x | {free_cell} | {unlabelled_cell} | {', '.join(f'`{c}`' for c in commits)} |")
     return lines + [""]
 
 
@@ -355,6 +384,7 @@ def render(data: dict) -> str:
     lines += hub_lines(RESULTS / "hub_roundtrip.json")
     lines += posthoc_lines(RESULTS / "posthoc_quality.json")
     lines += default_lines(RESULTS / "default_compress.json")
+    lines += datafree_lines(RESULTS / "datafree.json")
     lines.append(END)
     return "\n".join(lines)
 

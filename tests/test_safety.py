@@ -30,7 +30,7 @@ from tests.conftest import tiny_timm, tiny_vit
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--transform", "identity", "--calibration-batches", "1"]
-BLIND = ["--dataset", "none", *FAST, "--target-bpw", "4"]
+BLIND = ["--dataset", "none", "--synthetic-images", "0", *FAST, "--target-bpw", "4"]  # no data, no synthetic images: the checks come first
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:
