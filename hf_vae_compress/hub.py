@@ -346,16 +346,39 @@ def _copy_user_files(old: Path, new: Path) -> None:
             link(str(entry), str(new / entry.name))
 
 
+def _remove_abandoned_stages(out: Path) -> None:
+    """Delete the staging siblings of ``out`` that killed runs left behind: those whose writing
+    process no longer exists on this machine (a live one may be another save in progress)."""
+    for stage in out.parent.glob(f".{out.name}.partial-*"):
+        pid = stage.name.removeprefix(f".{out.name}.partial-").split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+            continue
+        logger.info("removing %s, left by a run that was killed while writing", stage)
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 @contextmanager
 def staged_folder(out: Path):
     """Yield a temporary sibling of ``out`` to write into; on success it replaces ``out``.
 
-    A run killed while writing leaves ``out`` as it was (the hidden ``.NAME.partial-*`` sibling is
-    never loaded). An existing ``out`` is renamed aside, the new folder renamed in, the old one
-    deleted: between the two renames ``out`` is briefly absent, never half-written.
+    A run killed while writing leaves ``out`` as it was (the hidden ``.NAME.partial-PID-*`` sibling
+    is never loaded, and the next save removes it once its process is gone). An existing ``out``
+    is renamed aside, the new folder renamed in, the old one deleted: between the two renames
+    ``out`` is briefly absent, never half-written.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_abandoned_stages(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the published folder private

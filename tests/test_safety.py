@@ -149,8 +149,14 @@ def test_a_compress_killed_mid_write_leaves_no_folder_that_loads(source, tmp_pat
     out = tmp_path / "out"
     _kill_mid_write(tmp_path, ["compress", str(source), str(out), *BLIND])
     assert not out.exists()  # only a hidden staging sibling, which no loader is pointed at
+    assert list(tmp_path.glob(".out.partial-*"))
     with pytest.raises(OSError):
         load_folder(out)
+    live = tmp_path / f".out.partial-{os.getppid()}-x"  # a save still running elsewhere: left alone
+    live.mkdir()
+    assert main(["compress", str(source), str(out), *BLIND]) == 0  # the next save clears what the killed run left
+    assert list(tmp_path.glob(".out.partial-*")) == [live]
+    load_folder(out)
 
 
 def test_a_rerun_killed_mid_write_keeps_the_previous_output(source, tmp_path):
