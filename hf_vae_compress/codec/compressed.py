@@ -79,9 +79,10 @@ class CompressedModel:
         """``(name, tensor)`` pairs in state-dict order, decoded one tensor at a time (a lower memory
         peak than :meth:`decode`), each checked as soon as it is decoded.
 
-        A v2 container's stored bytes are checked first (a mismatch is corruption); its whole-model
-        SHA-256 is checked when the generator ends: the last pair comes out before it, and
-        :class:`IntegrityError` is raised after it on a mismatch. A float decoder network's output
+        A v2 container's stored bytes are checked first (a mismatch is corruption). A container
+        written before the stored-bytes hash has its whole-model SHA-256 checked when the generator
+        ends: the last pair comes out before it, and :class:`IntegrityError` is raised after it on a
+        mismatch (version 1: one SHA-256 per tensor, as it is decoded). A float decoder network's output
         that differs on this machine raises :class:`MachineDependentError`, unless
         ``allow_unverified`` (default: the ``HF_VAE_COMPRESS_ALLOW_UNVERIFIED_DECODE`` environment
         variable) lets it through, unverified, with a warning.

@@ -5,8 +5,11 @@ Format v2 keeps one cryptographic hash and one cheap checksum per tensor:
 * a CRC-32 of each decoded tensor's bytes, checked as soon as that tensor is decoded, so a corrupt
   file names the tensor it broke (zlib's CRC-32 runs at ~3.7 GB/s and releases the GIL, so it runs
   on the decoding threads);
-* one SHA-256 over the whole decoded model (every tensor's bytes in header order), checked when
-  the last tensor is out: a cryptographic identity of exactly the weights the encoder measured.
+* one SHA-256 over the whole decoded model (every tensor's name, shape and bytes in header order):
+  a cryptographic identity of exactly the weights the encoder measured. It is checked, when the last
+  tensor is out, only for containers written before the stored-bytes hash below; a sealed container's
+  stored bytes already cover names, shapes and every coded byte, so its decoded bytes are not hashed
+  a second time.
 
 and, written since format v2 gained it, one SHA-256 of the *stored* bytes (the header's JSON and
 every stored part), checked before anything is decoded. It is what tells the two failures apart:
