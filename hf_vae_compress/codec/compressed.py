@@ -10,6 +10,7 @@ from typing import Iterator
 import torch
 
 from .config import VAECompressionConfig
+from .format.fields import stored_config
 from .format.framing import CONTAINER_NAME, folder_container, serialize
 from .format.registry import WRITER, read, reader
 from .latents import Latents
@@ -44,7 +45,7 @@ class CompressedModel:
     @property
     def config(self) -> VAECompressionConfig:
         """The configuration the container was written with."""
-        return VAECompressionConfig.from_dict(self._reader.config_dict(self.header))
+        return stored_config(self.header)
 
     def to_bytes(self) -> bytes:
         """The exact bytes of the container file (sealed with its stored-bytes hash where the version has one)."""

@@ -54,18 +54,30 @@ def entry_fields(entry: dict, where: str, seen: set[str]) -> tuple[str, str, str
     return name, get_field(entry, "dtype", str, where), get_field(entry, "codec", str, where), shape_field(entry, where)
 
 
-def codec_fields(header: dict, config: dict) -> tuple[VAECompressionConfig, dict, str, int, int]:
-    """The header's codec config (``config``: as the version's reader reads it) and its transform
-    spec, kind, chunk size and hidden size, checked against the readers' limits."""
-    get_field(header, "config", dict, "header")
+# Config fields that containers record and the config no longer has (v1's ANS table precision; the
+# VAE's training settings, now nested under ``fit``): no decode reads them, so they are dropped on read.
+RETIRED_CONFIG_FIELDS = ("table_precision", "train_steps", "train_batch_chunks", "learning_rate")
+
+
+def stored_config(header: dict) -> VAECompressionConfig:
+    """The codec config a container was written with. Containers older than output-aware rounding
+    name no rounding: they rounded to nearest."""
+    stored = get_field(header, "config", dict, "header")
     try:
-        parsed = VAECompressionConfig.from_dict(config)
+        return VAECompressionConfig.from_dict(
+            {"rounding": "nearest", **{k: v for k, v in stored.items() if k not in RETIRED_CONFIG_FIELDS}})
     except (TypeError, ValueError) as err:
         raise fail("config", str(err)) from err
+
+
+def codec_fields(header: dict) -> tuple[VAECompressionConfig, dict, str, int, int]:
+    """The header's codec config and its transform spec, kind, chunk size and hidden size, checked
+    against the readers' limits."""
+    config = stored_config(header)
     spec = get_field(header, "transform", dict, "header")
     kind = get_field(spec, "kind", str, "transform")
     if kind not in TRANSFORMS:
         raise fail("transform.kind", f"unknown transform {kind!r}")
     chunk_size = int_field(spec, "chunk_size", "transform", 1, MAX_CHUNK_SIZE)
     hidden_size = int_field(spec, "hidden_size", "transform", 1, MAX_HIDDEN_SIZE)
-    return parsed, spec, kind, chunk_size, hidden_size
+    return config, spec, kind, chunk_size, hidden_size

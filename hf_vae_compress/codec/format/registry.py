@@ -1,7 +1,7 @@
 """Which module reads which container version, and which one writes.
 
 A container's bytes mean what its version's module says: :mod:`.v1` (frozen: read only) and
-:mod:`.v2` (read and written). Each exposes the same names (its ``VERSION``, ``NAMES_VERIFIED``, ``config_dict``,
+:mod:`.v2` (read and written). Each exposes the same names (its ``VERSION``, ``NAMES_VERIFIED``,
 ``iter_decoded``, ``stored_verified``, ``unpack``, ``seal``, ``report_parts``, ``layer_bytes``), so
 callers ask the registry for a reader instead of branching on version numbers. A new version is
 a new module added here; the old ones stay, unchanged, for the files already written.

@@ -77,14 +77,6 @@ def _transform(header: dict, tensors: dict[str, torch.Tensor]) -> Transform:
     return transform.eval()
 
 
-def config_dict(header: dict) -> dict:
-    """The stored codec config, without what only this reader uses (its ANS table precision) and
-    the VAE's training settings, which the config now nests under ``fit`` (no decode reads them);
-    version 1 predates output-aware rounding: it rounded to nearest."""
-    retired = ("table_precision", "train_steps", "train_batch_chunks", "learning_rate")
-    return {"rounding": "nearest", **{k: v for k, v in header["config"].items() if k not in retired}}
-
-
 def seal(header: dict, tensors: dict[str, torch.Tensor]) -> dict:
     """The header as written: version 1 has no stored-bytes hash (and is never written again)."""
     return header
@@ -109,7 +101,7 @@ def validate(header: dict, tensors: dict[str, torch.Tensor]) -> None:
     the field. (The version-1 code itself trusted its header.)
     """
     int_field(get_field(header, "config", dict, "header"), "table_precision", "config", 8, 15)
-    _, _, kind, chunk_size, _ = codec_fields(header, config_dict(header))
+    _, _, kind, chunk_size, _ = codec_fields(header)
     fp32_bytes = int_field(header, "fp32_safetensors_bytes", "header", 0, 1 << 50)
     entries = get_field(header, "tensors", list, "header")
     need = dict.fromkeys(_PARTS, 0)

@@ -292,8 +292,7 @@ def validate(header: dict, tensors: dict[str, torch.Tensor]) -> _Validated:
     points into before anything is allocated or decompressed; each failure is a
     :class:`ContainerError` naming the field.
     """
-    get_field(header, "config", dict, "header")
-    config, spec, kind, chunk_size, hidden_size = codec_fields(header, config_dict(header))
+    config, spec, kind, chunk_size, hidden_size = codec_fields(header)
     try:
         pcodec = bytes.fromhex(get_field(header, "pcodec", str, "header"))
     except ValueError as err:
@@ -571,21 +570,11 @@ def unpack(header: dict, tensors: dict[str, torch.Tensor]) -> Latents:
     return Latents(reference, coded, symbols, steps, stored, p.transform, p.config, header["fp32_safetensors_bytes"])
 
 
-# config fields that v2 containers written before they were retired still record; no v2 decode reads them
-# (the VAE's training settings moved into the nested ``fit`` config: containers that name them at
-# the top level read with the default fit settings, which no decode reads either)
-_RETIRED_CONFIG = ("table_precision", "train_steps", "train_batch_chunks", "learning_rate")
-
-
-def config_dict(header: dict) -> dict:
-    """The stored codec config; containers older than output-aware rounding name none: nearest."""
-    return {"rounding": "nearest", **{k: v for k, v in header["config"].items() if k not in _RETIRED_CONFIG}}
-
-
 def stored_verified(header: dict, tensors: dict[str, torch.Tensor]) -> bool:
     """Whether the stored bytes match their SHA-256 (:class:`IntegrityError` when they do not);
     False for containers written before the hash existed."""
-    return plan(header, tensors).stored_verified
+    validate(header, tensors)
+    return _check_stored(header, tensors)
 
 
 def report_parts(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
