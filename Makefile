@@ -38,6 +38,7 @@ bench: $(STAMP) data
 	$(PY) benchmarks/load_speed.py
 	$(PY) benchmarks/hub_roundtrip.py
 	$(PY) benchmarks/default_compress.py
+	$(PY) benchmarks/datafree.py
 	$(PY) benchmarks/posthoc_quality.py --calibration-seeds 0 1 --timing
 	$(PY) benchmarks/report.py
 

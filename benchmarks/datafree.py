@@ -29,13 +29,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.default_compress import REFERENCES, UNSEEN, _commit, cli_compress, model_folder
 from hf_vae_compress.codec import CompressedModel
 from hf_vae_compress.data import load_fashion_mnist
 from hf_vae_compress.detection import load_fashion_mnist_scenes
 from hf_vae_compress.loading import find_container
 from hf_vae_compress.pipeline import load_any
 from hf_vae_compress.tasks import Detection, task_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from default_compress import REFERENCES, UNSEEN, _commit, cli_compress, model_folder  # noqa: E402
 
 logger = logging.getLogger("datafree")
 
