@@ -31,9 +31,10 @@ import dataclasses
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ from .finetune import FinetuneConfig, finetune
 from .hub import save_pretrained
 from .loading import load_compressed, load_folder
 from .models import load_model, resolve_folder
+from .sequential import SCORING_SEED, STOPPING_ERROR, Verdict, early_verdict, look_sizes
 from .synthetic import SyntheticConfig
 from .tasks import CHECK_LABELLED, CHECK_SYNTHETIC, Task, synthetic_task, task_for, unlabelled_task
 
@@ -63,6 +65,33 @@ MEMORISATION_Z = 3.0
 UNCHECKED_BPW = 6.0
 SEARCH_RANGE_BPW = (0.125, 8.0)
 SEARCH_PROBES = 6
+SCORE_BATCH = 64  # examples per model call when scoring per example: the progress bar's step
+
+
+@contextmanager
+def _timed(stages: dict[str, float], name: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``stages[name]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - start
+
+
+def _scored(task: Task, model: torch.nn.Module, data, order: np.ndarray, looks: list[int], progress: bool,
+            desc: str) -> Iterator[np.ndarray]:
+    """``model``'s per-example scores on ``data`` in ``order``, yielded at each look size (every
+    score so far), ``SCORE_BATCH`` examples per call, with a progress bar over the whole ``order``
+    whose estimate is the time left to score all of it. Stopping the iteration stops the scoring."""
+    scores, done = [], 0
+    with tqdm(total=len(order), desc=desc, unit="example", leave=False, disable=not progress) as bar:
+        for size in looks:
+            for start in range(done, size, SCORE_BATCH):
+                index = torch.as_tensor(order[start:min(start + SCORE_BATCH, size)])
+                scores.append(task.per_example(model, task.subset(data, index)))
+                bar.update(len(index))
+            done = size
+            yield np.concatenate(scores)
 
 
 def accelerate_shard(accelerator) -> Shard | None:
@@ -132,8 +161,13 @@ class Source:
     task: Task | None = None
     calibration: Calibration | None = None
     selection: dict | None = None  # from check_selection: where accuracy is checked and whether it can be
+    progress: bool = True  # progress bars while scoring
+    # seconds per stage of open and check_selection: model_load, data_prep, base_scoring,
+    # memorisation_comparison, calibration (together, the time open took)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     _held_out: object = field(default=None, repr=False)
-    _base: tuple | None = field(default=None, repr=False)
+    _order: np.ndarray | None = field(default=None, repr=False)  # the order examples are scored in
+    _base: tuple | None = field(default=None, repr=False)  # base metric, per-example scores in _order
     _scorer: torch.nn.Module | None = field(default=None, repr=False)
 
     @classmethod
@@ -147,42 +181,55 @@ class Source:
 
         A dataset without labels (:func:`~hf_vae_compress.data.is_unlabelled`) is split into
         calibration and check images; without a dataset, ``synthetic`` makes both from the model
-        (None: no data at all, nothing calibrated or checked)."""
-        folder = resolve_folder(str(source), **hub_kwargs)
-        model = load_model(folder)
-        task = _open_task(model, dataset, calibration_batches, calibration_seed, validation_split, synthetic, progress)
-        src = cls(folder, model, task)
+        (None: no data at all, nothing calibrated or checked).
+
+        ``stage_seconds`` says where the time went (see the field); making synthetic images and
+        preprocessing the check's data count as ``data_prep``."""
+        stages: dict[str, float] = {}
+        with _timed(stages, "model_load"):
+            folder = resolve_folder(str(source), **hub_kwargs)
+            model = load_model(folder)
+        with _timed(stages, "data_prep"):
+            task = _open_task(model, dataset, calibration_batches, calibration_seed, validation_split, synthetic,
+                              progress)
+        src = cls(folder, model, task, progress=progress, stage_seconds=stages)
         if task is None:
             return src
         src.check_selection()
-        batches, loss_fn = task.calibration(model, calibration_batches, calibration_seed)
-        src.calibration = calibrate(model, batches, len(batches), loss_fn, progress=progress)
+        with _timed(stages, "calibration"):
+            batches, loss_fn = task.calibration(model, calibration_batches, calibration_seed)
+            src.calibration = calibrate(model, batches, len(batches), loss_fn, progress=progress)
         return src
 
     def check_selection(self) -> dict:
         """Where the accuracy check selects and whether it can call itself one, computed once.
 
-        Scores the base model on the task's selection split and, where the task has per-example
-        scores and the dataset a comparison split, on a stratified sample of at most
-        ``HOLDOUT_MAX`` examples of it, then runs :func:`memorisation_check`. The dict is the
-        task's :class:`~hf_vae_compress.data.Selection` plus ``memorisation``, ``accuracy_checked``
-        and ``warning`` (None when there is nothing to warn about); warnings are also logged.
+        Scores the base model on the task's selection split once (its per-example scores are
+        what every probe is paired with; an :class:`~hf_vae_compress.tasks.Agreement` classifier's
+        are known without scoring) and, where the task has per-example scores and the dataset a
+        comparison split, on a stratified sample of it (:meth:`_comparison`), then runs
+        :func:`memorisation_check`. The dict is the task's :class:`~hf_vae_compress.data.Selection`
+        plus ``memorisation``, ``accuracy_checked`` and ``warning`` (None when there is nothing to
+        warn about); warnings are also logged. Times its stages into ``stage_seconds``.
         """
         if self.selection is not None:
             return self.selection
         task = self.task
-        chosen = task.selection()
-        self._held_out = task.prepare(self.model, task.load(chosen.split))
-        self._base = self._measure(self.model)
-        self._scorer = copy.deepcopy(self.model)
+        with _timed(self.stage_seconds, "data_prep"):
+            chosen = task.selection()
+            self._held_out = task.prepare(self.model, task.load(chosen.split))
+            self._order = np.random.default_rng(SCORING_SEED).permutation(task.num_examples(self._held_out))
+        with _timed(self.stage_seconds, "base_scoring"):
+            own = task.own_scores(self._held_out)
+            self._base = (float(own.mean()), own) if own is not None else self._measure(self.model)
+            self._scorer = copy.deepcopy(self.model)
         if task.check != CHECK_LABELLED:
             return self._agreement_selection(chosen)
         base, base_examples = self._base
         comparison = None
         if base_examples is not None and chosen.comparison_split is not None:
-            held = task.prepare(self.model, stratified_sample(task.load(chosen.comparison_split), HOLDOUT_MAX))
-            scores = task.per_example(self.model, held)
-            comparison = float(scores.mean()), len(scores)
+            with _timed(self.stage_seconds, "memorisation_comparison"):
+                comparison = self._comparison(chosen.comparison_split, len(base_examples))
         memorisation = memorisation_check(base, task.num_examples(self._held_out), comparison,
                                           known_held_out=comparison is not None and not chosen.trained_on_risk)
         warning = None
@@ -204,6 +251,26 @@ class Source:
                               accuracy_checked=not memorisation["detected"], rate_checked=not memorisation["detected"],
                               warning=warning)
         return self.selection
+
+    def _comparison(self, split: str, examples: int) -> tuple[float, int]:
+        """The base model's score on a stratified sample of the comparison ``split`` as large as the
+        selection split (``examples``, at most ``HOLDOUT_MAX``), and the sample's size.
+
+        Why that size: :func:`memorisation_check` flags a gap over ``MEMORISATION_Z`` standard errors
+        of the difference, ``sqrt(v1 / n1 + v2 / n2)``. With ``n2 = n1`` the comparison adds no more
+        noise than the selection split already has, so the smallest gap it flags is at most
+        ``sqrt(2)`` times (1.3 times at 1,000 against the 5,000 scored before) what a comparison of
+        any size could flag; memorisation, which the check exists for, opens gaps of many standard
+        errors (100 % on what the model trained on against its accuracy elsewhere) and is flagged
+        either way. A larger sample would cost more base-model passes than the whole selection
+        split, for a threshold at most that factor lower.
+        """
+        task = self.task
+        held = task.prepare(self.model, stratified_sample(task.load(split), min(examples, HOLDOUT_MAX)))
+        count = task.num_examples(held)
+        scores = next(_scored(task, self.model, held, np.arange(count), [count], self.progress,
+                              f"memorisation check: base model on {split!r}"))
+        return float(scores.mean()), count
 
     def _agreement_selection(self, chosen) -> dict:
         """The selection of an :class:`~hf_vae_compress.tasks.Agreement` check: no memorisation test
@@ -245,7 +312,8 @@ class Source:
                                   checkpoint_dir, resume_from, progress, self.task)
         return compressed
 
-    def validation_drop(self, compressed: CompressedModel, budget_pt: float | None = None) -> dict:
+    def validation_drop(self, compressed: CompressedModel, budget_pt: float | None = None,
+                        early_stop: bool = False) -> dict:
         """The task metric of the base and of the decoded container on the selection split, the
         drop in points, and the budget it is held to (the task's unless given); also stored as
         ``compressed.stats["validation"]``, for the JSON and the model card.
@@ -262,21 +330,45 @@ class Source:
         (:data:`~hf_vae_compress.tasks.CHECKS`); the drop plus its standard error must fit
         ``allowed_pt``, the budget times the check's ``budget_share``; ``synthetic`` says how
         synthetic images were made and what they cost (None: real images).
+
+        With ``early_stop`` (the rate search's probes) a per-example metric is scored on a growing
+        seeded subset and stops once the full split's verdict is decided
+        (:mod:`hf_vae_compress.sequential`): ``examples`` is then how many were scored (of
+        ``split_examples``), ``base``, ``compressed``, the drop and its standard error are measured
+        on those, ``early_stop`` says ``"accepted"`` or ``"rejected"`` (None: the whole split was
+        scored and the rule above decided), and ``full_split_bounds_pt`` bounds the whole split's
+        drop plus standard error (wrong with probability at most ``stopping_error``).
         """
         task = self.task
         selection = self.check_selection()
         self._scorer.load_state_dict(compressed.decode(), strict=True)  # exactly the weights a loader gets
-        (base, base_examples), (score, examples) = self._base, self._measure(self._scorer)
-        drop = 100 * (base - score)
-        se = 0.0
-        if examples is not None and len(examples) > 1:
-            se = float(100 * np.std(base_examples - examples, ddof=1) / np.sqrt(len(examples)))
         budget = task.budget_pt if budget_pt is None else budget_pt
         allowed = budget * task.budget_share
+        base, base_examples = self._base
+        verdict = None
+        if early_stop and self.paired:
+            examples, verdict = self._sequential(self._scorer, allowed)
+            score = float(examples.mean())
+        else:
+            score, examples = self._measure(self._scorer)
+        se = 0.0
+        if examples is not None:
+            paired = base_examples[:len(examples)]  # the base on the same examples
+            base = float(paired.mean())
+            if len(examples) > 1:
+                se = float(100 * np.std(paired - examples, ddof=1) / np.sqrt(len(examples)))
+        drop = 100 * (base - score)
+        within = drop + se <= allowed if verdict is None else verdict.accepted
+        total = task.num_examples(self._held_out)
         result = dict(metric=task.metric, check=selection["check"], split=selection["split"],
-                      examples=task.num_examples(self._held_out), base=base, compressed=score, drop_pt=drop,
-                      drop_se_pt=se, budget_pt=budget, budget_share=task.budget_share, allowed_pt=allowed,
-                      within_budget=selection["rate_checked"] and drop + se <= allowed, holdout=selection["holdout"],
+                      examples=total if examples is None else len(examples), split_examples=total,
+                      base=base, compressed=score, drop_pt=drop, drop_se_pt=se, budget_pt=budget,
+                      budget_share=task.budget_share, allowed_pt=allowed,
+                      within_budget=selection["rate_checked"] and within,
+                      early_stop=None if verdict is None else "accepted" if verdict.accepted else "rejected",
+                      full_split_bounds_pt=None if verdict is None else [verdict.low_pt, verdict.high_pt],
+                      stopping_error=None if verdict is None else STOPPING_ERROR,
+                      holdout=selection["holdout"],
                       selection=selection["description"], report_split=selection["report_split"],
                       trained_on_risk=selection["trained_on_risk"], accuracy_checked=selection["accuracy_checked"],
                       rate_checked=selection["rate_checked"], memorisation=selection["memorisation"],
@@ -284,12 +376,26 @@ class Source:
         compressed.stats["validation"] = result
         return result
 
+    def _sequential(self, model: torch.nn.Module, allowed_pt: float) -> tuple[np.ndarray, Verdict | None]:
+        """``model``'s per-example scores on the selection split, in the scoring order, up to the
+        first look that decides the full split's verdict (None: none did, all were scored)."""
+        base = self._base[1]
+        looks = look_sizes(len(base))
+        for scores in _scored(self.task, model, self._held_out, self._order, looks, self.progress,
+                              "scoring probe"):
+            verdict = early_verdict(base[:len(scores)], scores, len(base), allowed_pt, len(looks) - 1)
+            if verdict is not None and verdict.accepted is not None:
+                return scores, verdict
+        return scores, None
+
     def _measure(self, model: torch.nn.Module) -> tuple[float, np.ndarray | None]:
-        """The metric on the held-out split, and the per-example scores where the metric has them."""
-        examples = self.task.per_example(model, self._held_out)
-        if examples is not None:
-            return float(examples.mean()), examples
-        return self.task.score(model, self._held_out)[self.task.metric], None
+        """The metric on the held-out split, and the per-example scores (in the scoring order)
+        where the metric has them."""
+        if not self.task.per_example_metric:
+            return self.task.score(model, self._held_out)[self.task.metric], None
+        total = len(self._order)
+        examples = next(_scored(self.task, model, self._held_out, self._order, [total], self.progress, "scoring"))
+        return float(examples.mean()), examples
 
     @property
     def paired(self) -> bool:
@@ -340,12 +446,18 @@ def compress_folder(source: str, out_dir: str | Path, config: VAECompressionConf
 @dataclass
 class SearchResult:
     """The outcome of :func:`search_smallest`: the chosen container (None if no probe fit), its
-    measured drop, every probe, and the wall-clock seconds of the whole search."""
+    measured drop, every probe, and the wall-clock seconds of the whole search.
+
+    ``stage_seconds`` splits ``seconds`` by stage and adds up to it: the stages of
+    :meth:`Source.open` run inside the search (none when it is handed an opened source, whose own
+    ``stage_seconds`` has them), ``compress`` and ``score`` summed over the probes, ``save``, and
+    ``other`` for the rest (bookkeeping, logging)."""
 
     compressed: CompressedModel | None
     validation: dict | None
     probes: list[dict]
     seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 ProbeReport = Callable[[dict], None]
@@ -353,11 +465,17 @@ ProbeReport = Callable[[dict], None]
 
 def describe_probe(probe: dict, budget_pt: float) -> str:
     """One line per probe of :func:`search_smallest`, as it is logged and as the CLI shows it: the
-    rate, the measured drop (with its standard error where the metric has one), the verdict, and
-    how long the rest of the search should take at the pace measured so far."""
+    rate, the measured drop (with its standard error where the metric has one), the verdict with
+    how many examples decided it (fewer than the split's when it was decided early), and how long
+    the rest of the search should take at the pace measured so far."""
     se = probe["validation_drop_se_pt"]
     drop = f"{probe['validation_drop_pt']:.2f}" + ("" if se is None else f" ± {se:.2f}")
     verdict = "accepted" if probe["accepted"] else "rejected"
+    scored, total = probe.get("examples_scored"), probe.get("split_examples")
+    if scored is not None and probe.get("early_stop"):
+        verdict += f" early, after {scored:,} of {total:,} examples"
+    elif scored is not None:
+        verdict += f" on all {scored:,} examples"
     left = probe["probes"] - probe["probe"]
     pace = (f"{probe['seconds']:.0f} s; about {_duration(probe['estimated_seconds_left'])} left for {left} more "
             f"probe{'s' * (left != 1)}" if left else f"{probe['seconds']:.0f} s; search done")
@@ -403,11 +521,15 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
         if validation_split is not None and src.task is not None and validation_split != src.task.validation_split:
             raise ValueError(f"validation_split {validation_split!r} differs from the one the source was opened with "
                              f"({src.task.validation_split!r}); give it to Source.open")
+        before = dict(src.stage_seconds)
     else:
         src = Source.open(source, dataset, config.calibration_batches, progress, validation_split=validation_split)
+        before = {}
     if src.task is None:
         raise ValueError("an accuracy budget needs a dataset to measure the drop on")
     selection = src.check_selection()
+    stages = {name: seconds - before.get(name, 0.0) for name, seconds in src.stage_seconds.items()
+              if seconds > before.get(name, 0.0)}  # what opening and checking cost inside this call
     if not selection["rate_checked"]:
         raise UncheckedAccuracyError(f"no rate search: {selection['warning']}")
     allowed = max_drop_pt * src.task.budget_share  # what each probe's drop plus its standard error must fit
@@ -422,22 +544,31 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
         bar.set_description(f"rate search: compressing at {bpw:.3f} bits/weight")
         probe = src.compress(dataclasses.replace(config, target_bits_per_weight=bpw, beta=None), finetune_config,
                              accelerator, progress=progress)
+        compressed_at = time.perf_counter()
         bar.set_description(f"rate search: scoring {bpw:.3f} bits/weight on {selection['split']!r}")
-        validation = src.validation_drop(probe, max_drop_pt) if main_process else dict(drop_pt=0.0)
-        drop = validation["drop_pt"] + validation.get("drop_se_pt", 0.0)  # what must fit the budget
+        validation = src.validation_drop(probe, max_drop_pt, early_stop=True) if main_process else {}
+        accepted = float(validation.get("within_budget", False))
         if accelerator is not None:
-            drop = float(accelerator.reduce(torch.tensor(drop), reduction="sum"))  # the main process decides
+            accepted = float(accelerator.reduce(torch.tensor(accepted), reduction="sum"))  # the main process decides
         report = probe.report()
         seconds = time.perf_counter() - probe_start
+        compress_seconds, score_seconds = compressed_at - probe_start, seconds - (compressed_at - probe_start)
+        stages["compress"] = stages.get("compress", 0.0) + compress_seconds
+        stages["score"] = stages.get("score", 0.0) + score_seconds
         log.append(dict(probe=index, probes=probes, target_bits_per_weight=bpw,
                         bits_per_weight=report["bits_per_weight"], bytes=report["total_bytes"],
-                        validation_drop_pt=validation["drop_pt"],
+                        validation_drop_pt=validation.get("drop_pt", 0.0),
                         validation_drop_se_pt=validation.get("drop_se_pt") if src.paired else None,
-                        accepted=drop <= allowed, seconds=round(seconds, 2),
+                        accepted=accepted > 0.5, examples_scored=validation.get("examples"),
+                        split_examples=validation.get("split_examples"), early_stop=validation.get("early_stop"),
+                        full_split_bounds_pt=validation.get("full_split_bounds_pt"),
+                        seconds=round(seconds, 2), compress_seconds=round(compress_seconds, 2),
+                        score_seconds=round(score_seconds, 2),
+                        compress_stage_seconds=probe.stats.get("stage_seconds"),
                         estimated_seconds_left=round((probes - index) * (time.perf_counter() - probes_start) / index, 1)))
         if main_process:
             _report_probe(log[-1], allowed, bar, on_probe)
-        if drop <= allowed:
+        if accepted > 0.5:
             hi = math.log(bpw)
             if best is None or report["total_bytes"] < len(best.to_bytes()):
                 best, best_validation = probe, validation
@@ -445,8 +576,11 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
             lo = math.log(bpw)
     bar.close()
     if best is not None and out_dir is not None and main_process:
-        src.save(best, out_dir)
-    return SearchResult(best, best_validation, log, time.perf_counter() - start)
+        with _timed(stages, "save"):
+            src.save(best, out_dir)
+    seconds = time.perf_counter() - start
+    stages["other"] = max(seconds - sum(stages.values()), 0.0)
+    return SearchResult(best, best_validation, log, seconds, {name: round(t, 3) for name, t in stages.items()})
 
 
 def _report_probe(probe: dict, budget_pt: float, bar: tqdm, on_probe: ProbeReport | None) -> None:

@@ -75,6 +75,7 @@ class Classification:
     metric_type: ClassVar[str] = "accuracy"
     check: ClassVar[str] = CHECK_LABELLED
     budget_share: ClassVar[float] = 1.0  # labelled accuracy may use the whole budget
+    per_example_metric: ClassVar[bool] = True  # top-1 is a mean of per-example scores (per_example, subset)
 
     @staticmethod
     def describe(scores: dict) -> str:
@@ -96,6 +97,16 @@ class Classification:
         comparison of two models on the same examples needs."""
         preds, labels = predict(model, data, progress=False)
         return (preds == labels).astype(np.float64)
+
+    @staticmethod
+    def subset(data: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples ``index`` of ``prepare``'s tensors, for scoring part of a split."""
+        return _take(data, index)
+
+    @staticmethod
+    def own_scores(data) -> None:
+        """The base model's per-example scores when the data fixes them without scoring: never for labels."""
+        return None
 
     def score(self, model: torch.nn.Module, data, batch_size: int = 256, progress: bool = False) -> dict:
         if not isinstance(data, tuple):  # a dataset, not tensors from `prepare`
@@ -148,6 +159,7 @@ class Detection:
     metric_type: ClassVar[str] = "mean_average_precision"
     check: ClassVar[str] = CHECK_LABELLED
     budget_share: ClassVar[float] = 1.0
+    per_example_metric: ClassVar[bool] = False  # mAP is a whole-set metric
 
     @staticmethod
     def describe(scores: dict) -> str:
@@ -170,6 +182,11 @@ class Detection:
 
     def per_example(self, model: torch.nn.Module, data) -> None:
         """mAP is a whole-set metric: no per-example scores to pair."""
+        return None
+
+    @staticmethod
+    def own_scores(data) -> None:
+        """mAP has no per-example scores (see :meth:`per_example`)."""
         return None
 
     def calibration(self, model: torch.nn.Module, num_batches: int, seed: int = 0) -> tuple[list, Callable]:
@@ -233,6 +250,11 @@ def _detection_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, 
     return output.loss * len(batch["labels"]), len(batch["labels"])  # summed, as the Fisher estimate expects
 
 
+def _take(data: tuple, index: torch.Tensor) -> tuple:
+    """Rows ``index`` of every tensor of a ``prepare``d pair."""
+    return tuple(part[index] for part in data)
+
+
 def _subset(dataset, num_batches: int, seed: int):
     """A fixed random subset of ``num_batches`` calibration batches."""
     take = min(len(dataset), num_batches * CALIBRATION_BATCH)
@@ -271,6 +293,11 @@ class Agreement:
         return "map_vs_original" if self.detector else "agreement"
 
     @property
+    def per_example_metric(self) -> bool:
+        """A classifier's agreement is a mean of per-example scores; a detector's mAP is not."""
+        return not self.detector
+
+    @property
     def budget_pt(self) -> float:
         return self.base.budget_pt
 
@@ -298,6 +325,16 @@ class Agreement:
             return None
         preds, labels = predict(model, data, progress=False)
         return (preds == labels).astype(np.float64)
+
+    @staticmethod
+    def subset(data: tuple[torch.Tensor, object], index: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """The images ``index`` of ``prepare``'s classifier tensors, with their labels."""
+        return _take(data, index)
+
+    def own_scores(self, data) -> np.ndarray | None:
+        """The original's per-example agreement, known without scoring it again: all ones for a
+        classifier, whose labels here *are* its predictions (``prepare``); None for a detector."""
+        return None if self.detector else np.ones(self.num_examples(data))
 
     def score(self, model: torch.nn.Module, data, batch_size: int = 256, progress: bool = False) -> dict:
         if self.detector:

@@ -1,0 +1,191 @@
+"""Early stopping of the rate search's scoring (hf_vae_compress.sequential, issue 25 item 2).
+
+The statistical tests simulate paired 0/1 score vectors whose full-split verdict is known, score
+them in many seeded orders look by look, as the pipeline does, and check every early verdict
+against the full split's. The end-to-end test runs real probes of a tiny model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from hf_vae_compress.codec import VAECompressionConfig
+from hf_vae_compress.pipeline import Source, describe_probe, search_smallest
+from hf_vae_compress.sequential import (
+    FIRST_LOOK, STOPPING_ERROR, decide, drop_statistic_pt, early_verdict, look_sizes,
+)
+from hf_vae_compress.data import load_fashion_mnist
+
+MARGIN_PT = 0.0  # the documented margin: an early accept claims the full split's own verdict
+ROUNDING_PT = 1e-9  # the bounds and the full rule compute the same number by different float paths
+
+
+def _full_rule(base: np.ndarray, probe: np.ndarray) -> float:
+    """The full split's drop plus one standard error, as Source.validation_drop computes it."""
+    drop = 100 * (base.mean() - probe.mean())
+    return drop + 100 * np.std(base - probe, ddof=1) / np.sqrt(len(base))
+
+
+def _pair(total: int, lost: int, gained: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """0/1 scores of a base right on 80 % of ``total`` examples and of a probe that loses ``lost``
+    of those and gains ``gained`` of the others, in a random order."""
+    base = np.zeros(total)
+    base[: int(0.8 * total)] = 1
+    probe = base.copy()
+    probe[:lost] = 0
+    probe[total - gained:] = 1
+    order = rng.permutation(total)
+    return base[order], probe[order]
+
+
+def _first_verdict(base, probe, allowed_pt, rule=early_verdict):
+    """The first early verdict over the looks (None: the whole split is scored), and its look."""
+    total = len(base)
+    looks = look_sizes(total)
+    for size in looks[:-1]:
+        verdict = rule(base[:size], probe[:size], total, allowed_pt, len(looks) - 1)
+        if verdict is not None and verdict.accepted is not None:
+            return verdict.accepted, size
+    return None, total
+
+
+def _naive(base, probe, total, allowed_pt, early_looks):
+    """A rule without the corrections: a one-sided 95 % normal bound at every look, no multiplicity
+    or finite-population correction, no account of the full split's own standard error."""
+    differences = base - probe
+    drop = 100 * differences.mean()
+    half = 100 * 1.645 * differences.std(ddof=1) / math.sqrt(len(differences))
+    return type("V", (), dict(accepted=True if drop + half <= allowed_pt else False if drop - half > allowed_pt
+                              else None))()
+
+
+def test_the_full_rule_statistic_is_monotone_in_each_count_and_matches_the_pipeline():
+    rng = np.random.default_rng(0)
+    for total in (2, 3, 10, 57, 300):
+        table = np.full((total + 1, total + 1), np.nan)
+        for lost in range(total + 1):
+            for gained in range(total + 1 - lost):
+                table[lost, gained] = drop_statistic_pt(lost, gained, total)
+        assert np.nanmin(np.diff(table, axis=0)) >= -ROUNDING_PT  # more lost: never smaller
+        assert np.nanmax(np.diff(table, axis=1)) <= ROUNDING_PT  # more gained: never larger
+    for _ in range(50):
+        total = int(rng.integers(2, 2000))
+        lost = int(rng.integers(0, total // 5 + 1))
+        gained = int(rng.integers(0, total // 5 + 1))
+        base, probe = _pair(total, lost, gained, rng)
+        assert drop_statistic_pt(lost, gained, total) == pytest.approx(_full_rule(base, probe), abs=ROUNDING_PT)
+
+
+def test_looks_double_then_halve_what_is_left_and_end_with_the_whole_split():
+    assert look_sizes(1000) == [64, 128, 256, 500, 750, 875, 1000]
+    for total in (1, 50, 2 * FIRST_LOOK - 1):
+        assert look_sizes(total) == [total]  # too small to stop early
+    for total in (2 * FIRST_LOOK, 999, 5000, 50_000):
+        sizes = look_sizes(total)
+        assert sizes[0] == FIRST_LOOK and sizes[-1] == total and sizes == sorted(set(sizes))
+        assert len(sizes) <= 2 * math.log2(total / FIRST_LOOK) + 2
+
+
+# (examples, allowed pt, lost, gained): around the boundary on both sides, and far from it
+CASES = [
+    (1000, 0.5, 3, 0), (1000, 0.5, 4, 0), (1000, 0.5, 8, 3), (1000, 0.5, 40, 5), (1000, 0.5, 250, 30),
+    (1000, 2.0, 15, 2), (1000, 2.0, 18, 2), (1000, 2.0, 12, 0), (1000, 2.0, 60, 20),
+    (5000, 0.5, 20, 0), (5000, 0.5, 21, 0), (5000, 0.5, 30, 12), (5000, 0.5, 0, 0), (5000, 0.5, 5, 0),
+    (5000, 0.5, 60, 10), (5000, 0.5, 200, 40), (3000, 1.0, 22, 4), (3000, 1.0, 24, 4), (3000, 1.0, 300, 200),
+]
+ORDERS = 60
+
+
+def test_early_stopping_never_accepts_a_probe_that_the_full_split_would_reject_by_more_than_the_margin():
+    rng = np.random.default_rng(1)
+    wrong, naive_wrong, early, scored, full_cost = [], 0, 0, 0, 0
+    for total, allowed, lost, gained in CASES:
+        for _ in range(ORDERS):
+            base, probe = _pair(total, lost, gained, rng)
+            full = _full_rule(base, probe)
+            accepted, size = _first_verdict(base, probe, allowed)
+            if accepted is True and full > allowed + MARGIN_PT + ROUNDING_PT:
+                wrong.append((total, allowed, lost, gained, size, full))
+            if accepted is False and full <= allowed - ROUNDING_PT:
+                wrong.append((total, allowed, lost, gained, size, full))  # an early reject of a probe that fits
+            naive, _ = _first_verdict(base, probe, allowed, _naive)
+            naive_wrong += naive is not None and naive != (full <= allowed)
+            early += accepted is not None
+            scored += size
+            full_cost += total
+    trials = len(CASES) * ORDERS
+    assert not wrong, f"early verdicts the full split contradicts: {wrong[:5]}"
+    # the simulation can catch an unsound rule: one without the corrections errs on the same vectors
+    assert naive_wrong > trials * STOPPING_ERROR * 10
+    # and the sound rule still stops early where the verdict is clear
+    assert early > trials / 3 and scored < 0.85 * full_cost
+
+
+@pytest.mark.parametrize("lost, gained, accepted", [(0, 0, None), (40, 0, False), (250, 30, False)])
+def test_far_probes_stop_early_and_near_ones_are_scored_whole(lost, gained, accepted):
+    """At 1,000 examples and a 0.5 pt budget, an unchanged probe cannot be accepted early (five
+    lost examples could hide among any 125 unscored ones); a probe far over the budget is
+    rejected early, the further the sooner."""
+    base, probe = _pair(1000, lost, gained, np.random.default_rng(2))
+    verdict, size = _first_verdict(base, probe, 0.5)
+    assert verdict is accepted and (size == 1000) == (accepted is None)
+    if lost == 250:
+        assert size <= 128
+
+
+def test_bounds_shrink_to_the_full_rule_as_the_unscored_examples_run_out():
+    # all but one example scored: the full statistic is pinned to one of few values, all inside the bounds
+    verdict = decide(lost=10, gained=2, scored=4999, total=5000, allowed_pt=0.5, early_looks=12)
+    assert verdict.low_pt <= drop_statistic_pt(10, 2, 5000) <= verdict.high_pt
+    assert verdict.high_pt <= drop_statistic_pt(11, 2, 5000) + ROUNDING_PT
+    assert verdict.low_pt >= drop_statistic_pt(10, 3, 5000) - ROUNDING_PT
+
+
+@pytest.fixture(scope="module")
+def unlabelled(tmp_path_factory):
+    """600 Fashion-MNIST images saved without labels: the check is agreement with the original."""
+    folder = tmp_path_factory.mktemp("unlabelled")
+    load_fashion_mnist("test").select(range(600)).remove_columns("label").save_to_disk(str(folder))
+    return folder
+
+
+def test_a_probe_far_from_the_budget_stops_early_and_one_near_it_scores_every_example(timm_folder, unlabelled):
+    src = Source.open(timm_folder, str(unlabelled), calibration_batches=1, progress=False)
+    assert set(src.stage_seconds) == {"model_load", "data_prep", "base_scoring", "calibration"}
+    total = src.check_selection() and src.task.num_examples(src._held_out)
+    assert total >= 2 * FIRST_LOOK
+    config = VAECompressionConfig(transform="identity", calibration_batches=1, rounding="nearest")
+    far = src.compress(VAECompressionConfig(**{**config.to_dict(), "target_bits_per_weight": 0.3}), progress=False)
+    near = src.compress(VAECompressionConfig(**{**config.to_dict(), "target_bits_per_weight": 8.0}), progress=False)
+    for probe, stopped in ((far, True), (near, False)):
+        early = src.validation_drop(probe, early_stop=True)
+        whole = src.validation_drop(probe)
+        assert whole["examples"] == whole["split_examples"] == total and whole["early_stop"] is None
+        assert early["within_budget"] == whole["within_budget"]  # the same verdict as the full split
+        if stopped:
+            assert early["early_stop"] == "rejected" and early["examples"] < total
+            low, high = early["full_split_bounds_pt"]
+            assert low <= whole["drop_pt"] + whole["drop_se_pt"] <= high and low > early["allowed_pt"]
+        else:
+            assert early["early_stop"] is None and early["examples"] == total
+            assert early["drop_pt"] == whole["drop_pt"] and early["drop_se_pt"] == whole["drop_se_pt"]
+
+
+def test_the_search_times_its_stages_and_reports_how_many_examples_decided_each_probe(timm_folder, unlabelled,
+                                                                                     tmp_path):
+    config = VAECompressionConfig(transform="identity", calibration_batches=1, rounding="nearest")
+    result = search_smallest(str(timm_folder), tmp_path / "out", 0.5, str(unlabelled), config, probes=2,
+                             bpw_range=(0.125, 0.5), progress=False)
+    stages = result.stage_seconds
+    assert {"model_load", "data_prep", "base_scoring", "calibration", "compress", "score", "other"} <= set(stages)
+    assert sum(stages.values()) == pytest.approx(result.seconds, abs=0.05)
+    first = result.probes[0]  # 0.25 bits/weight: far over the budget
+    assert first["early_stop"] == "rejected" and first["examples_scored"] < first["split_examples"]
+    assert f"rejected early, after {first['examples_scored']:,} of {first['split_examples']:,} examples" in \
+        describe_probe(first, 0.5)
+    for probe in result.probes:
+        assert probe["compress_seconds"] + probe["score_seconds"] == pytest.approx(probe["seconds"], abs=0.02)
+    assert sum(p["score_seconds"] for p in result.probes) == pytest.approx(stages["score"], abs=0.05)
