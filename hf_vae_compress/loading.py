@@ -111,15 +111,15 @@ def decode_container(container: str | Path) -> tuple[dict[str, torch.Tensor], bo
 
 
 def load_into(model: torch.nn.Module, container: str | Path) -> torch.nn.Module:
-    """Decode ``container`` into ``model``'s weights, strictly, one tensor at a time.
+    """Decode ``container`` into ``model``'s weights, strictly.
 
-    The names, shapes and dtypes in the container's (validated) header are fitted to the model
-    before anything is decoded; then each tensor is copied into its parameter as soon as it is
-    decoded and checked, so the model is never held twice. A failed check raises, and the model,
-    part-written, is not returned.
+    The names, shapes and dtypes in the container's header are fitted to the model before anything
+    is decoded; then each tensor is written into its parameter as it is decoded and checked
+    (:meth:`~hf_vae_compress.CompressedModel.decode_into`: identity-coded weights are dequantised
+    straight into the parameters' storage), so the model is never held twice. A failed check
+    raises, and the model, part-written, is not returned.
     """
     compressed = CompressedModel.load(container)
-    stream = compressed.iter_decoded()  # validates the header before anything else is read
     try:
         declared = {e["name"]: torch.empty(e["shape"], dtype=getattr(torch, e["dtype"]), device="meta")
                     for e in compressed.header["tensors"]}
@@ -128,9 +128,7 @@ def load_into(model: torch.nn.Module, container: str | Path) -> torch.nn.Module:
     targets = model.state_dict()  # tensors that share storage with the model's parameters and buffers
     fit_state_dict(declared, {k: v.to("meta") for k, v in targets.items()}, container,
                    names_verified=compressed.names_verified)
-    with torch.no_grad():
-        for name, tensor in stream:
-            targets[name].copy_(tensor)
+    compressed.decode_into(targets)
     return model
 
 

@@ -3,13 +3,16 @@
 import copy
 import logging
 import shutil
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from hf_vae_compress import CompressedModel, ContainerError, IntegrityError, VAECompressionConfig, compress
-from hf_vae_compress.codec.format import integrity, registry
+from hf_vae_compress.codec.format import grid, identity, integrity, registry, v2
+from hf_vae_compress.codec.format.layout import ChunkLayout
 from hf_vae_compress.codec import ALLOW_UNVERIFIED_ENV, folder_container
 from hf_vae_compress.codec.format.framing import serialize
 from hf_vae_compress.loading import load_folder
@@ -36,16 +39,80 @@ def _reheadered(container: CompressedModel, edit) -> CompressedModel:
     return CompressedModel(header, container.tensors)
 
 
-def test_swapped_tensor_names_are_refused_as_corrupt(sealed):
-    with pytest.raises(IntegrityError, match="corrupt"):
+STORED_BYTES_CORRUPT = "stored bytes do not match their SHA-256: the file is corrupt"
+
+
+@pytest.fixture
+def decoded_tensors(monkeypatch) -> list[int]:
+    """The header indices of the tensors decoded from here on."""
+    calls = []
+    decode_one = v2._decode_one
+    monkeypatch.setattr(v2, "_decode_one", lambda p, i, *args: (calls.append(i), decode_one(p, i, *args))[1])
+    return calls
+
+
+def test_swapped_tensor_names_are_refused_by_the_stored_bytes_hash(sealed, decoded_tensors):
+    with pytest.raises(IntegrityError, match=STORED_BYTES_CORRUPT):
         _reheadered(sealed, _swap_same_shaped).decode()
+    assert decoded_tensors == []  # refused before anything is decoded
 
 
-def test_a_flipped_stream_byte_is_refused_as_corrupt(sealed):
+def test_a_flipped_stream_byte_is_refused_by_the_stored_bytes_hash(sealed, decoded_tensors):
     streams = sealed.tensors["streams"].clone()
     streams[len(streams) // 2] ^= 0x10
-    with pytest.raises(IntegrityError, match="corrupt"):
+    with pytest.raises(IntegrityError, match=STORED_BYTES_CORRUPT):
         CompressedModel(sealed.header, {**sealed.tensors, "streams": streams}).decode()
+    assert decoded_tensors == []
+
+
+def test_decode_into_writes_identity_weights_in_place_with_the_bits_of_decode(sealed):
+    decoded = sealed.decode()
+    targets = tiny_timm(seed=1).state_dict()
+    half = next(k for k, v in decoded.items() if v.dim() == 1 and v.is_floating_point())
+    targets[half] = targets[half].half()  # a model built in another dtype on purpose: cast as copied
+    pointers = {k: v.data_ptr() for k, v in targets.items()}
+    sealed.decode_into(targets)
+    assert {k: v.data_ptr() for k, v in targets.items()} == pointers
+    assert all(torch.equal(targets[k], v) for k, v in decoded.items() if k != half)
+    assert torch.equal(targets[half], decoded[half].half())
+    coded = {e["name"] for e in sealed.header["tensors"] if e["codec"] == "identity"}
+    streamed = dict(v2.iter_decoded(sealed.header, sealed.tensors, into=targets))
+    assert coded and {k for k, v in streamed.items() if v is targets[k]} == coded  # written by the decoder itself
+    with pytest.raises(KeyError, match="does not cover"):
+        sealed.decode_into({**targets, "extra.weight": torch.zeros(3)})
+
+
+@pytest.mark.parametrize("block_bytes", [64, identity.BLOCK_BYTES])
+def test_identity_decode_gives_the_same_bits_however_the_symbols_are_laid_out(block_bytes, monkeypatch):
+    """Row blocks, a strided ``dims`` view or a contiguous one: each weight is the one multiply
+    containers were written with (symbols past 2**24 included, whose conversion rounds)."""
+    monkeypatch.setattr(identity, "BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(0)
+    layout = ChunkLayout.of((37, 50), 9)  # rows padded from 50 to 54 values
+    symbols = rng.integers(-(1 << 26), 1 << 26, size=(layout.num_chunks, 9)).astype(np.int32)
+    scales = torch.from_numpy(grid.scales_from_exponents(rng.integers(-9, 9, layout.rows)))
+    step = 0.0137
+    factors = (scales.double() * step).float().numpy()[:, None]
+    reference = np.multiply(symbols.reshape(layout.rows, layout.padded_len)[:, : layout.row_len], factors,
+                            dtype=np.float32, casting="unsafe")
+    for view in (symbols, np.ascontiguousarray(symbols.T).T):
+        out = np.full(layout.shape, np.nan, dtype=np.float32)
+        crc = integrity.crc32_blocks(identity.decode_blocks(view, step, layout, scales, out))
+        assert np.array_equal(out.view(np.int32), reference.view(np.int32))
+        assert crc == zlib.crc32(reference.tobytes())
+    assert torch.equal(identity.decode_weights(torch.from_numpy(symbols), step, layout, scales).view(torch.int32),
+                       torch.from_numpy(reference).view(torch.int32))
+
+
+def test_the_crc32_is_zlibs_with_or_without_the_system_library(monkeypatch):
+    data = np.random.default_rng(0).integers(0, 256, 100_003, dtype=np.uint8)
+    for library in (integrity._SYSTEM_CRC32, None):
+        monkeypatch.setattr(integrity, "_SYSTEM_CRC32", library)
+        assert integrity.crc32_update(0, data) == zlib.crc32(data)
+        assert integrity.crc32_blocks([data[:7], data[7:50_000], data[50_000:], data[:0]]) == zlib.crc32(data)
+        assert integrity.crc32(torch.from_numpy(data[:100_000]).view(torch.float16)[:-1]) == zlib.crc32(data[:99_998])
+    with pytest.raises(ValueError, match="contiguous"):
+        integrity.crc32_update(0, data[::2])
 
 
 def test_decoded_bytes_are_hashed_only_when_the_stored_bytes_are_not_sealed(sealed, monkeypatch):

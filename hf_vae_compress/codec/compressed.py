@@ -94,6 +94,29 @@ class CompressedModel:
         """The dense state dict, every tensor and the whole model checked (see :meth:`iter_decoded`)."""
         return dict(self.iter_decoded(progress, allow_unverified))
 
+    def decode_into(self, targets: dict[str, torch.Tensor], progress: bool = False,
+                    allow_unverified: bool | None = None) -> None:
+        """Decode every tensor into ``targets`` (e.g. a built model's ``state_dict()``: tensors that share
+        storage with its parameters), which must name exactly the container's tensors.
+
+        Checked as :meth:`iter_decoded`. Where the format can (version 2, identity-coded float32
+        weights), the weights are dequantised straight into the targets' storage from the decoding
+        threads: no decoded copy of the model is ever held, and no second pass copies it in. Every
+        other tensor is copied in (cast to the target's dtype) as it comes. A failed check raises and
+        leaves ``targets`` part-written.
+        """
+        into = {"into": targets} if getattr(self._reader, "DECODES_INTO", False) else {}  # v1 (frozen) cannot
+        written = set()
+        with torch.no_grad():
+            for name, tensor in self._reader.iter_decoded(self.header, self.tensors, progress, allow_unverified, **into):
+                if name not in targets:
+                    raise KeyError(f"the container holds {name!r}, which the targets do not")
+                if tensor is not targets[name]:
+                    targets[name].copy_(tensor)
+                written.add(name)
+        if written != set(targets):
+            raise KeyError(f"the container does not cover {sorted(set(targets) - written)[:5]}")
+
     def stored_bytes_verified(self) -> bool:
         """Check the stored bytes alone, without decoding: True when they match their SHA-256 (raises
         :class:`IntegrityError` when they do not), False when the container records no such hash

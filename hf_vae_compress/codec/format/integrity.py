@@ -3,8 +3,9 @@
 Format v2 keeps one cryptographic hash and one cheap checksum per tensor:
 
 * a CRC-32 of each decoded tensor's bytes, checked as soon as that tensor is decoded, so a corrupt
-  file names the tensor it broke (zlib's CRC-32 runs at ~3.7 GB/s and releases the GIL, so it runs
-  on the decoding threads);
+  file names the tensor it broke (zlib's CRC-32, computed by libdeflate where the system has it:
+  see :func:`crc32_update`; either releases the GIL, so it runs on the decoding threads, block by
+  block as a tensor is written);
 * one SHA-256 over the whole decoded model (every tensor's name, shape and bytes in header order):
   a cryptographic identity of exactly the weights the encoder measured. It is checked, when the last
   tensor is out, only for containers written before the stored-bytes hash below; a sealed container's
@@ -26,12 +27,14 @@ Version 1 stored one SHA-256 per tensor; at 32 B each that was most of a small m
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
 import os
 import struct
 import zlib
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -88,11 +91,52 @@ def warn_unverified(names: list[str], kind: str) -> None:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes in place (a view, no copy) for hashing."""
-    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return memoryview(_byte_array(tensor))
+
+
+def _byte_array(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _system_crc32():
+    """libdeflate's ``libdeflate_crc32`` when the system has the library (Debian's libdeflate0 and
+    other distributions' ship it), else None. It is zlib's CRC-32, the same function, computed with
+    carry-less multiplies: 14 GB/s on one core where Python's zlib (1.2) gives 2.3 GB/s, which
+    made the checksum a third of an identity container's decode. Called through ctypes, it runs
+    without the GIL, like zlib's."""
+    try:
+        library = ctypes.CDLL("libdeflate.so.0")
+    except OSError:
+        return None
+    function = library.libdeflate_crc32
+    function.restype, function.argtypes = ctypes.c_uint32, [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
+    return function
+
+
+_SYSTEM_CRC32 = _system_crc32()
+
+
+def crc32_update(crc: int, data: np.ndarray) -> int:
+    """``zlib.crc32(data, crc)`` of a C-contiguous array's bytes, through libdeflate when present."""
+    if not data.flags.c_contiguous:
+        raise ValueError("a CRC-32 is taken of contiguous bytes only")
+    if _SYSTEM_CRC32 is None:
+        return zlib.crc32(data, crc)
+    return _SYSTEM_CRC32(crc, data.ctypes.data, data.nbytes)
 
 
 def crc32(tensor: torch.Tensor) -> int:
-    return zlib.crc32(tensor_bytes(tensor))
+    return crc32_update(0, _byte_array(tensor))
+
+
+def crc32_blocks(blocks: Iterable[np.ndarray]) -> int:
+    """The CRC-32 of consecutive contiguous blocks' bytes, chained: the :func:`crc32` of the whole
+    when the blocks tile it in order. Fed each block as a decoder writes it, the checksum reads the
+    bytes from cache instead of making a second pass over the tensor in memory."""
+    crc = 0
+    for block in blocks:
+        crc = crc32_update(crc, block)
+    return crc
 
 
 def sha256_hex(tensor: torch.Tensor | np.ndarray) -> str:

@@ -42,13 +42,13 @@ from tqdm.auto import tqdm
 
 from ..config import VAECompressionConfig
 from ..latents import CodedTensor, Latents
-from ..transform import Transform, build_transform
-from . import grid, streams
+from ..transform import IdentityTransform, Transform, build_transform
+from . import grid, identity, streams
 from .fields import FLOAT_DTYPES, INT_DTYPES, codec_fields, entry_fields, fail, get_field, int_field
 from .framing import FORMAT_NAME, ContainerError
 from .integrity import (
-    STORED_HASH_FIELD, IntegrityError, ModelHash, allow_unverified, crc32, machine_dependent, stored_sha256,
-    warn_unverified,
+    STORED_HASH_FIELD, IntegrityError, ModelHash, allow_unverified, crc32, crc32_blocks, machine_dependent,
+    stored_sha256, warn_unverified,
 )
 from .layout import ChunkLayout
 from .limits import MAX_NUMEL
@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 VERSION = 2
 NAMES_VERIFIED = True  # the stored-bytes and model hashes both cover names
+DECODES_INTO = True  # iter_decoded can write weights straight into a model's tensors
 HEADER_BYTES_PER_TENSOR = 16  # compressed JSON (measured: 9-14 B) + the CRC-32, for the rate search
 LOOKAHEAD = 4  # tensors decoded ahead of the consumer: bounds memory, keeps both cores busy
 _PARTS = ("streams", "tables", "scales", "vectors")
@@ -470,33 +471,58 @@ def _scratch_buffer(n: int) -> np.ndarray:
     return buffer
 
 
-def _coded_symbols(p: _Plan, entry: dict, reuse: bool = False) -> tuple[torch.Tensor, ChunkLayout]:
-    """A coded tensor's symbols; with ``reuse`` they live in this thread's scratch buffer and are
-    only valid until its next call."""
+def _coded_symbols(p: _Plan, entry: dict, reuse: bool = False, view: bool = False) -> tuple[np.ndarray, ChunkLayout]:
+    """A coded tensor's (chunks, chunk_size) symbols; with ``reuse`` they live in this thread's
+    scratch buffer and are only valid until its next call; with ``view`` a ``dims`` tensor's come
+    back as the strided view of the stored planes (see :func:`~.streams.decompress_view`)."""
     layout = ChunkLayout.of(tuple(entry["shape"]), p.chunk_size)
     scratch = _scratch_buffer(layout.num_chunks * p.chunk_size) if reuse else None
+    decompress = streams.decompress_view if view else streams.decompress_tensor
     try:
-        symbols = streams.decompress_tensor(p.pcodec, entry["layout"], p.coded_streams[entry["name"]],
-                                            layout.num_chunks, p.chunk_size, scratch)
+        symbols = decompress(p.pcodec, entry["layout"], p.coded_streams[entry["name"]], layout.num_chunks,
+                             p.chunk_size, scratch)
     except ValueError as err:
         raise ContainerError(f"bitstream of {entry['name']!r} is corrupt: {err}") from err
-    return torch.from_numpy(symbols), layout
+    return symbols, layout
 
 
-def _decode_one(p: _Plan, i: int, coded_index: int, unverified_ok: bool) -> tuple[torch.Tensor, bool]:
+def _writable(target: torch.Tensor | None, entry: dict) -> np.ndarray | None:
+    """``target``'s own float32 storage as an array the identity decoder can write into, or None
+    when it cannot take the decoded values directly (another dtype or device, not contiguous)."""
+    if (target is None or target.dtype != torch.float32 or target.device.type != "cpu"
+            or not target.is_contiguous() or list(target.shape) != entry["shape"]):
+        return None
+    return target.detach().numpy()
+
+
+def _decode_one(p: _Plan, i: int, coded_index: int, unverified_ok: bool,
+                target: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
     """Tensor ``i`` of the header, decoded and checked against its CRC-32; the flag says whether it
-    passed (False only for a float decoder's output let through by ``unverified_ok``)."""
+    passed (False only for a float decoder's output let through by ``unverified_ok``).
+
+    An identity-coded float32 tensor is dequantised straight into ``target``'s storage when it can
+    take it (then ``target`` is returned), its CRC-32 taken block by block as it is written: one
+    pass over the weights, no temporary. A failed check leaves ``target`` part-written.
+    """
     entry = p.entries[i]
     name, dtype = entry["name"], getattr(torch, entry["dtype"])
     float_network = name in p.coded_streams and not p.transform.portable
-    if name in p.coded_streams:
-        symbols, layout = _coded_symbols(p, entry, reuse=True)
-        tensor = p.transform.decode_weights(symbols, entry["step"], coded_index, layout, p.scales[name]).to(dtype)
-    elif name in p.vectors:
-        tensor = torch.from_numpy(p.vectors[name]).reshape(entry["shape"]).to(dtype)
+    if name in p.coded_streams and isinstance(p.transform, IdentityTransform) and dtype == torch.float32:
+        symbols, layout = _coded_symbols(p, entry, reuse=True, view=True)
+        out = _writable(target, entry)
+        tensor = target if out is not None else torch.from_numpy(out := np.empty(entry["shape"], dtype=np.float32))
+        crc = crc32_blocks(identity.decode_blocks(symbols, entry["step"], layout, p.scales[name], out))
     else:
-        tensor = p.raw[name]
-    if crc32(tensor) == p.crcs[i]:
+        if name in p.coded_streams:
+            symbols, layout = _coded_symbols(p, entry, reuse=True)
+            tensor = p.transform.decode_weights(torch.from_numpy(symbols), entry["step"], coded_index, layout,
+                                                p.scales[name]).to(dtype)
+        elif name in p.vectors:
+            tensor = torch.from_numpy(p.vectors[name]).reshape(entry["shape"]).to(dtype)
+        else:
+            tensor = p.raw[name]
+        crc = crc32(tensor)
+    if crc == p.crcs[i]:
         return tensor, True
     if float_network:
         if unverified_ok:
@@ -509,8 +535,24 @@ def _decode_one(p: _Plan, i: int, coded_index: int, unverified_ok: bool) -> tupl
     raise IntegrityError(f"decoded {name!r} does not match its checksum: the file is corrupt")
 
 
+def _separate(into: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The targets no other target overlaps in memory: only these are written from the decoding
+    threads (tied weights, one storage under two names, are copied in order by the consumer)."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name)
+                   for name, t in into.items() if t.numel())
+    shared: set[str] = set()
+    end, last = -1, None
+    for start, stop, name in spans:
+        if start < end:
+            shared.update((name, last))
+        if stop > end:
+            end, last = stop, name
+    return {name: t for name, t in into.items() if name not in shared}
+
+
 def iter_decoded(header: dict, tensors: dict[str, torch.Tensor], progress: bool = False,
-                 unverified_ok: bool | None = None, workers: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                 unverified_ok: bool | None = None, workers: int | None = None,
+                 into: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` in header order, decoded on a thread pool a few tensors ahead, once the
     header and the stored bytes have been checked (:func:`plan`; that happens on the first ``next``).
 
@@ -520,11 +562,16 @@ def iter_decoded(header: dict, tensors: dict[str, torch.Tensor], progress: bool 
     its whole-model SHA-256 checked when the last tensor has been yielded. ``unverified_ok``
     (default: the environment's opt-in, see :func:`~.integrity.allow_unverified`) lets a float
     decoder's output that fails its checksum through with a warning; everything else is still checked.
+
+    ``into`` (e.g. a built model's state dict) lets identity-coded float32 tensors be decoded
+    straight into those tensors' storage: the yielded tensor is then the target itself, already
+    filled. Other tensors are yielded as decoded, for the caller to copy.
     """
     p = plan(header, tensors)
     unverified_ok = allow_unverified(unverified_ok)
     unverified: list[str] = []
     workers = workers or min(os.cpu_count() or 1, torch.get_num_threads())
+    targets = _separate(into or {})
     coded_index, jobs = {}, []
     for i, e in enumerate(p.entries):
         if e["name"] in p.coded_streams:
@@ -536,7 +583,7 @@ def iter_decoded(header: dict, tensors: dict[str, torch.Tensor], progress: bool 
         todo = iter(jobs)
         for job in tqdm(jobs, desc="decode", unit="tensor", disable=not progress, leave=False):
             while len(pending) < LOOKAHEAD and (nxt := next(todo, None)) is not None:
-                pending.append(pool.submit(_decode_one, p, *nxt, unverified_ok))
+                pending.append(pool.submit(_decode_one, p, *nxt, unverified_ok, targets.get(p.entries[nxt[0]]["name"])))
             name = p.entries[job[0]]["name"]
             tensor, verified = pending.popleft().result()
             if not verified:
@@ -560,7 +607,7 @@ def unpack(header: dict, tensors: dict[str, torch.Tensor]) -> Latents:
         reference[name] = torch.empty(entry["shape"], dtype=dtype, device="meta")
         if name in p.coded_streams:
             s, layout = _coded_symbols(p, entry)
-            symbols.append(s.contiguous())
+            symbols.append(torch.from_numpy(s))
             coded.append(CodedTensor(name, dtype, layout, p.scales[name], None))
             steps.append(entry["step"])
         elif name in p.vectors:
