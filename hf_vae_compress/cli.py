@@ -112,7 +112,9 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
     synthetic = SyntheticConfig(calibration_images=args.synthetic_calibration_images,
                                 check_images=args.synthetic_images, steps=args.synthetic_steps, seed=args.seed) \
         if not args.dataset and args.synthetic_images > 0 else None
+    stages = {"checks": time.perf_counter() - start}
     src = Source.open(folder, args.dataset, config.calibration_batches, synthetic=synthetic, **split)
+    stages.update(src.stage_seconds)
     probes, warnings = None, []
     if not fixed_rate and src.task is not None:
         budget = src.task.budget_pt if budget is None else budget
@@ -123,9 +125,13 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
             raise ValueError(f"no rate tried kept the validation drop within {allowed:g} pt "
                              f"(probes: {result.probes}); give --target-bpw to choose a rate yourself")
         compressed, validation, probes = result.compressed, result.validation, result.probes
+        stages.update(result.stage_seconds)
     else:
+        began = time.perf_counter()
         compressed = src.compress(config, tuning, accelerator, args.checkpoint_dir, args.resume_from)
+        stages["compress"] = time.perf_counter() - began
         validation = src.validation_drop(compressed) if src.task is not None and main_process else None
+        stages["score"] = time.perf_counter() - began - stages["compress"]
         rate = f"--beta {args.beta}" if args.beta is not None else f"{config.target_bits_per_weight} bits/weight"
         warnings.append(_over_budget(validation, f"the fixed rate {rate}"))
     if validation is not None:
@@ -136,7 +142,9 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
                         "container within the task's accuracy budget.")
     if not main_process:
         return None
+    began = time.perf_counter()
     save_pretrained(compressed, folder, args.out_dir, overwrite=args.overwrite)
+    stages["save"] = time.perf_counter() - began
     report = compressed.report()
     report.pop("layers")
     warning = " ".join(w for w in warnings if w) or None
@@ -146,6 +154,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
                    check=validation.get("check", CHECK_LABELLED) if validation is not None else CHECK_NONE,
                    over_budget=_over_budget(validation, "") is not None,
                    warning=warning, rate_search=probes, compress_seconds=round(time.perf_counter() - start, 2),
+                   stage_seconds={name: round(t, 2) for name, t in stages.items()},
                    finetune=compressed.header.get("finetune"))}
 
 

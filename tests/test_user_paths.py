@@ -98,6 +98,9 @@ def test_default_compress_checks_accuracy_on_a_train_test_dataset(train_test_fol
     assert len(probes) >= 3
     kept = [p for p in probes if p["accepted"]]
     assert result["total_bytes"] == min(p["bytes"] for p in kept) == (out / CONTAINER_NAME).stat().st_size
+    stages = result["stage_seconds"]  # where the time went, adding up to the command's own total
+    assert {"checks", "model_load", "calibration", "compress", "score", "save"} <= set(stages)
+    assert sum(stages.values()) == pytest.approx(result["compress_seconds"], abs=0.1)
 
     # every probe is reported on stderr as soon as it is judged, before the next one starts
     events = [line for line in captured.err.splitlines() if "<compressing>" in line or "rate search probe" in line]
