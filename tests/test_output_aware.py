@@ -49,6 +49,43 @@ def test_gptq_is_nearest_rounding_when_inputs_are_uncorrelated():
     assert torch.equal(symbols, torch.round(w / 0.3).to(torch.int32))
 
 
+def _unblocked_gptq(w: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """GPTQ as written in the paper without lazy batches: each column's error goes straight onto
+    every later column. ``order`` and ``u`` for one group; symbols in the original column order."""
+    w = w[:, order].clone()
+    steps = factors[:, None].expand_as(w)
+    symbols = torch.empty_like(w)
+    for j in range(w.shape[1]):
+        symbols[:, j] = torch.round(w[:, j] / steps[:, j])
+        err = (w[:, j] - symbols[:, j] * steps[:, j]) / u[j, j]
+        w[:, j:] -= err[:, None] * u[j, j:][None]
+    return torch.empty_like(symbols).index_copy_(1, order, symbols)
+
+
+def test_inverse_cholesky_factors_the_inverse_of_the_damped_reordered_moments():
+    x = _correlated_inputs(2000, 40)
+    order, u = inverse_cholesky(_moments(x))
+    h = (x.T @ x / len(x)).double()
+    damped = h + output_aware.DAMPING * h.diagonal().mean() * torch.eye(40, dtype=torch.float64)
+    reordered = damped[order[0]][:, order[0]]
+    assert torch.equal(u[0], u[0].triu()) and (u[0].diagonal() > 0).all()
+    assert torch.allclose(u[0].T @ u[0], torch.linalg.inv(reordered), rtol=1e-8, atol=1e-10)
+
+
+def test_lazy_block_updates_give_the_symbols_of_the_unblocked_loop():
+    d = 2 * output_aware.BLOCK + 44  # three blocks, the last one short
+    x = _correlated_inputs(4 * d, d)
+    w = torch.randn(24, d)
+    factors = 0.4 * torch.linspace(0.5, 1.5, 24)
+    factor = inverse_cholesky(_moments(x))
+    blocked = output_aware_symbols(w, factors, factor)
+    unblocked = _unblocked_gptq(w, factors, factor[0][0], factor[1][0].float())
+    assert (blocked != unblocked).float().mean() < 0.01  # float-rounding ties only
+    blocked_error = _output_error(w, blocked * factors[:, None], x)
+    unblocked_error = _output_error(w, unblocked * factors[:, None], x)
+    assert abs(blocked_error - unblocked_error) <= 1e-3 * unblocked_error, (blocked_error, unblocked_error)
+
+
 def test_layer_moments_match_a_direct_computation_in_any_grouping():
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
     batches = [torch.randn(4, 2, 5, 5) for _ in range(3)]
