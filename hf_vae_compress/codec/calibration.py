@@ -14,13 +14,17 @@ compression of it (a rate search compresses one model many times).
 Inputs are captured with forward hooks and reduced to ``groups x d x d`` sums as each batch
 passes: no activation is kept. Layers are measured in passes over the batches, as many layers per
 pass as their statistics fit ``max_bytes``, so memory is bounded by the budget and not by the model.
+The first pass is the Fisher's own forward pass (a forward of a large model on a few hundred
+images takes minutes on a CPU); only layers beyond the budget cost passes of their own.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -64,6 +68,9 @@ class Calibration:
     # rate, so :func:`.output_aware.layer_factor` computes them on first use and keeps them here,
     # where every probe of a rate search finds them
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    # wall seconds of the measurements, by stage ("fisher", "moments": the moments' share of the
+    # Fisher's forward pass and their own passes), for the caller's timing report
+    seconds: dict[str, float] = field(default_factory=dict)
     _norm_means: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def norm_means(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -150,31 +157,56 @@ def layer_rows(module: nn.Module, x: torch.Tensor, generator: torch.Generator) -
     return rows
 
 
-def _accumulate(model: nn.Module, batches: list, modules: dict[str, nn.Module],
-                reduce: Callable[[nn.Module, torch.Tensor], tuple]) -> dict[str, tuple]:
-    """Run ``batches`` through ``model`` (eval, no grad) and sum, per module of ``modules``,
-    the tuple ``reduce(module, input)`` over batches: statistics without keeping activations."""
-    sums: dict[str, tuple] = {}
+class _Recorder:
+    """Forward pre-hooks that sum, per module of ``modules``, the tuple ``reduce(module, input)``
+    over every call while they are attached (:meth:`attached`): statistics without keeping
+    activations, whichever forward passes run meanwhile. ``seconds`` is the time spent in them."""
 
-    def hook(name):
+    def __init__(self, modules: dict[str, nn.Module], reduce: Callable[[nn.Module, torch.Tensor], tuple]):
+        self.modules, self.reduce = modules, reduce
+        self.sums: dict[str, tuple] = {}
+        self.seconds = 0.0
+
+    def _hook(self, name: str):
         def record(module, args):
-            terms = reduce(module, args[0].detach().float())
-            sums[name] = terms if name not in sums else tuple(a + b for a, b in zip(sums[name], terms))
+            start = time.perf_counter()
+            with torch.no_grad():
+                terms = self.reduce(module, args[0].detach().float())
+            previous = self.sums.get(name)
+            self.sums[name] = terms if previous is None else tuple(a + b for a, b in zip(previous, terms))
+            self.seconds += time.perf_counter() - start
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    @contextmanager
+    def attached(self) -> Iterator["_Recorder"]:
+        handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _run(model: nn.Module, batches: list, desc: str, progress: bool) -> None:
+    """Every batch through ``model`` in eval mode, without gradients (for the hooks attached to it)."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for batch in batches:
+            for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
                 args, kwargs = model_inputs(batch)
                 model(*args, **kwargs)
     finally:
         model.train(was_training)
-        for h in handles:
-            h.remove()
-    return sums
+
+
+def _accumulate(model: nn.Module, batches: list, modules: dict[str, nn.Module],
+                reduce: Callable[[nn.Module, torch.Tensor], tuple]) -> dict[str, tuple]:
+    """Run ``batches`` through ``model`` (eval, no grad) and sum, per module of ``modules``,
+    the tuple ``reduce(module, input)`` over batches."""
+    with _Recorder(modules, reduce).attached() as recorder:
+        _run(model, batches, "", progress=False)
+    return recorder.sums
 
 
 def norm_input_means(model: nn.Module, batches: list, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -209,30 +241,55 @@ def _moments(module: nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, torch
     return grouped_matmul(per_group.transpose(1, 2), per_group), rows.sum(0).reshape(groups, -1), len(rows)
 
 
+def _moment_recorder(layers: dict[str, nn.Module]) -> _Recorder:
+    """A recorder of the moments of ``layers``; its rows are drawn from a generator seeded afresh
+    per recorder, so a layer's statistics do not depend on which pass measured it with which others."""
+    generator = torch.Generator().manual_seed(0)
+    return _Recorder(layers, lambda module, x: _moments(module, layer_rows(module, x, generator)))
+
+
+def _layer_inputs(sums: dict[str, tuple]) -> dict[str, LayerInputs]:
+    return {name: LayerInputs(second / n, total / n) for name, (second, total, n) in sums.items()}
+
+
 def layer_statistics(model: nn.Module, batches: list, layers: dict[str, nn.Module],
                      max_bytes: int = MAX_STATISTICS_BYTES, progress: bool = False) -> dict[str, LayerInputs]:
     """:class:`LayerInputs` for every layer of ``layers``, in as few passes over ``batches`` as fit ``max_bytes``."""
     out = {}
     passes = _passes(layers, max_bytes)
-    for names in tqdm(passes, desc="input moments", disable=not progress or len(passes) == 1, leave=False):
-        generator = torch.Generator().manual_seed(0)
-
-        def reduce(module, x):
-            return _moments(module, layer_rows(module, x, generator))
-
-        sums = _accumulate(model, batches, {n: layers[n] for n in names}, reduce)
-        out.update({name: LayerInputs(second / n, total / n) for name, (second, total, n) in sums.items()})
+    for i, names in enumerate(passes):
+        recorder = _moment_recorder({n: layers[n] for n in names})
+        with recorder.attached():
+            _run(model, batches, f"input moments {i + 1}/{len(passes)}", progress)
+        out.update(_layer_inputs(recorder.sums))
     return out
 
 
 def calibrate(model: nn.Module, batches: Iterable, num_batches: int,
               loss_fn: Callable[[nn.Module, object], tuple[torch.Tensor, int]],
-              coded_names: Iterable[str] | None = None, progress: bool = True) -> Calibration:
+              coded_names: Iterable[str] | None = None, progress: bool = True,
+              max_bytes: int = MAX_STATISTICS_BYTES) -> Calibration:
     """Fisher of the task's ``loss_fn`` (see :func:`~.importance.fisher_diagonal`) and layer input
     moments (of ``coded_names``, or of every eligible layer) from ``num_batches`` batches, which
-    are kept for the norm statistics."""
+    are kept for the norm statistics.
+
+    The moments of the first layers whose statistics fit ``max_bytes`` are recorded during the
+    Fisher's forward passes (the loss's forward of each batch, in eval mode: the same inputs as a
+    plain forward); the rest, if any, take passes of their own (:func:`layer_statistics`)."""
     batches = [b for _, b in zip(range(num_batches), batches)]
-    fisher = fisher_diagonal(model, batches, num_batches, loss_fn, progress)
-    layers = layer_statistics(model, batches, output_aware_layers(model, coded_names), progress=progress)
-    logger.info("calibration: %d batches, input moments of %d layers", len(batches), len(layers))
-    return Calibration(fisher, layers, batches)
+    layers = output_aware_layers(model, coded_names)
+    passes = _passes(layers, max_bytes)
+    first = _moment_recorder({n: layers[n] for n in (passes[0] if passes else [])})
+    start = time.perf_counter()
+    with first.attached():
+        fisher = fisher_diagonal(model, batches, num_batches, loss_fn, progress)
+    fisher_seconds = time.perf_counter() - start
+    statistics = _layer_inputs(first.sums)
+    rest = {n: layers[n] for names in passes[1:] for n in names}
+    start = time.perf_counter()
+    statistics.update(layer_statistics(model, batches, rest, max_bytes, progress) if rest else {})
+    seconds = {"fisher": fisher_seconds - first.seconds, "moments": first.seconds + time.perf_counter() - start}
+    logger.info("calibration: %d batches, input moments of %d layers in %d passes (%.1f s Fisher, %.1f s moments)",
+                len(batches), len(statistics), len(passes), seconds["fisher"], seconds["moments"])
+    return Calibration(fisher, statistics, batches,
+                       seconds={k: round(v, 3) for k, v in seconds.items()})
