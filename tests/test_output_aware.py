@@ -147,6 +147,9 @@ def test_compress_with_output_aware_rounding_cuts_the_output_error_and_is_determ
         sizes[rounding] = len(compressed.to_bytes())
     assert errors["output_aware"] < 0.5 * errors["nearest"], errors
     assert sizes["output_aware"] < 1.2 * sizes["nearest"], sizes
+    stages = compressed.stats["stage_seconds"]
+    assert set(stages) == {"prepare", "calibration", "container", "allocate", "rounding", "corrections"}
+    assert stages["rounding"] > 0 and sum(stages.values()) == pytest.approx(compressed.stats["encode_seconds"], abs=0.01)
 
 
 def test_a_rate_search_factors_each_layer_once(monkeypatch):

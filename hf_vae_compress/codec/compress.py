@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
+from tqdm.auto import tqdm
 
 from .calibration import Calibration, calibrate
 from .chunking import row_scales, to_chunks
@@ -103,29 +104,61 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
     """
     config = config or VAECompressionConfig()
     _check_inputs(config, calibration_data, loss_fn)
-    start = time.perf_counter()
+    clock = _Stages()
     torch.manual_seed(config.seed)
     state_dict = _untied({k: v.detach().cpu() for k, v in
                           (model.state_dict() if isinstance(model, torch.nn.Module) else model).items()})
     coded_names, stored_names = _selected(state_dict, config)
     coded = _prepare(state_dict, coded_names, config)
+    clock.mark("prepare")
     if calibration is None and calibration_data is not None and isinstance(model, torch.nn.Module):
         calibration = calibrate(model, calibration_data, config.calibration_batches, loss_fn, coded_names, progress)
+        clock.mark("calibration")
     config = _feasible(config, model, calibration)
     stored = _stored(state_dict, stored_names, config)
     side = code_side_parts(coded, stored, config)
-    allocation = _allocate(state_dict, coded, side, config, calibration, progress, shard)
+    clock.mark("container")
+    allocation = _allocate(state_dict, coded, side, config, calibration, progress, shard, clock)
     transform, steps, symbols = allocation.quantizer.transform, allocation.steps, allocation.symbols
     refine(transform, [c.chunks for c in coded], symbols, steps, config.fit, config.seed, shard)
+    clock.mark("allocate")
     latents = Latents(state_dict, coded, symbols, steps, stored, transform, config)
     corrected = _corrections(model, latents, calibration)
     if corrected:
         latents.stored = _stored(dict(state_dict, **corrected), stored_names, config)
         side = None  # the stored tensors changed: code them again
+    clock.mark("corrections")
     compressed = CompressedModel.from_latents(latents, progress, side)
-    compressed.stats["encode_seconds"] = round(time.perf_counter() - start, 3)
+    clock.mark("container")
+    compressed.stats["stage_seconds"] = clock.rounded()
+    compressed.stats["encode_seconds"] = round(clock.total, 3)
     compressed.header["lam"] = allocation.lam
     return compressed
+
+
+class _Stages:
+    """Wall seconds by stage: :meth:`mark` charges the time since the previous mark to a stage,
+    and :meth:`take` charges seconds measured inside the running stage to another (GPTQ and its
+    Cholesky factors run inside the allocation), so the stages add up to the total."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.total = 0.0
+        self._last = time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self.total += now - self._last
+        self._last = now
+
+    def take(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        self.total += seconds
+        self._last += seconds  # not charged again to the stage that is running
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
 
 
 def _check_inputs(config: VAECompressionConfig, calibration_data: Iterable | None, loss_fn: Callable | None) -> None:
@@ -165,8 +198,9 @@ def _feasible(config: VAECompressionConfig, model, calibration: Calibration | No
 
 
 def _allocate(state_dict: dict[str, torch.Tensor], coded: list[CodedTensor], side: dict, config: VAECompressionConfig,
-              calibration: Calibration | None, progress: bool, shard: Shard | None) -> Allocation:
-    """The rate allocation (:func:`~.rate.allocate`) of the configured transform, fitted on the way."""
+              calibration: Calibration | None, progress: bool, shard: Shard | None, clock: _Stages) -> Allocation:
+    """The rate allocation (:func:`~.rate.allocate`) of the configured transform, fitted on the way;
+    the seconds of output-aware rounding go to ``clock``'s stage "rounding"."""
     sens = _sensitivities(coded, calibration)
     fixed_bits = 8 * (sum(len(m) + len(p) for part in side.values() for m, p in part.streams)
                       + HEADER_BYTES_PER_TENSOR * len(state_dict))
@@ -175,11 +209,11 @@ def _allocate(state_dict: dict[str, torch.Tensor], coded: list[CodedTensor], sid
     def learn(steps: list[float]) -> _Quantizer:
         transform = build_transform(config.transform, config.chunk_size, config.hidden_size, len(coded))
         fit(transform, [c.chunks for c in coded], steps, config.fit, config.seed, progress, shard)
-        return _Quantizer(transform, coded, sens, fixed_bits, state_dict, gptq)
+        return _Quantizer(transform, coded, sens, fixed_bits, state_dict, gptq, clock, progress)
 
     identity = build_transform("identity", config.chunk_size, config.hidden_size, len(coded))
     target = None if config.beta is not None else config.target_bits_per_weight * _num_weights(state_dict)
-    return allocate(_Quantizer(identity, coded, sens, fixed_bits, state_dict, gptq), target, config.beta, sens,
+    return allocate(_Quantizer(identity, coded, sens, fixed_bits, state_dict, gptq, clock, progress), target, config.beta, sens,
                     None if config.transform == identity.kind else learn)
 
 
@@ -200,6 +234,8 @@ class _Quantizer:
     fixed_bits: float  # everything but the symbols and the decoder: side parts and headers
     state_dict: dict[str, torch.Tensor]
     calibration: Calibration | None
+    clock: _Stages
+    progress: bool = False
 
     @property
     def regrids(self) -> bool:
@@ -219,17 +255,20 @@ class _Quantizer:
         nearest = [self.transform.encode_all(c.chunks, step, i) for i, (c, step) in enumerate(zip(self.coded, steps))]
         if self.calibration is None:
             return nearest
-        return _round_output_aware(self.state_dict, self.coded, steps, nearest, self.calibration)
+        start = time.perf_counter()
+        out = _round_output_aware(self.state_dict, self.coded, steps, nearest, self.calibration, self.progress)
+        self.clock.take("rounding", time.perf_counter() - start)
+        return out
 
 
 def _round_output_aware(state_dict: dict[str, torch.Tensor], coded: list[CodedTensor], steps: list[float],
-                        symbols: list[torch.Tensor], calibration: Calibration) -> list[torch.Tensor]:
+                        symbols: list[torch.Tensor], calibration: Calibration, progress: bool) -> list[torch.Tensor]:
     """GPTQ symbols for every coded tensor whose layer inputs were measured; the others keep
     their nearest-rounded ``symbols``."""
     out = list(symbols)
-    for i, c in enumerate(coded):
-        if c.name not in calibration.layers:
-            continue
+    measured = [i for i, c in enumerate(coded) if c.name in calibration.layers]
+    for i in tqdm(measured, desc="output-aware rounding", disable=not progress, leave=False):
+        c = coded[i]
         factors = (c.scales.double() * steps[i]).float()  # the decoder's per-row factor, exactly
         rows = output_aware_symbols(state_dict[c.name], factors, layer_factor(calibration, c.name))
         rows = torch.nn.functional.pad(rows, (0, c.layout.padded_len - c.layout.row_len))
