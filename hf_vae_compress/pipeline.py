@@ -16,6 +16,11 @@ memorised (see :func:`memorisation_check`), nothing measured there is called an 
 and a rate search refuses to start (:class:`UncheckedAccuracyError`). The measured drop, with how
 its split was chosen, goes into ``CompressedModel.stats["validation"]`` for the JSON and the card.
 
+The base model is scored there once. A rate search's probes are scored on a growing seeded subset
+of the split and stop as soon as the whole split's verdict is decided
+(:mod:`hf_vae_compress.sequential`: a probe far from the budget costs a fraction of a pass; one
+near it is scored whole and judged by the same rule as before).
+
 Without labels the same search runs on agreement with the original model
 (:class:`~hf_vae_compress.tasks.Agreement`): on the user's unlabelled images (a dataset with no
 labels), or, with no data at all and a :class:`~hf_vae_compress.synthetic.SyntheticConfig`, on
@@ -268,8 +273,8 @@ class Source:
         task = self.task
         held = task.prepare(self.model, stratified_sample(task.load(split), min(examples, HOLDOUT_MAX)))
         count = task.num_examples(held)
-        scores = next(_scored(task, self.model, held, np.arange(count), [count], self.progress,
-                              f"memorisation check: base model on {split!r}"))
+        *_, scores = _scored(task, self.model, held, np.arange(count), [count], self.progress,
+                             f"memorisation check: base model on {split!r}")
         return float(scores.mean()), count
 
     def _agreement_selection(self, chosen) -> dict:
@@ -394,7 +399,7 @@ class Source:
         if not self.task.per_example_metric:
             return self.task.score(model, self._held_out)[self.task.metric], None
         total = len(self._order)
-        examples = next(_scored(self.task, model, self._held_out, self._order, [total], self.progress, "scoring"))
+        *_, examples = _scored(self.task, model, self._held_out, self._order, [total], self.progress, "scoring")
         return float(examples.mean()), examples
 
     @property
@@ -498,7 +503,12 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
 
     Bisects the target bits per weight on a log scale: each probe halves the bracket, moving down
     after a probe that keeps the budget (its drop plus one standard error, see
-    :meth:`Source.validation_drop`) and up after one that does not. Each probe is a full
+    :meth:`Source.validation_drop`) and up after one that does not. Probes are scored with
+    ``early_stop``: on top-1 or agreement, a probe whose verdict is decided on part of the split
+    stops there (each entry's ``examples_scored`` and ``early_stop``), with at most
+    :data:`~hf_vae_compress.sequential.STOPPING_ERROR` chance of a verdict the whole split would
+    not give. Each entry also has its ``compress_seconds`` and ``score_seconds`` (and the
+    compressor's ``compress_stage_seconds`` where it records them). Each probe is a full
     compression (and fine-tuning, when configured) from one shared calibration pass, judged on
     the selection split (``validation_split``, or the automatic rule: see the module docstring).
     The best container is saved to ``out_dir`` (when given), its drop in ``stats["validation"]``.

@@ -131,6 +131,8 @@ def test_memorisation_on_a_train_slice_is_detected_and_refused(memorised, train_
     assert chosen["split"] == "train[:25%]" and chosen["trained_on_risk"] and chosen["comparison_split"] == "test"
     assert memorisation["detected"] and memorisation["base"] == 1.0 and memorisation["comparison"] < 1.0
     assert memorisation["gap_pt"] > MEMORISATION_Z * memorisation["gap_se_pt"]
+    # the comparison sample is as large as the selection split (50 of test's 300), and still detects it
+    assert abs(memorisation["comparison_examples"] - memorisation["examples"]) <= 5
     assert not chosen["accuracy_checked"] and "likely trained on these examples" in chosen["warning"]
     assert "likely trained" in caplog.text
     # a fixed rate is still measured, but not called a check and never within budget
