@@ -11,8 +11,9 @@ import torch
 
 
 def quantize(latent: torch.Tensor, step: float | torch.Tensor) -> torch.Tensor:
-    """Integer symbols, ``round(latent / step)``."""
-    return torch.round(latent / step).to(torch.int32)
+    """Integer symbols, ``round(latent / step)`` (rounded in place: the rate search quantizes every
+    coded weight at every probe)."""
+    return torch.div(latent, step).round_().to(torch.int32)
 
 
 def dequantize(symbols: torch.Tensor, step: float | torch.Tensor) -> torch.Tensor:

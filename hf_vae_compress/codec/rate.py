@@ -121,15 +121,28 @@ def estimate_bits(values: np.ndarray) -> float:
     values = values.reshape(-1)
     if len(values) == 0:
         return 0.0
-    counts = np.bincount(values - values.min())
+    return _stream_bits(np.bincount(values - values.min()), len(values))
+
+
+def _stream_bits(counts: np.ndarray, length: int) -> float:
+    """:func:`estimate_bits` of a stream of ``length`` symbols from their counts (in symbol order)."""
     counts = counts[counts > 0]
-    entropy = float(-(counts * np.log2(counts / len(values))).sum())
-    return 1.005 * entropy + STREAM_OVERHEAD_BITS * math.ceil(len(values) / MAX_STREAM)
+    entropy = float(-(counts * np.log2(counts / length)).sum())
+    return 1.005 * entropy + STREAM_OVERHEAD_BITS * math.ceil(length / MAX_STREAM)
 
 
 def estimate_tensor_bits(symbols: np.ndarray) -> float:
-    """Coded bits of a tensor's (chunks, dims) symbols in the layout :func:`~.format.streams.compress_tensor` would pick."""
-    flat = estimate_bits(symbols)
-    if symbols.shape[1] == 1:
-        return flat
-    return min(flat, sum(estimate_bits(symbols[:, j]) for j in range(symbols.shape[1])))
+    """Coded bits of a tensor's (chunks, dims) symbols in the layout :func:`~.format.streams.compress_tensor`
+    would pick: one stream, or one per dimension. Both come from one count of (symbol, dimension)
+    pairs (the rate search calls this for every tensor at every probe)."""
+    chunks, dims = symbols.shape
+    if dims == 1 or chunks == 0:
+        return estimate_bits(symbols)
+    low, high = int(symbols.min()), int(symbols.max())
+    pairs = symbols.astype(np.int64)
+    pairs -= low
+    pairs *= dims
+    pairs += np.arange(dims)
+    counts = np.bincount(pairs.reshape(-1), minlength=(high - low + 1) * dims).reshape(-1, dims)
+    flat = _stream_bits(counts.sum(1), symbols.size)
+    return min(flat, sum(_stream_bits(counts[:, j], chunks) for j in range(dims)))
