@@ -139,22 +139,46 @@ def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
 def layer_rows(module: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """The layer's input as (n, groups * d) rows, at most :data:`MAX_ROWS_PER_BATCH` of them (a
     seeded random subset). Columns ``g * d`` to ``(g+1) * d`` are what group g's rows of the
-    weight, viewed as (out, d), multiply: unfolding orders a patch by input channel, and a group's
-    channels are consecutive. A 1-D convolution is unfolded as a 2-D one of height 1."""
+    weight, viewed as (out, d), multiply: a patch is ordered by input channel, then kernel row and
+    column (as ``unfold`` orders it), and a group's channels are consecutive. A 1-D convolution is
+    cut as a 2-D one of height 1."""
     x = x.detach().float()
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        if isinstance(module.padding, str):
-            raise ValueError(f"string padding {module.padding!r} is not supported")
-        geometry = module.kernel_size, module.dilation, module.padding, module.stride
-        if isinstance(module, nn.Conv1d):  # a 2-D convolution of height 1
-            (kernel,), (dilation,), (padding,), (stride,) = geometry
-            x, geometry = x.unsqueeze(-2), ((1, kernel), (1, dilation), (0, padding), (1, stride))
-        x = nn.functional.unfold(x, *geometry)
-        x = x.transpose(1, 2)
-    rows = x.reshape(-1, x.shape[-1])
-    if len(rows) > MAX_ROWS_PER_BATCH:
-        rows = rows[torch.randperm(len(rows), generator=generator)[:MAX_ROWS_PER_BATCH]]
-    return rows
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        rows = x.reshape(-1, x.shape[-1])
+        return rows[_sampled(len(rows), generator)] if len(rows) > MAX_ROWS_PER_BATCH else rows
+    if isinstance(module.padding, str):
+        raise ValueError(f"string padding {module.padding!r} is not supported")
+    geometry = module.kernel_size, module.dilation, module.padding, module.stride
+    if isinstance(module, nn.Conv1d):  # a 2-D convolution of height 1
+        (kernel,), (dilation,), (padding,), (stride,) = geometry
+        x, geometry = x.unsqueeze(-2), ((1, kernel), (1, dilation), (0, padding), (1, stride))
+    return _patches(x if x.ndim == 4 else x.unsqueeze(0), *geometry, generator)
+
+
+def _sampled(count: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randperm(count, generator=generator)[:MAX_ROWS_PER_BATCH]
+
+
+def _patches(x: torch.Tensor, kernel: tuple, dilation: tuple, padding: tuple, stride: tuple,
+             generator: torch.Generator) -> torch.Tensor:
+    """The rows of ``unfold(x)`` (one patch per image and output position, in that order), or the
+    seeded random subset of them that :func:`layer_rows` keeps, cut out of ``x`` directly: unfolding
+    a whole early feature map to keep a few thousand of its patches took most of a resnet50
+    calibration's time."""
+    batch, channels, height, width = x.shape
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel, dilation, padding, stride
+    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    count = batch * out_h * out_w
+    index = _sampled(count, generator) if count > MAX_ROWS_PER_BATCH else torch.arange(count)
+    image, position = index // (out_h * out_w), index % (out_h * out_w)
+    top = (position // out_w * sh)[:, None] + torch.arange(kh) * dh  # padded coordinates, (rows, kh)
+    left = (position % out_w * sw)[:, None] + torch.arange(kw) * dw  # (rows, kw)
+    if ph or pw:
+        x = nn.functional.pad(x, (pw, pw, ph, ph))
+    patches = x[image[:, None, None, None], torch.arange(channels)[None, :, None, None], top[:, None, :, None],
+                left[:, None, None, :]]
+    return patches.reshape(len(index), -1)
 
 
 class _Recorder:
