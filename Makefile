@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test bench bench-posthoc fuzz data clean
+.PHONY: demo test bench bench-posthoc bench-scale fuzz data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,10 +40,16 @@ bench: $(STAMP) data
 	$(PY) benchmarks/default_compress.py
 	$(PY) benchmarks/datafree.py
 	$(PY) benchmarks/posthoc_quality.py --calibration-seeds 0 1 --timing
+	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/report.py
 
 bench-posthoc: $(STAMP) data
 	$(PY) benchmarks/posthoc_quality.py --calibration-seeds 0 1 --timing
+	$(PY) benchmarks/report.py
+
+# ImageNet-size models on this machine's cores (about an hour on 2): run it alone, timings are the result
+bench-scale: $(STAMP) data
+	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/report.py
 
 fuzz: $(STAMP) data
