@@ -18,8 +18,10 @@ its split was chosen, goes into ``CompressedModel.stats["validation"]`` for the 
 
 The base model is scored there once. A rate search's probes are scored on a growing seeded subset
 of the split and stop as soon as the whole split's verdict is decided
-(:mod:`hf_vae_compress.sequential`: a probe far from the budget costs a fraction of a pass; one
-near it is scored whole and judged by the same rule as before).
+(:mod:`hf_vae_compress.sequential`: a probe far from the budget costs a fraction of a pass). A probe
+still undecided after its share of one screening pass gets a provisional verdict that only steers
+the bisection; at the end the smallest provisionally accepted probe is scored on to a sound verdict
+(the whole split, judged by the same rule as before, at the latest), the next larger while it fails.
 
 Without labels the same search runs on agreement with the original model
 (:class:`~hf_vae_compress.tasks.Agreement`): on the user's unlabelled images (a dataset with no
@@ -53,7 +55,7 @@ from .finetune import FinetuneConfig, finetune
 from .hub import save_pretrained
 from .loading import load_compressed, load_folder
 from .models import load_model, resolve_folder
-from .sequential import SCORING_SEED, STOPPING_ERROR, Verdict, early_verdict, look_sizes
+from .sequential import SCORING_SEED, STOPPING_ERROR, Verdict, early_verdict, look_sizes, screening_size
 from .synthetic import SyntheticConfig
 from .tasks import CHECK_LABELLED, CHECK_SYNTHETIC, Task, synthetic_task, task_for, unlabelled_task
 
@@ -70,7 +72,10 @@ MEMORISATION_Z = 3.0
 UNCHECKED_BPW = 6.0
 SEARCH_RANGE_BPW = (0.125, 8.0)
 SEARCH_PROBES = 6
-SCORE_BATCH = 64  # examples per model call when scoring per example: the progress bar's step
+# Examples per model call when scoring per example (fewer up to a look): the progress bar's step.
+# Not larger: at 224 px on 2 loaded cores 256 scored resnet50 about 1.35x faster per image but ViT-B
+# no faster, and raised resnet50's peak RSS from 1.7 to 3.6 GB, past the fixed-rate path's 3 GB.
+SCORE_BATCH = 64
 
 
 @contextmanager
@@ -84,13 +89,16 @@ def _timed(stages: dict[str, float], name: str) -> Iterator[None]:
 
 
 def _scored(task: Task, model: torch.nn.Module, data, order: np.ndarray, looks: list[int], progress: bool,
-            desc: str) -> Iterator[np.ndarray]:
+            desc: str, scored: np.ndarray | None = None) -> Iterator[np.ndarray]:
     """``model``'s per-example scores on ``data`` in ``order``, yielded at each look size (every
-    score so far), ``SCORE_BATCH`` examples per call, with a progress bar over the whole ``order``
-    whose estimate is the time left to score all of it. Stopping the iteration stops the scoring."""
-    scores, done = [], 0
-    with tqdm(total=len(order), desc=desc, unit="example", leave=False, disable=not progress) as bar:
-        for size in looks:
+    score so far), at most ``SCORE_BATCH`` examples per call, with a progress bar over the whole
+    ``order`` whose estimate is the time left to score all of it. Stopping the iteration stops the
+    scoring. ``scored`` are scores of the first examples already known (a paused probe's): they are
+    not scored again, and looks they already cover are not yielded again."""
+    scores, done = ([], 0) if scored is None else ([scored], len(scored))
+    with tqdm(total=len(order), initial=done, desc=desc, unit="example", leave=False,
+              disable=not progress) as bar:
+        for size in (size for size in looks if size > done):
             for start in range(done, size, SCORE_BATCH):
                 index = torch.as_tensor(order[start:min(start + SCORE_BATCH, size)])
                 scores.append(task.per_example(model, task.subset(data, index)))
@@ -342,7 +350,22 @@ class Source:
         ``split_examples``), ``base``, ``compressed``, the drop and its standard error are measured
         on those, ``early_stop`` says ``"accepted"`` or ``"rejected"`` (None: the whole split was
         scored and the rule above decided), and ``full_split_bounds_pt`` bounds the whole split's
-        drop plus standard error (wrong with probability at most ``stopping_error``).
+        drop plus standard error (wrong with probability at most ``stopping_error``). The search
+        screens and verifies its probes through :meth:`judge`, which adds ``provisional`` and
+        ``verified``.
+        """
+        return self.judge(compressed, budget_pt, early_stop)[0]
+
+    def judge(self, compressed: CompressedModel, budget_pt: float | None = None, early_stop: bool = False,
+              screen: int | None = None, scored: np.ndarray | None = None) -> tuple[dict, np.ndarray | None]:
+        """:meth:`validation_drop`'s dict, and the container's per-example scores in the scoring
+        order (None for a whole-set metric), for a search to pause and resume a probe's scoring.
+
+        ``screen`` (with ``early_stop``, a look size) pauses the looks there: a probe not decided by
+        then is ``provisional``, its ``within_budget`` the rule of :meth:`validation_drop` applied to
+        the ``examples`` scored, with their own (wider) standard error, which is a guess to steer a
+        search, not a verdict. ``scored`` (a paused probe's scores) resumes its looks after those
+        examples, to a sound verdict or the whole split (``verified``); they are not scored again.
         """
         task = self.task
         selection = self.check_selection()
@@ -350,9 +373,10 @@ class Source:
         budget = task.budget_pt if budget_pt is None else budget_pt
         allowed = budget * task.budget_share
         base, base_examples = self._base
+        total = task.num_examples(self._held_out)
         verdict = None
-        if early_stop and self.paired:
-            examples, verdict = self._sequential(self._scorer, allowed)
+        if (early_stop or scored is not None) and self.paired:
+            examples, verdict = self._sequential(self._scorer, allowed, screen, scored)
             score = float(examples.mean())
         else:
             score, examples = self._measure(self._scorer)
@@ -364,30 +388,36 @@ class Source:
                 se = float(100 * np.std(paired - examples, ddof=1) / np.sqrt(len(examples)))
         drop = 100 * (base - score)
         within = drop + se <= allowed if verdict is None else verdict.accepted
-        total = task.num_examples(self._held_out)
+        scored_examples = total if examples is None else len(examples)
         result = dict(metric=task.metric, check=selection["check"], split=selection["split"],
-                      examples=total if examples is None else len(examples), split_examples=total,
+                      examples=scored_examples, split_examples=total,
                       base=base, compressed=score, drop_pt=drop, drop_se_pt=se, budget_pt=budget,
                       budget_share=task.budget_share, allowed_pt=allowed,
                       within_budget=selection["rate_checked"] and within,
                       early_stop=None if verdict is None else "accepted" if verdict.accepted else "rejected",
                       full_split_bounds_pt=None if verdict is None else [verdict.low_pt, verdict.high_pt],
                       stopping_error=None if verdict is None else STOPPING_ERROR,
+                      provisional=verdict is None and scored_examples < total, verified=scored is not None,
                       holdout=selection["holdout"],
                       selection=selection["description"], report_split=selection["report_split"],
                       trained_on_risk=selection["trained_on_risk"], accuracy_checked=selection["accuracy_checked"],
                       rate_checked=selection["rate_checked"], memorisation=selection["memorisation"],
                       warning=selection["warning"], synthetic=getattr(task, "synthetic", None))
         compressed.stats["validation"] = result
-        return result
+        return result, examples
 
-    def _sequential(self, model: torch.nn.Module, allowed_pt: float) -> tuple[np.ndarray, Verdict | None]:
+    def _sequential(self, model: torch.nn.Module, allowed_pt: float, screen: int | None = None,
+                    scored: np.ndarray | None = None) -> tuple[np.ndarray, Verdict | None]:
         """``model``'s per-example scores on the selection split, in the scoring order, up to the
-        first look that decides the full split's verdict (None: none did, all were scored)."""
+        first look that decides the full split's verdict (None: none did, and all examples, or the
+        ``screen`` first, were scored), resuming after ``scored`` when given. The bounds count every
+        look of the whole split whether or not a screen pauses them (:func:`look_sizes`)."""
         base = self._base[1]
         looks = look_sizes(len(base))
-        for scores in _scored(self.task, model, self._held_out, self._order, looks, self.progress,
-                              "scoring probe"):
+        stop = len(base) if screen is None else screen
+        scores = scored
+        for scores in _scored(self.task, model, self._held_out, self._order, [s for s in looks if s <= stop],
+                              self.progress, "scoring probe" if scored is None else "verifying probe", scored):
             verdict = early_verdict(base[:len(scores)], scores, len(base), allowed_pt, len(looks) - 1)
             if verdict is not None and verdict.accepted is not None:
                 return scores, verdict
@@ -401,6 +431,12 @@ class Source:
         total = len(self._order)
         *_, examples = _scored(self.task, model, self._held_out, self._order, [total], self.progress, "scoring")
         return float(examples.mean()), examples
+
+    @property
+    def split_examples(self) -> int:
+        """How many examples the selection split has (it is prepared by :meth:`check_selection`)."""
+        self.check_selection()
+        return self.task.num_examples(self._held_out)
 
     @property
     def paired(self) -> bool:
@@ -455,8 +491,9 @@ class SearchResult:
 
     ``stage_seconds`` splits ``seconds`` by stage and adds up to it: the stages of
     :meth:`Source.open` run inside the search (none when it is handed an opened source, whose own
-    ``stage_seconds`` has them), ``compress`` and ``score`` summed over the probes, ``save``, and
-    ``other`` for the rest (bookkeeping, logging)."""
+    ``stage_seconds`` has them), ``compress`` and ``score`` summed over the probes, ``verify`` for
+    scoring provisionally accepted probes on after the last one (absent when none was), ``save``,
+    and ``other`` for the rest (bookkeeping, logging)."""
 
     compressed: CompressedModel | None
     validation: dict | None
@@ -471,26 +508,46 @@ ProbeReport = Callable[[dict], None]
 def describe_probe(probe: dict, budget_pt: float) -> str:
     """One line per probe of :func:`search_smallest`, as it is logged and as the CLI shows it: the
     rate, the measured drop (with its standard error where the metric has one), the verdict with
-    how many examples decided it (fewer than the split's when it was decided early), and how long
-    the rest of the search should take at the pace measured so far."""
+    how many examples decided it (fewer than the split's when it was decided early, or when it is
+    only provisional), and how long the rest of the search should take at the pace measured so far.
+    A verified probe gets a second line, its final verdict and what the verification took."""
     se = probe["validation_drop_se_pt"]
     drop = f"{probe['validation_drop_pt']:.2f}" + ("" if se is None else f" ± {se:.2f}")
     verdict = "accepted" if probe["accepted"] else "rejected"
     scored, total = probe.get("examples_scored"), probe.get("split_examples")
-    if scored is not None and probe.get("early_stop"):
+    if scored is not None and probe.get("provisional"):
+        verdict += f" provisionally, on {scored:,} of {total:,} examples"
+    elif scored is not None and probe.get("early_stop"):
         verdict += f" early, after {scored:,} of {total:,} examples"
     elif scored is not None:
         verdict += f" on all {scored:,} examples"
     left = probe["probes"] - probe["probe"]
-    pace = (f"{probe['seconds']:.0f} s; about {_duration(probe['estimated_seconds_left'])} left for {left} more "
-            f"probe{'s' * (left != 1)}" if left else f"{probe['seconds']:.0f} s; search done")
-    return (f"rate search probe {probe['probe']}/{probe['probes']}: {probe['bits_per_weight']:.3f} bits/weight "
+    if probe.get("verified"):
+        kind, pace = "verification of probe", f"verified in {probe['verify_seconds']:.0f} s"
+    else:
+        kind = "probe"
+        pace = (f"{probe['seconds']:.0f} s; about {_duration(probe['estimated_seconds_left'])} left for {left} more "
+                f"probe{'s' * (left != 1)}" if left else f"{probe['seconds']:.0f} s; search done")
+    return (f"rate search {kind} {probe['probe']}/{probe['probes']}: {probe['bits_per_weight']:.3f} bits/weight "
             f"({probe['bytes']:,} bytes), validation drop {drop} pt (budget {budget_pt} pt): {verdict}; {pace}")
 
 
 def _duration(seconds: float) -> str:
     minutes, rest = divmod(round(seconds), 60)
     return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+
+
+@dataclass
+class _Candidate:
+    """An accepted probe, provisionally or finally, kept until the search ends: its container
+    (coded bytes; decoded again to be scored on, rather than holding a model per probe), its
+    validation and per-example scores so far (empty on processes that do not score), and its log
+    entry, which a verification updates."""
+
+    compressed: CompressedModel
+    validation: dict
+    scores: np.ndarray | None
+    entry: dict
 
 
 def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_pt: float, dataset: str | None,
@@ -503,21 +560,40 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
 
     Bisects the target bits per weight on a log scale: each probe halves the bracket, moving down
     after a probe that keeps the budget (its drop plus one standard error, see
-    :meth:`Source.validation_drop`) and up after one that does not. Probes are scored with
-    ``early_stop``: on top-1 or agreement, a probe whose verdict is decided on part of the split
-    stops there (each entry's ``examples_scored`` and ``early_stop``), with at most
-    :data:`~hf_vae_compress.sequential.STOPPING_ERROR` chance of a verdict the whole split would
-    not give. Each entry also has its ``compress_seconds`` and ``score_seconds`` (and the
-    compressor's ``compress_stage_seconds`` where it records them). Each probe is a full
+    :meth:`Source.validation_drop`) and up after one that does not. Each probe is a full
     compression (and fine-tuning, when configured) from one shared calibration pass, judged on
     the selection split (``validation_split``, or the automatic rule: see the module docstring).
-    The best container is saved to ``out_dir`` (when given), its drop in ``stats["validation"]``.
+
+    **Screen, then verify** (:mod:`hf_vae_compress.sequential`). On top-1 or agreement a probe is
+    scored on a growing seeded subset and keeps a verdict decided soundly on part of the split
+    (``early_stop``; at most :data:`~hf_vae_compress.sequential.STOPPING_ERROR` chance that the
+    whole split would say otherwise), but is scored on at most ``screening_examples``
+    (:func:`~hf_vae_compress.sequential.screening_size`: all probes together, one pass of the
+    split). A probe undecided there is ``provisional``: its ``accepted`` is the rule applied to
+    the examples scored, a guess that steers the bisection and is never returned as it is. After
+    the last probe, the smallest accepted probe is the answer if its verdict is final; if it is
+    provisional its scoring resumes where it paused (its scores are kept, the container decoded
+    again) to a sound verdict, the whole split's rule at the latest, and the entry is updated
+    (``verified``, and ``accepted``, ``examples_scored``, the drop and ``early_stop`` are then
+    final); while that rejects, the next larger accepted probe is taken the same way. So the
+    container returned has always passed the whole split's rule or an early accept, and the
+    search's scoring is the base's pass, the screening, and one verification per provisional
+    accept that fails plus the one that holds. A provisionally rejected probe is never verified:
+    ``accepted`` False then means "not shown to keep the budget", and its rate is smaller than every
+    accepted one's (the bisection moved up past it). An unverified ``accepted`` True that is
+    still ``provisional`` belongs to a larger probe than the one returned.
+
+    Each entry also has ``examples_scored`` of ``split_examples``, its ``compress_seconds`` and
+    ``score_seconds`` (and the compressor's ``compress_stage_seconds`` where it records them), and
+    a verified one ``verify_seconds``. The best container is saved to ``out_dir`` (when given), its
+    drop in ``stats["validation"]``.
 
     A probe takes minutes on a busy machine, so the search is never silent: with ``progress`` a
     bar over the probes names the stage of the current one and shows the last verdict and the time
     left; every probe is logged (:func:`describe_probe`) and, on the main process, handed to
-    ``on_probe`` as the entry of ``SearchResult.probes`` it adds (the CLI prints it).
-    ``estimated_seconds_left`` is the probes left times the mean time of the probes so far.
+    ``on_probe`` as the entry of ``SearchResult.probes`` it adds (the CLI prints it), and again
+    when it is verified. ``estimated_seconds_left`` is the probes left times the mean time of the
+    probes so far.
 
     Where the base model looks memorised on the selection split, :class:`UncheckedAccuracyError`
     is raised before the first probe rather than falling back to some rate: a budget is a promise
@@ -543,9 +619,10 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
     if not selection["rate_checked"]:
         raise UncheckedAccuracyError(f"no rate search: {selection['warning']}")
     allowed = max_drop_pt * src.task.budget_share  # what each probe's drop plus its standard error must fit
+    screen = screening_size(src.split_examples, probes)
     main_process = _is_main(accelerator)
     lo, hi = math.log(bpw_range[0]), math.log(bpw_range[1])
-    best, best_validation, log = None, None, []
+    log, candidates = [], []
     probes_start = time.perf_counter()
     bar = tqdm(total=probes, desc="rate search", unit="probe", disable=not (progress and main_process))
     for index in range(1, probes + 1):
@@ -556,10 +633,9 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
                              accelerator, progress=progress)
         compressed_at = time.perf_counter()
         bar.set_description(f"rate search: scoring {bpw:.3f} bits/weight on {selection['split']!r}")
-        validation = src.validation_drop(probe, max_drop_pt, early_stop=True) if main_process else {}
-        accepted = float(validation.get("within_budget", False))
-        if accelerator is not None:
-            accepted = float(accelerator.reduce(torch.tensor(accepted), reduction="sum"))  # the main process decides
+        validation, scores = src.judge(probe, max_drop_pt, early_stop=True, screen=screen) if main_process \
+            else ({}, None)
+        accepted = _agreed(accelerator, validation.get("within_budget", False))
         report = probe.report()
         seconds = time.perf_counter() - probe_start
         compress_seconds, score_seconds = compressed_at - probe_start, seconds - (compressed_at - probe_start)
@@ -567,24 +643,21 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
         stages["score"] = stages.get("score", 0.0) + score_seconds
         log.append(dict(probe=index, probes=probes, target_bits_per_weight=bpw,
                         bits_per_weight=report["bits_per_weight"], bytes=report["total_bytes"],
-                        validation_drop_pt=validation.get("drop_pt", 0.0),
-                        validation_drop_se_pt=validation.get("drop_se_pt") if src.paired else None,
-                        accepted=accepted > 0.5, examples_scored=validation.get("examples"),
-                        split_examples=validation.get("split_examples"), early_stop=validation.get("early_stop"),
-                        full_split_bounds_pt=validation.get("full_split_bounds_pt"),
+                        accepted=accepted, **_scoring_fields(validation, src.paired),
+                        screening_examples=screen, verified=False,
                         seconds=round(seconds, 2), compress_seconds=round(compress_seconds, 2),
                         score_seconds=round(score_seconds, 2),
                         compress_stage_seconds=probe.stats.get("stage_seconds"),
                         estimated_seconds_left=round((probes - index) * (time.perf_counter() - probes_start) / index, 1)))
         if main_process:
             _report_probe(log[-1], allowed, bar, on_probe)
-        if accepted > 0.5:
+        if accepted:
             hi = math.log(bpw)
-            if best is None or report["total_bytes"] < len(best.to_bytes()):
-                best, best_validation = probe, validation
+            candidates.append(_Candidate(probe, validation, scores, log[-1]))
         else:
             lo = math.log(bpw)
     bar.close()
+    best, best_validation = _verified_smallest(src, candidates, max_drop_pt, allowed, accelerator, stages, on_probe)
     if best is not None and out_dir is not None and main_process:
         with _timed(stages, "save"):
             src.save(best, out_dir)
@@ -593,13 +666,55 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
     return SearchResult(best, best_validation, log, seconds, {name: round(t, 3) for name, t in stages.items()})
 
 
-def _report_probe(probe: dict, budget_pt: float, bar: tqdm, on_probe: ProbeReport | None) -> None:
-    """Log a finished probe, show its verdict on the bar, and hand it to the caller's report."""
+def _scoring_fields(validation: dict, paired: bool) -> dict:
+    """What a probe's log entry says about its scoring, from :meth:`Source.judge`'s dict (empty on
+    processes that do not score)."""
+    return dict(validation_drop_pt=validation.get("drop_pt", 0.0),
+                validation_drop_se_pt=validation.get("drop_se_pt") if paired else None,
+                examples_scored=validation.get("examples"), split_examples=validation.get("split_examples"),
+                early_stop=validation.get("early_stop"), full_split_bounds_pt=validation.get("full_split_bounds_pt"),
+                provisional=validation.get("provisional", False))
+
+
+def _verified_smallest(src: Source, candidates: list[_Candidate], max_drop_pt: float, allowed: float, accelerator,
+                       stages: dict[str, float], on_probe: ProbeReport | None) -> tuple[CompressedModel | None,
+                                                                                         dict | None]:
+    """The smallest candidate whose final verdict is an accept, and its validation: a provisional
+    one is scored on from where its screening paused (:meth:`Source.judge` with its ``scored``),
+    smallest first, until one holds; a final one is taken as it is. Only the main process scores;
+    every process takes the main process's verdicts in the same order."""
+    main_process = _is_main(accelerator)
+    for candidate in sorted(candidates, key=lambda c: c.entry["bytes"]):
+        validation = candidate.validation
+        if main_process and validation["provisional"]:
+            began = time.perf_counter()
+            with _timed(stages, "verify"):
+                validation, candidate.scores = src.judge(candidate.compressed, max_drop_pt, scored=candidate.scores)
+            entry = candidate.entry
+            entry.update(accepted=validation["within_budget"], **_scoring_fields(validation, src.paired),
+                         verified=True, verify_seconds=round(time.perf_counter() - began, 2))
+            _report_probe(entry, allowed, None, on_probe)
+        if _agreed(accelerator, validation.get("within_budget", False)):
+            return candidate.compressed, validation
+    return None, None
+
+
+def _agreed(accelerator, accepted: bool) -> bool:
+    """The main process's verdict on every process: only it scores, the others hold False."""
+    if accelerator is None:
+        return bool(accepted)
+    return float(accelerator.reduce(torch.tensor(float(accepted)), reduction="sum")) > 0.5
+
+
+def _report_probe(probe: dict, budget_pt: float, bar: tqdm | None, on_probe: ProbeReport | None) -> None:
+    """Log a finished (or verified) probe, show its verdict on the bar, and hand it to the caller's
+    report."""
     logger.info(describe_probe(probe, budget_pt))
-    bar.set_description("rate search")
-    bar.set_postfix_str(f"last {probe['bits_per_weight']:.3f} bits/weight: "
-                        f"{'accepted' if probe['accepted'] else 'rejected'}", refresh=False)
-    bar.update()
+    if bar is not None:
+        bar.set_description("rate search")
+        bar.set_postfix_str(f"last {probe['bits_per_weight']:.3f} bits/weight: "
+                            f"{'accepted' if probe['accepted'] else 'rejected'}", refresh=False)
+        bar.update()
     if on_probe is not None:
         on_probe(probe)
 

@@ -27,6 +27,18 @@ whatever the dependence between looks). The margin is **0 pt**: an early accept 
 split's own verdict, not a looser one, so a probe the full split rejects by any amount is accepted
 early with at most that probability. The same holds for early rejects. Scores other than 0/1 are
 never stopped early (:func:`binary`); mAP has no per-example scores and is always scored whole.
+
+**Screen, then verify.** Near the budget no sound rule accepts before most of the split is scored
+(at 1,000 examples and 0.5 pt, five lost examples can hide among any 125 unscored ones), so a
+search that scored every undecided probe whole would pay a pass per probe. The rate search instead
+pauses each probe's looks at :func:`screening_size`: a probe still undecided there gets a
+*provisional* verdict, the full-split rule's statistic on the examples scored (drop plus their own
+standard error, wider than the full split's, so the guess leans to rejecting), which only steers the
+bisection. The search then resumes the looks of the smallest provisionally accepted probe from
+where they paused, on to a sound verdict (the full split at the latest), and falls back to the next
+larger candidate while that verdict is a reject. Pausing adds no look and a provisional verdict is
+never returned, so every final verdict is one today's sequential scoring of that probe would give:
+the guarantee above holds unchanged.
 """
 
 from __future__ import annotations
@@ -46,6 +58,11 @@ STOPPING_ERROR = 1e-3
 # about log(2 K / error) ~ 9 lost examples before it can reject) and cost a model call each.
 FIRST_LOOK = 64
 SCORING_SEED = 0  # the order examples are scored in: the same for the base and every probe
+# What the screening of all of a search's probes costs together, in passes of the split
+# (screening_size). The scoring a search cannot avoid is two passes, the base's and the verification
+# of the container it returns (a near-budget probe is only decided near the whole split); screening
+# as much again keeps the search's scoring a fixed number of passes however many probes it makes.
+SCREENING_PASSES = 1.0
 
 
 def look_sizes(total: int, first: int = FIRST_LOOK) -> list[int]:
@@ -67,6 +84,17 @@ def look_sizes(total: int, first: int = FIRST_LOOK) -> list[int]:
         sizes.add(total - rest)
         rest //= 2
     return sorted(s for s in sizes if 0 < s < total) + [total]
+
+
+def screening_size(total: int, probes: int) -> int:
+    """Examples a rate-search probe is scored on at most before it gets a provisional verdict: the
+    probes' share of :data:`SCREENING_PASSES` passes of the ``total`` examples, rounded down to a
+    look (:func:`look_sizes`) so that a paused probe stops where its sound verdict was just checked
+    and the looks, and with them the bounds, stay those of scoring it whole. At least the first look
+    (a batch); a split too small to stop early is screened whole (no provisional verdicts)."""
+    looks = look_sizes(total)
+    share = max(SCREENING_PASSES * total / probes, looks[0])
+    return max(size for size in looks if size <= share)
 
 
 def drop_statistic_pt(lost: int, gained: int, total: int) -> float:
@@ -139,5 +167,5 @@ def early_verdict(base: np.ndarray, probe: np.ndarray, total: int, allowed_pt: f
                   early_looks)
 
 
-__all__ = ["FIRST_LOOK", "SCORING_SEED", "STOPPING_ERROR", "Verdict", "binary", "decide", "drop_statistic_pt",
-           "early_verdict", "look_sizes"]
+__all__ = ["FIRST_LOOK", "SCORING_SEED", "SCREENING_PASSES", "STOPPING_ERROR", "Verdict", "binary", "decide",
+           "drop_statistic_pt", "early_verdict", "look_sizes", "screening_size"]

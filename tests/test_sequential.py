@@ -15,9 +15,10 @@ import pytest
 from hf_vae_compress.codec import VAECompressionConfig
 from hf_vae_compress.pipeline import Source, describe_probe, search_smallest
 from hf_vae_compress.sequential import (
-    FIRST_LOOK, STOPPING_ERROR, decide, drop_statistic_pt, early_verdict, look_sizes,
+    FIRST_LOOK, STOPPING_ERROR, decide, drop_statistic_pt, early_verdict, look_sizes, screening_size,
 )
 from hf_vae_compress.data import load_fashion_mnist
+from hf_vae_compress.hub import _validation_summary
 
 MARGIN_PT = 0.0  # the documented margin: an early accept claims the full split's own verdict
 ROUNDING_PT = 1e-9  # the bounds and the full rule compute the same number by different float paths
@@ -189,3 +190,133 @@ def test_the_search_times_its_stages_and_reports_how_many_examples_decided_each_
     for probe in result.probes:
         assert probe["compress_seconds"] + probe["score_seconds"] == pytest.approx(probe["seconds"], abs=0.02)
     assert sum(p["score_seconds"] for p in result.probes) == pytest.approx(stages["score"], abs=0.05)
+
+
+class _Scripted:
+    """A real source's task whose probes' per-example scores are scripted by rate: ``script(bpw)``
+    gives each example's 0/1 agreement in the data's order. The subset of a batch is its indices,
+    so what each probe is scored on is counted exactly (``scored``: examples per probe's rate)."""
+
+    def __init__(self, task, script):
+        self._task, self._script = task, script
+        self.current: float | None = None  # the rate of the container last decoded into the scorer
+        self.scored: dict[float, int] = {}
+
+    def __getattr__(self, name):
+        return getattr(self._task, name)
+
+    @staticmethod
+    def subset(data, index):
+        return index
+
+    def per_example(self, model, index):
+        self.scored[self.current] = self.scored.get(self.current, 0) + len(index)
+        return self._script(self.current)[index.numpy()]
+
+
+def _scripted_search(timm_folder, unlabelled, monkeypatch, script_for, probes=4):
+    """A rate search on a tiny model whose probes score as ``script_for(order, screen)(bpw)`` says;
+    returns the result, the scripted task, the split's size, the screen and the lines reported."""
+    src = Source.open(timm_folder, str(unlabelled), calibration_batches=1, progress=False)
+    total = src.split_examples
+    screen = screening_size(total, probes)
+    assert FIRST_LOOK <= screen < total
+    task = src.task = _Scripted(src.task, script_for(src._order, screen))
+    compress = Source.compress
+
+    def tagged(self, config, *args, **kwargs):  # decoding a probe's container tells the script its rate
+        compressed = compress(self, config, *args, **kwargs)
+        decode = compressed.decode
+
+        def decoded(*a, **k):
+            task.current = config.target_bits_per_weight
+            return decode(*a, **k)
+
+        compressed.decode = decoded
+        return compressed
+
+    monkeypatch.setattr(Source, "compress", tagged)
+    lines = []
+    config = VAECompressionConfig(transform="identity", calibration_batches=1, rounding="nearest")
+    result = search_smallest(src, None, 0.5, None, config, probes=probes, progress=False,
+                             on_probe=lambda probe: lines.append(describe_probe(probe, 0.5)))
+    return result, task, total, screen, lines
+
+
+def _bands(good_from: float, deceptive_from: float):
+    """Scores by rate: all agree from ``good_from`` bits/weight; from ``deceptive_from`` all agree on
+    the screened examples and a tenth of the rest disagree; below, every fifth example disagrees."""
+
+    def script_for(order, screen):
+        def script(bpw):
+            scores = np.ones(len(order))
+            if bpw < deceptive_from:
+                scores[::5] = 0
+            elif bpw < good_from:
+                scores[order[screen:][::10]] = 0
+            return scores
+        return script
+    return script_for
+
+
+def test_a_provisional_accept_the_whole_split_rejects_falls_back_to_the_next_larger_candidate(
+        timm_folder, unlabelled, monkeypatch):
+    # bisection over (0.125, 8): 1.0 (good), 0.354 (deceptive), 0.210 and 0.273 (bad)
+    result, task, total, screen, lines = _scripted_search(timm_folder, unlabelled, monkeypatch, _bands(0.7, 0.3))
+    first, second, *bad = result.probes
+    assert not first["provisional"] and not second["provisional"]  # both verified: final verdicts now
+    assert not any(p["accepted"] for p in bad)
+    assert all(p["early_stop"] == "rejected" and p["examples_scored"] <= screen and not p["verified"] for p in bad)
+    # the deceptive probe looked fine on its screen, was verified and failed; the next larger one held
+    assert second["verified"] and not second["accepted"] and second["examples_scored"] > screen
+    assert first["verified"] and first["accepted"] and first["early_stop"] is None
+    assert first["examples_scored"] == total
+    assert result.compressed.report()["total_bytes"] == first["bytes"]
+    validation = result.validation
+    assert validation["examples"] == total and validation["verified"] and not validation["provisional"]
+    assert validation["drop_pt"] + validation["drop_se_pt"] <= validation["allowed_pt"]
+    scores = task._script(first["target_bits_per_weight"])
+    assert _full_rule(np.ones(total), scores) <= validation["allowed_pt"]  # the rule itself, recomputed
+    assert second["bytes"] < first["bytes"]  # what the unsound choice would have been
+    assert _full_rule(np.ones(total), task._script(second["target_bits_per_weight"])) > validation["allowed_pt"]
+    kept = [p for p in result.probes if p["accepted"]]
+    assert min(p["bytes"] for p in kept) == first["bytes"]
+    assert f"accepted provisionally, on {screen:,} of {total:,} examples" in lines[0]
+    assert lines[-2].startswith("rate search verification of probe 2/4") and "rejected" in lines[-2]
+    assert lines[-1].startswith("rate search verification of probe 1/4") and f"accepted on all {total:,}" in lines[-1]
+    assert "verify" in result.stage_seconds
+
+
+def test_verification_scores_only_the_examples_its_screening_left(timm_folder, unlabelled, monkeypatch):
+    result, task, total, screen, _ = _scripted_search(timm_folder, unlabelled, monkeypatch, _bands(0.7, 0.3))
+    for probe in result.probes:  # no example of any probe is scored twice
+        assert task.scored[probe["target_bits_per_weight"]] == probe["examples_scored"]
+    assert task.scored[1.0] == total
+
+
+def test_when_every_provisional_accept_holds_scoring_costs_one_pass_beyond_the_screens(timm_folder, unlabelled,
+                                                                                        monkeypatch):
+    # every rate from 0.3 bits/weight agrees everywhere: 1.0, 0.354 accepted provisionally; 0.210, 0.273 rejected
+    result, task, total, screen, _ = _scripted_search(timm_folder, unlabelled, monkeypatch, _bands(0.3, 0.3))
+    verified = [p for p in result.probes if p["verified"]]
+    assert [p["probe"] for p in verified] == [2] and verified[0]["accepted"]
+    assert result.compressed.report()["total_bytes"] == verified[0]["bytes"]
+    assert result.probes[0]["provisional"] and result.probes[0]["accepted"]  # larger: never needed verifying
+    assert sum(task.scored.values()) <= total + len(result.probes) * screen
+    assert sum(task.scored.values()) == total + sum(min(p["examples_scored"], screen) for p in result.probes
+                                                    if not p["verified"])
+
+
+def test_the_card_says_how_many_examples_of_the_split_decided_and_whether_they_were_verified():
+    validation = dict(metric="top1", check="labelled accuracy", split="validation", examples=1000,
+                      split_examples=1000, base=0.8, compressed=0.799, drop_pt=0.1, budget_pt=0.5,
+                      selection="the dataset's validation split.", accuracy_checked=True, warning=None,
+                      early_stop=None, stopping_error=None, verified=True)
+    text = _validation_summary(validation)
+    assert "chosen on all 1,000 examples of the `validation` split (screened on part of the split, then verified)" \
+        in text
+    text = _validation_summary(dict(validation, examples=875, early_stop="accepted", stopping_error=STOPPING_ERROR))
+    assert ("chosen on 875 of the 1,000 examples of the `validation` split (accepted early, wrong with at most "
+            "0.1 % chance; screened on part of the split, then verified)") in text
+    text = _validation_summary(dict(validation, split_examples=None, verified=None))  # written before early stopping
+    assert "chosen on all 1,000 examples of the `validation` split:" in text
