@@ -153,6 +153,24 @@ def _coding_summary(compressed: CompressedModel) -> str:
     return f"entropy-coded scalar quantization on a Fisher-allocated grid, with {rounding}"
 
 
+def _examples_scored(validation: dict) -> tuple[str, str]:
+    """How many of the split's examples decided the verdict ("all 1,000", "875 of the 1,000"), and
+    how, in parentheses (empty when there is nothing to add): stopped early on a sound verdict, wrong
+    with at most ``stopping_error`` chance, and "verified" when the rate search screened the
+    container on part of the split, then scored it on to that verdict. Containers from before
+    early stopping record only ``examples``, all of the split."""
+    scored, total = validation["examples"], validation.get("split_examples") or validation["examples"]
+    notes = []
+    if scored < total:
+        error = validation.get("stopping_error")
+        notes.append(f"{validation.get('early_stop') or 'decided'} early"
+                     + (f", wrong with at most {100 * error:g} % chance" if error is not None else ""))
+    if validation.get("verified"):
+        notes.append("screened on part of the split, then verified")
+    count = f"all {scored:,}" if scored >= total else f"{scored:,} of the {total:,}"
+    return count, f" ({'; '.join(notes)})" if notes else ""
+
+
 def _validation_summary(validation: dict | None) -> str:
     """The card's "How accuracy was checked" paragraph, from the pipeline's ``stats["validation"]``
     (:meth:`~hf_vae_compress.pipeline.Source.validation_drop`): which check decided the rate
@@ -163,16 +181,17 @@ def _validation_summary(validation: dict | None) -> str:
         return ("Which check decided the rate: **none**. No validation was recorded with this container: its "
                 "effect on accuracy was not measured.")
     check = validation.get("check", "labelled accuracy")
+    count, how = _examples_scored(validation)
     if check == "labelled accuracy":
-        text = (f"Which check decided the rate: **{check}**. The rate was chosen on {validation['examples']:,} "
-                f"examples of the `{validation['split']}` split: {validation['metric']} "
+        text = (f"Which check decided the rate: **{check}**. The rate was chosen on {count} examples of the "
+                f"`{validation['split']}` split{how}: {validation['metric']} "
                 f"{100 * validation['base']:.2f} % for the base model, {100 * validation['compressed']:.2f} % "
                 f"compressed, a drop of {validation['drop_pt']:.2f} pt (budget {validation['budget_pt']} pt). "
                 f"{validation['selection']}")
     else:
         allowed = validation.get("allowed_pt", validation["budget_pt"])
-        text = (f"Which check decided the rate: **{check}**. On {validation['examples']:,} {validation['split']} "
-                f"images the compressed model scores {validation['metric']} {100 * validation['compressed']:.2f} % "
+        text = (f"Which check decided the rate: **{check}**. On {count} {validation['split']} images{how} "
+                f"the compressed model scores {validation['metric']} {100 * validation['compressed']:.2f} % "
                 f"against the original's {100 * validation['base']:.2f} %, a drop of {validation['drop_pt']:.2f} pt "
                 f"(allowed {allowed:g} pt of a {validation['budget_pt']} pt budget). {validation['selection']}")
     if not validation["accuracy_checked"]:
