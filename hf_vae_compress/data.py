@@ -444,7 +444,20 @@ def is_unlabelled(name: str) -> bool:
 
     features = [ds.features for ds in _open_splits(name).values()]
     return any(isinstance(f, datasets.Image) for fs in features for f in fs.values()) and \
-        not any(isinstance(f, datasets.ClassLabel) for fs in features for f in fs.values())
+        not any(_holds(f, datasets.ClassLabel) for fs in features for f in fs.values())
+
+
+def _holds(feature, kind: type) -> bool:
+    """Whether a feature is, or nests, one of type ``kind``: a detection dataset's labels sit inside
+    its ``objects`` column (``{"category": List(ClassLabel)}``), not at the top level."""
+    if isinstance(feature, kind):
+        return True
+    if isinstance(feature, dict):
+        return any(_holds(f, kind) for f in feature.values())
+    if isinstance(feature, (list, tuple)):
+        return any(_holds(f, kind) for f in feature)
+    inner = getattr(feature, "feature", None)  # List, Sequence, LargeList
+    return inner is not None and _holds(inner, kind)
 
 
 def load_unlabelled_images(name: str) -> list:

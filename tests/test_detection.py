@@ -185,6 +185,8 @@ def test_cli_compresses_a_detector_and_evaluates_the_container(capsys, tmp_path,
                  "--target-bpw", "2", "--calibration-batches", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["parts"]["bitstreams"] > 0 and report["bits_per_weight"] < 16  # tiny: mostly raw fp16 tensors
+    # the boxes' labels sit inside `objects`: a labelled dataset, checked by mAP against them, not by agreement
+    assert report["check"] == "labelled accuracy" and report["validation"]["metric"] == "map"
     assert main(["evaluate", str(out), "--dataset", data, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["weights_bytes"] == report["total_bytes"] and result["num_examples"] == 16
