@@ -169,20 +169,69 @@ def load_speed_lines(path: Path) -> list[str]:
         return []
     r = json.loads(path.read_text())
     lines = ["#### Load speed", "",
-             f"`benchmarks/load_speed.py`: a timm `{r['architecture']}` ({r['num_weights'] / 1e6:.1f} M weights, "
-             f"random init) compressed data-free with the default settings, on {r['threads']} threads. A load is "
-             "build + read + `load_state_dict`, timed against fp32 safetensors in the same run with the same build "
-             "(`timm`: `timm.create_model`, random init included; `meta`: built on the meta device, loaded with "
-             "`assign=True`). Peak RSS: each load once more in a fresh process (interpreter and libraries included).",
-             "", "| transform | format | bytes | build | load s, ours / fp32 | ratio | decode | peak RSS MiB, ours / fp32 |",
-             "|---|---:|---:|---|---|---:|---|---|"]
+             f"`benchmarks/load_speed.py`: timm models (random init) compressed data-free with the identity transform, "
+             f"on {r['threads']} threads. A load is build + read + `load_state_dict`, timed against fp32 safetensors in "
+             "the same run with the same build (`built`: constructed with its random init, ours decoded straight into "
+             "its parameters; `meta`: built on the meta device, loaded with `assign=True`; safetensors maps the fp32 "
+             "file there and reads no byte until a weight is used, so *fp32 read* is the same load with the bytes read). "
+             "Peak RSS: each load once more in a fresh process (interpreter and libraries included). Load average "
+             "(1 min) when each model's run started and ended.", "",
+             "| model | bits/weight | build | load s, ours / fp32 (fp32 read) | ratio | decode | peak RSS MiB, ours / fp32 | load avg |",
+             "|---|---:|---|---|---:|---|---|---|"]
+    for model in r["models"]:
+        for row in model["rows"]:
+            for build, b in row["builds"].items():
+                read = f" ({b['fp32_read_load_s']:.3f})" if "fp32_read_load_s" in b else ""
+                lines.append(f"| `{model['architecture']}` | {row['bits_per_weight']:.2f} | {build} "
+                             f"| {b['ours_load_s']:.3f} / {b['fp32_load_s']:.3f}{read} | **{b['ratio']:.2f}x** "
+                             f"| {b['decode_weights_per_s'] / 1e6:.0f} M weights/s ({b['decode_s']:.3f} s) "
+                             f"| {b['ours_peak_rss_mib']:.0f} / {b['fp32_peak_rss_mib']:.0f} ({b['rss_ratio']:.2f}x) "
+                             f"| {row['load_average_before'][0]:.1f} / {row['load_average_after'][0]:.1f} |")
+    return lines + [""]
+
+
+def scale_lines(path: Path) -> list[str]:
+    """ImageNet-size checkpoints on 2 cores (``benchmarks/scale.py``): compress time by stage, and load."""
+    if not path.exists():
+        return []
+    r = json.loads(path.read_text())
+    lines = ["#### Real sizes", "",
+             f"`benchmarks/scale.py` at commit `{r['commit'][:7]}` on {r['cpu_count']} CPU cores; {r['device']}. "
+             "Models built at their real size with random weights (time and memory do not depend on training), "
+             f"a {r['image_size']} px image folder with a {r['validation_images']:,}-image validation split, each "
+             "compress a fresh CLI process. *default*: no rate argument (the accuracy-checked search); *fixed*: "
+             "`--target-bpw 2`, which still reports its drop (the base and the result scored on the whole split: "
+             "*base_scoring* and *score*; the fixed-rate target is judged without them). Stages add up to the total "
+             "(*other*: interpreter start and imports).", "",
+             "| model | weights | run | seconds (target) | peak RSS GB | x fp32 | stages, s |", "|---|---:|---|---:|---:|---:|---|"]
     for row in r["rows"]:
-        for build, b in row["builds"].items():
-            lines.append(f"| {row['transform']} | v{row['format_version']} | {row['container_bytes']:,} | {build} "
-                         f"| {b['ours_load_s']:.3f} / {b['fp32_load_s']:.3f} | **{b['ratio']:.2f}x** "
-                         f"| {b['decode_weights_per_s'] / 1e6:.0f} M weights/s ({b['decode_s']:.3f} s; entropy "
-                         f"{b['entropy_s']:.3f} s) | {b['ours_peak_rss_mib']:.0f} / {b['fp32_peak_rss_mib']:.0f} "
-                         f"({b['rss_ratio']:.2f}x) |")
+        for kind in ("default", "fixed_rate"):
+            run = row.get(kind)
+            if not run:
+                continue
+            target = f" (target {run['target_seconds']:.0f})" if run.get("target_seconds") else ""
+            if "error" in run:
+                lines.append(f"| `{row['model']}` | | {kind.replace('_rate', '')} | **{run['seconds']:.0f}**{target} "
+                             f"| {run['peak_rss_gb']:.2f} | no container | {run['error'].split(' (probes:')[0]} |")
+                continue
+            if "seconds_without_accuracy_report" in run:
+                target = f"; {run['seconds_without_accuracy_report']:.0f} without the drop report{target}"
+            stages = ", ".join(f"{k} {v:.0f}" for k, v in run["stage_seconds"].items())
+            lines.append(f"| `{row['model']}` | {run['num_weights'] / 1e6:.1f} M | {kind.replace('_rate', '')} "
+                         f"| **{run['seconds']:.0f}**{target} | {run['peak_rss_gb']:.2f} | {run['ratio_vs_fp32']:.1f}x "
+                         f"| {stages} |")
+    lines += ["", "Load of the fixed-rate container against fp32 safetensors of the same weights, same run (medians; "
+              "peak RSS of each path in a fresh process; *fp32 read*: the meta load with the fp32 bytes actually "
+              "read, as safetensors maps the file and reads nothing until a weight is used):", "",
+              "| model | build | load s, ours / fp32 (fp32 read) | ratio (vs read) | decode | peak RSS, ours / fp32 |",
+              "|---|---|---|---:|---|---|"]
+    for row in r["rows"]:
+        for build, b in (row.get("load") or {}).get("builds", {}).items():
+            read = f" ({b['fp32_read_load_s']:.3f})" if "fp32_read_load_s" in b else ""
+            vs_read = f" ({b['ratio_vs_read']:.2f}x)" if "ratio_vs_read" in b else ""
+            lines.append(f"| `{row['model']}` | {build} | {b['ours_load_s']:.3f} / {b['fp32_load_s']:.3f}{read} "
+                         f"| **{b['ratio']:.2f}x**{vs_read} | {b['decode_weights_per_s'] / 1e6:.0f} M weights/s "
+                         f"| {b['ours_peak_rss_mib']:.0f} / {b['fp32_peak_rss_mib']:.0f} MiB ({b['rss_ratio']:.2f}x) |")
     return lines + [""]
 
 
@@ -381,6 +430,7 @@ def render(data: dict) -> str:
         lines += model_table(model, rows, budget)
     lines += format_v2_lines(RESULTS / "format_v2.json")
     lines += load_speed_lines(RESULTS / "load_speed.json")
+    lines += scale_lines(RESULTS / "scale.json")
     lines += hub_lines(RESULTS / "hub_roundtrip.json")
     lines += posthoc_lines(RESULTS / "posthoc_quality.json")
     lines += default_lines(RESULTS / "default_compress.json")

@@ -47,10 +47,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from datasets import DatasetDict
 from PIL import Image
 from safetensors.torch import save_file
-
-from datasets import DatasetDict
 from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor
 
 from hf_vae_compress.data import FASHION_MNIST_CLASSES
@@ -228,10 +227,12 @@ def cli_compress(folder: Path, out: Path, *extra: str) -> dict:
         child = subprocess.Popen(command, stdout=stdout, stderr=stderr, cwd=ROOT)
         _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"compress {folder.name} {extra} failed: {out.with_suffix('.stderr').read_text()[-3000:]}")
-    result = json.loads(out.with_suffix(".stdout").read_text())
-    return dict(result, wall_seconds=round(seconds, 2), peak_rss_gb=round(usage.ru_maxrss / 2**20, 3))
+    measured = dict(wall_seconds=round(seconds, 2), peak_rss_gb=round(usage.ru_maxrss / 2**20, 3))
+    if os.waitstatus_to_exitcode(status) != 0:  # e.g. no rate kept the budget: the time it took is still a result
+        error = out.with_suffix(".stderr").read_text().strip().splitlines()[-1]
+        logger.warning("compress %s %s failed: %s", folder.name, extra, error[:500])
+        return dict(measured, error=error[:300])
+    return dict(json.loads(out.with_suffix(".stdout").read_text()), **measured)
 
 
 def stage_split(run: dict) -> dict:
@@ -251,6 +252,10 @@ def measure(name: str, runs: list[str], previous: dict | None, repeats: int) -> 
         out = WORK / "out" / f"{name}-{kind}"
         out.parent.mkdir(parents=True, exist_ok=True)
         run = cli_compress(folder, out, *dataset, *RUNS[kind])
+        if "error" in run:  # no JSON, no stages: the command's own total and its error
+            row[kind] = dict(seconds=run["wall_seconds"], peak_rss_gb=run["peak_rss_gb"], error=run["error"],
+                             stage_seconds=None, target_seconds=TARGETS.get(kind, {}).get(name), meets_target=False)
+            continue
         validation = run.get("validation") or {}
         row[kind] = dict(
             seconds=run["wall_seconds"], stage_seconds=stage_split(run), peak_rss_gb=run["peak_rss_gb"],
@@ -269,7 +274,7 @@ def measure(name: str, runs: list[str], previous: dict | None, repeats: int) -> 
             and (kind != "fixed_rate" or row[kind]["peak_rss_gb"] <= FIXED_RATE_PEAK_RSS_GB)
         logger.info("%s %s: %.0f s, %.2f GB peak, %s", name, kind, run["wall_seconds"], run["peak_rss_gb"],
                     row[kind]["stage_seconds"])
-    if "load" in runs or "fixed_rate" in runs:
+    if ("load" in runs or "fixed_rate" in runs) and "error" not in row.get("fixed_rate", {}):
         row["load"] = load_row(name, folder, WORK / "out" / f"{name}-fixed_rate", repeats)
     return row
 
@@ -307,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         rows[name] = measure(name, args.runs, rows.get(name), args.repeats)
         result = dict(commit=_commit(), machine=platform.processor() or platform.machine(),
                       cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
-                      load_average_at_end=os.getloadavg(), device="cpu (no device machine was lent)",
+                      load_average_at_end=os.getloadavg(), device="CPU only (no device machine was lent)",
                       validation_images=VALIDATION_IMAGES, image_size=IMAGE_SIZE,
                       rows=[rows[m] for m in MODELS if m in rows])
         args.output.write_text(json.dumps(result, indent=1) + "\n")
