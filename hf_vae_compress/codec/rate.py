@@ -27,6 +27,7 @@ from .transform import Transform
 logger = logging.getLogger(__name__)
 
 STREAM_OVERHEAD_BITS = 8 * 40  # pcodec's meta + framing of a stream, measured on Laplacian streams
+SPARSE_SPAN_FACTOR = 16  # a symbol range this many times the count (plus 64 Ki) is counted by sorting, not a table
 
 
 class Quantizer(Protocol):
@@ -121,7 +122,17 @@ def estimate_bits(values: np.ndarray) -> float:
     values = values.reshape(-1)
     if len(values) == 0:
         return 0.0
-    return _stream_bits(np.bincount(values - values.min()), len(values))
+    low, high = int(values.min()), int(values.max())
+    if _sparse(high - low + 1, len(values)):
+        return _stream_bits(np.unique(values, return_counts=True)[1], len(values))
+    return _stream_bits(np.bincount(values - low), len(values))
+
+
+def _sparse(span: int, count: int) -> bool:
+    """Whether ``count`` symbols spread over ``span`` values are too sparse to count with a dense
+    ``bincount``: at a tiny step (a rate search's extreme probe, or a tensor with outliers) symbols
+    reach 2**31, and a table over that range would take many GB. Sorting them is then cheaper."""
+    return span > SPARSE_SPAN_FACTOR * count + (1 << 16)
 
 
 def _stream_bits(counts: np.ndarray, length: int) -> float:
@@ -143,6 +154,10 @@ def estimate_tensor_bits(symbols: np.ndarray) -> float:
     pairs -= low
     pairs *= dims
     pairs += np.arange(dims)
+    if _sparse((high - low + 1) * dims, symbols.size):  # only the (symbol, dimension) pairs present
+        present, counts = np.unique(pairs, return_counts=True)
+        flat = estimate_bits(symbols)
+        return min(flat, sum(_stream_bits(counts[present % dims == j], chunks) for j in range(dims)))
     counts = np.bincount(pairs.reshape(-1), minlength=(high - low + 1) * dims).reshape(-1, dims)
     flat = _stream_bits(counts.sum(1), symbols.size)
     return min(flat, sum(_stream_bits(counts[:, j], chunks) for j in range(dims)))
