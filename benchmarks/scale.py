@@ -24,7 +24,8 @@ and its own peak RSS from ``wait4``):
 * ``fixed_rate``: ``--target-bpw 2`` (output-aware rounding; the drop is still reported, and that
   report's two scoring passes are listed apart: the fixed-rate target is judged without them);
 
-with the seconds of every stage the CLI reports (``stage_seconds``), which add up to its total
+each run recording the commit it ran at (``--runs`` remeasures some and keeps the others), with the
+seconds of every stage the CLI reports (``stage_seconds``), which add up to its total
 (``other``: interpreter start, imports and saving). Then the load of the fixed-rate container
 against the fp32 safetensors of the same weights, into a built model and onto the meta device
 (``benchmarks/load_speed.py``'s ``compare_loads``), and decode weights/s.
@@ -254,7 +255,8 @@ def measure(name: str, runs: list[str], previous: dict | None, repeats: int) -> 
         run = cli_compress(folder, out, *dataset, *RUNS[kind])
         if "error" in run:  # no JSON, no stages: the command's own total and its error
             row[kind] = dict(seconds=run["wall_seconds"], peak_rss_gb=run["peak_rss_gb"], error=run["error"],
-                             stage_seconds=None, target_seconds=TARGETS.get(kind, {}).get(name), meets_target=False)
+                             stage_seconds=None, target_seconds=TARGETS.get(kind, {}).get(name), meets_target=False,
+                             commit=_commit())
             continue
         validation = run.get("validation") or {}
         row[kind] = dict(
@@ -263,7 +265,7 @@ def measure(name: str, runs: list[str], previous: dict | None, repeats: int) -> 
             num_weights=run["num_weights"], rate_search=run.get("rate_search"),
             validation={k: validation.get(k) for k in ("metric", "examples", "examples_scored", "drop_pt",
                                                        "drop_se_pt", "within_budget")},
-            target_seconds=TARGETS.get(kind, {}).get(name),
+            target_seconds=TARGETS.get(kind, {}).get(name), commit=_commit(),
         )
         judged = row[kind]["seconds"]
         if kind == "fixed_rate":  # the rate is given: what the target times is compressing, not the report
@@ -275,7 +277,7 @@ def measure(name: str, runs: list[str], previous: dict | None, repeats: int) -> 
         logger.info("%s %s: %.0f s, %.2f GB peak, %s", name, kind, run["wall_seconds"], run["peak_rss_gb"],
                     row[kind]["stage_seconds"])
     if ("load" in runs or "fixed_rate" in runs) and "error" not in row.get("fixed_rate", {}):
-        row["load"] = load_row(name, folder, WORK / "out" / f"{name}-fixed_rate", repeats)
+        row["load"] = dict(load_row(name, folder, WORK / "out" / f"{name}-fixed_rate", repeats), commit=_commit())
     return row
 
 
