@@ -1,4 +1,5 @@
-"""Fitting the learned transform (:class:`~.transform.WeightVAE`) to the model's own chunks.
+"""Fitting the learned transforms (:class:`~.transform.WeightVAE`, :class:`~.transform.PortableVAE`)
+to the model's own chunks.
 
 :func:`fit` trains encoder, decoder and a factorised Laplace prior per (tensor, latent
 dimension) on distortion + rate at the steps the rate allocation gives, starting each tensor's
@@ -6,6 +7,11 @@ linear maps at its KLT; :func:`refine` then fits the decoder to the symbols actu
 prior stands in for the coder's rate only while training: at coding time the entropy coder uses
 exact integer histograms of the quantized latents. Fine-tuning (:mod:`.reparam`) trains with
 the same prior. A transform without networks (the identity) learns nothing here.
+
+The portable VAE's decoder is linear, so its refinement is a closed form: each map is the
+least-squares regression of the tensor's chunks on its coded symbols, then rounded to the int16
+map the container stores. Its encoder is not refitted after that rounding: it only chooses
+symbols, and whatever it chooses is decoded, and checksummed, through the integer maps.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .config import FitConfig
 from .quantize import noisy, round_ste
-from .transform import Transform, WeightVAE
+from .transform import LearnedTransform, PortableVAE, Transform
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +49,27 @@ class Shard:
 def fit(transform: Transform, chunks: list[torch.Tensor], steps: list[float], config: FitConfig, seed: int,
         progress: bool = True, shard: Shard | None = None) -> None:
     """Learn ``transform`` on every coded tensor's normalised ``chunks`` at its allocated step."""
-    if isinstance(transform, WeightVAE):
+    if isinstance(transform, LearnedTransform):
         flat, index, log_steps = training_data(chunks, steps)
         fit_vae(transform, flat, index, log_steps, config.train_steps, config.train_batch_chunks,
                 config.learning_rate, seed, progress, shard)
-        round_to_fp16_(transform.decoder)
+        to_stored_precision_(transform)
 
 
 def refine(transform: Transform, chunks: list[torch.Tensor], symbols: list[torch.Tensor], steps: list[float],
            config: FitConfig, seed: int, shard: Shard | None = None) -> None:
-    """Adapt ``transform``'s decoder to the ``symbols`` actually coded (half the fit's steps, at a
-    third of its learning rate)."""
-    if isinstance(transform, WeightVAE):
+    """Adapt ``transform``'s decoder to the ``symbols`` actually coded: the float VAE's by training
+    (half the fit's steps, at a third of its learning rate), the portable VAE's linear maps by least
+    squares (:func:`refit_maps_`; deterministic, so every process of a shard computes the same)."""
+    if isinstance(transform, PortableVAE):
+        refit_maps_(transform, chunks, symbols, steps)
+    elif isinstance(transform, LearnedTransform):
         flat, index, log_steps = training_data(chunks, steps)
         refine_decoder(transform, flat, torch.cat(symbols), index, log_steps, config.train_steps // 2,
                        config.train_batch_chunks, config.learning_rate / 3, seed, shard)
-        round_to_fp16_(transform.decoder)
+    else:
+        return
+    to_stored_precision_(transform)
 
 
 def training_data(chunks: list[torch.Tensor], steps: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,7 +109,7 @@ def _optimise(params: list[torch.Tensor], loss_of: Callable[[torch.Tensor], torc
     return losses
 
 
-def fit_vae(vae: WeightVAE, chunks: torch.Tensor, tensor_index: torch.Tensor, log_steps: torch.Tensor,
+def fit_vae(vae: LearnedTransform, chunks: torch.Tensor, tensor_index: torch.Tensor, log_steps: torch.Tensor,
             steps: int, batch_size: int, learning_rate: float, seed: int, progress: bool = True,
             shard: Shard | None = None) -> list[float]:
     """Train encoder, decoder and prior on distortion (in squared steps) + RATE_WEIGHT * bits.
@@ -132,7 +143,7 @@ def fit_vae(vae: WeightVAE, chunks: torch.Tensor, tensor_index: torch.Tensor, lo
     return losses
 
 
-def refine_decoder(vae: WeightVAE, chunks: torch.Tensor, symbols: torch.Tensor, tensor_index: torch.Tensor,
+def refine_decoder(vae: LearnedTransform, chunks: torch.Tensor, symbols: torch.Tensor, tensor_index: torch.Tensor,
                    log_steps: torch.Tensor, steps: int, batch_size: int, learning_rate: float, seed: int,
                    shard: Shard | None = None) -> None:
     """Fit the decoder to the symbols the encoder actually produced: training saw uniform noise
@@ -151,11 +162,40 @@ def refine_decoder(vae: WeightVAE, chunks: torch.Tensor, symbols: torch.Tensor, 
               shard, False, "refine decoder")
 
 
-MAP_COST_BITS = 16  # a stored map entry is fp16
+MAP_COST_BITS = 16  # a stored map entry is fp16 (the float VAE) or int16 (the portable one)
+RIDGE = 1e-9  # least-squares maps: a ridge (relative to the symbols' energy) towards the fitted map
 
 
 @torch.no_grad()
-def init_klt_(vae: WeightVAE, chunks: torch.Tensor, tensor_index: torch.Tensor) -> list[int]:
+def refit_maps_(vae: PortableVAE, chunks: list[torch.Tensor], symbols: list[torch.Tensor], steps: list[float]) -> None:
+    """Each active tensor's map set to the least-squares decoder of its coded symbols.
+
+    With ``Y = symbols * step`` and chunks ``X``, the map ``D`` minimising ``|X - Y D^T|^2`` (the
+    tensor's squared error in normalised weights: the fit's distortion) is
+    ``D^T = (Y^T Y + r I)^-1 (Y^T X + r D0^T)``; the tiny ridge ``r`` towards the fitted map ``D0``
+    only decides the latent dimensions no symbol uses (all zero at low rates). In float64.
+    """
+    for t in vae.active_maps:
+        y = symbols[t].double() * steps[t]
+        x = chunks[t].double()
+        gram = y.T @ y
+        ridge = RIDGE * (float(gram.diagonal().sum()) / len(gram) + 1.0)
+        start = vae.decoder.linear[t].double()
+        solved = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), y.T @ x + ridge * start.T)
+        vae.decoder.linear[t] = solved.T.float()
+
+
+def to_stored_precision_(transform: LearnedTransform) -> None:
+    """Round the decoder to what the container stores, so encoder and decoder agree bit for bit:
+    the portable VAE's maps to int16 and an exponent, the float VAE's parameters to fp16."""
+    if isinstance(transform, PortableVAE):
+        transform.quantize_decoder_()
+    else:
+        round_to_fp16_(transform.decoder)
+
+
+@torch.no_grad()
+def init_klt_(vae: LearnedTransform, chunks: torch.Tensor, tensor_index: torch.Tensor) -> list[int]:
     """Start each tensor's linear maps at its KLT (the eigenbasis of its chunk covariance).
 
     An orthonormal basis keeps squared error unchanged while compacting energy into fewer latent

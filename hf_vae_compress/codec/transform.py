@@ -10,6 +10,11 @@ basis: before training the codec is scalar quantization in a decorrelated basis,
 moves away from that by lowering distortion + beta * rate. ``transform="identity"`` is the
 ablation with no transform at all (plain scalar quantization in the same pipeline).
 
+``transform="vae-int"`` (:class:`PortableVAE`) keeps the float encoder (it runs only when
+compressing) and drops the decoder's MLP: its decoder is the per-tensor linear map alone, stored as
+int16 with a power-of-two exponent and evaluated in integer arithmetic (:mod:`.format.linear`), so
+its containers decode to the same bits on every machine, as the identity's do.
+
 This module holds the interface and the networks; fitting them (the KLT start, the training
 loops, the Laplace prior that stands in for the coder's rate while training) is :mod:`.fit`.
 """
@@ -18,11 +23,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .format import identity
+from .format import identity, linear
 from .format.layout import ChunkLayout, from_chunks
 from .quantize import dequantize, quantize
 
@@ -77,6 +83,29 @@ class Synthesis(nn.Module):
 
     def forward(self, y: torch.Tensor, log_step, index) -> torch.Tensor:
         return _per_tensor_linear(self.linear, self.mlp(y, log_step), index)
+
+
+class LinearSynthesis(nn.Module):
+    """The portable decoder while it trains: the per-tensor linear map alone (no MLP, no step)."""
+
+    def __init__(self, chunk_size: int, num_tensors: int):
+        super().__init__()
+        self.linear = nn.Parameter(torch.eye(chunk_size).repeat(num_tensors, 1, 1))
+
+    def forward(self, y: torch.Tensor, log_step, index) -> torch.Tensor:
+        return _per_tensor_linear(self.linear, y, index)
+
+
+class FixedLinearSynthesis(nn.Module):
+    """The stored integer maps' float view, frozen (a buffer: fine-tuning trains latents through it
+    and leaves the maps as stored)."""
+
+    def __init__(self, maps: torch.Tensor):
+        super().__init__()
+        self.register_buffer("linear", maps.detach().clone())
+
+    def forward(self, y: torch.Tensor, log_step, index) -> torch.Tensor:
+        return _per_tensor_linear(self.linear, y, index)
 
 
 class Transform(nn.Module):
@@ -135,7 +164,30 @@ class Transform(nn.Module):
         return None
 
 
-class WeightVAE(Transform):
+class LearnedTransform(Transform):
+    """A transform fitted to the model's chunks (:mod:`.fit`): a float encoder, a decoder with
+    per-tensor linear maps, and the tensors whose maps are learned and stored (``active_maps``;
+    the others keep the identity)."""
+
+    encoder: Analysis
+    decoder: nn.Module  # has a per-tensor ``linear`` parameter, called as ``decoder(y, log_step, index)``
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active_maps: list[int] = []
+
+    def freeze_inactive_maps(self) -> None:
+        """Keep the identity maps of tensors without a stored map out of training."""
+        mask = torch.zeros(self.decoder.linear.shape[0], 1, 1)
+        mask[self.active_maps] = 1
+        for maps in (self.encoder.linear, self.decoder.linear):
+            maps.register_hook(lambda grad: grad * mask)
+
+    def encode(self, chunks: torch.Tensor, step: float, index: int) -> torch.Tensor:
+        return quantize(self.encoder(chunks, math.log(step), index), step)
+
+
+class WeightVAE(LearnedTransform):
     """Encoder, decoder and training prior of the learned transform."""
 
     kind = "vae"
@@ -144,20 +196,12 @@ class WeightVAE(Transform):
         super().__init__()
         self.encoder = Analysis(chunk_size, hidden_size, num_tensors)
         self.decoder = Synthesis(chunk_size, hidden_size, num_tensors)
-        self.active_maps: list[int] = []  # tensors whose linear maps are learned and stored
 
     def decoder_state(self) -> dict[str, torch.Tensor]:
         """What the container stores: the MLP and the linear maps of the active tensors only."""
         state = {f"mlp.{k}": v for k, v in self.decoder.mlp.state_dict().items()}
         state["linear"] = self.decoder.linear.detach()[self.active_maps]
         return state
-
-    def freeze_inactive_maps(self) -> None:
-        """Keep the identity maps of tensors without a stored map out of training."""
-        mask = torch.zeros(self.decoder.linear.shape[0], 1, 1)
-        mask[self.active_maps] = 1
-        for linear in (self.encoder.linear, self.decoder.linear):
-            linear.register_hook(lambda grad: grad * mask)
 
     def load_decoder_state(self, state: dict[str, torch.Tensor], active_maps: list[int]) -> None:
         linear = state.pop("linear")
@@ -167,9 +211,6 @@ class WeightVAE(Transform):
         with torch.no_grad():
             self.decoder.linear[active_maps] = linear
         self.active_maps = list(active_maps)
-
-    def encode(self, chunks: torch.Tensor, step: float, index: int) -> torch.Tensor:
-        return quantize(self.encoder(chunks, math.log(step), index), step)
 
     def decode(self, symbols: torch.Tensor, step: float, index: int) -> torch.Tensor:
         return self.decoder(dequantize(symbols, step), math.log(step), index)
@@ -186,6 +227,96 @@ class WeightVAE(Transform):
     def trainable_decoder(self) -> nn.Module:
         self.freeze_inactive_maps()
         return self.decoder
+
+
+class PortableVAE(LearnedTransform):
+    """The learned transform with a decoder that is exact on every machine.
+
+    The encoder is the float :class:`Analysis` network (it runs only when compressing); the
+    decoder is each tensor's linear map alone, stored as an int16 matrix and a power-of-two
+    exponent and evaluated in integer arithmetic (:mod:`.format.linear`). While fitting, the
+    maps are float parameters (``decoder.linear``); :meth:`quantize_decoder_` fixes them to what
+    the container stores, and from then on ``decoder.linear`` is their exact float view.
+    """
+
+    kind = "vae-int"
+    portable = True  # integer accumulation, then exact or correctly-rounded IEEE operations only
+
+    def __init__(self, chunk_size: int, hidden_size: int, num_tensors: int):
+        super().__init__()
+        self.encoder = Analysis(chunk_size, hidden_size, num_tensors)
+        self.decoder = LinearSynthesis(chunk_size, num_tensors)
+        self.maps: dict[int, tuple[np.ndarray, int]] = {}  # tensor -> (int16 matrix, exponent)
+
+    @torch.no_grad()
+    def quantize_decoder_(self) -> None:
+        """Store each active map as int16 and an exponent, and set the float maps to their exact value."""
+        self.maps = {}
+        for t in self.active_maps:
+            matrix, exponent = linear.quantize_matrix(self.decoder.linear[t].double().numpy())
+            self._set_map(t, matrix, exponent)
+
+    @torch.no_grad()
+    def _set_map(self, t: int, matrix: np.ndarray, exponent: int) -> None:
+        self.maps[t] = (matrix, exponent)
+        self.decoder.linear[t] = torch.from_numpy(linear.dequantize_matrix(matrix, exponent))
+
+    def encode(self, chunks: torch.Tensor, step: float, index: int) -> torch.Tensor:
+        """The encoder's symbols, clipped where a huge symbol would leave the decoder's exact range."""
+        symbols = super().encode(chunks, step, index)
+        if index in self.maps:
+            limit = linear.symbol_limit(self.maps[index][0])
+            if limit < (1 << 31) - 1:
+                symbols.clamp_(-limit, limit)
+        return symbols
+
+    def decode(self, symbols: torch.Tensor, step: float, index: int) -> torch.Tensor:
+        """Normalised chunks: the exact map output times the step (one float32 multiply)."""
+        if index not in self.maps:
+            return dequantize(symbols, step)
+        return torch.from_numpy(linear.decode_chunks(symbols.numpy(), *self.maps[index])) * step
+
+    @torch.no_grad()
+    def decode_weights(self, symbols: torch.Tensor, step: float, index: int, layout: ChunkLayout,
+                       scales: torch.Tensor) -> torch.Tensor:
+        """The format's integer decode (:func:`~.format.linear.decode_weights`); a tensor without a
+        stored map decodes as the identity (:func:`~.format.identity.decode_weights`)."""
+        if index not in self.maps:
+            return identity.decode_weights(symbols, step, layout, scales)
+        return linear.decode_weights(symbols, *self.maps[index], step, layout, scales)
+
+    def stored_state(self) -> dict[str, torch.Tensor]:
+        dim = self.decoder.linear.shape[1]
+        matrices = [torch.from_numpy(self.maps[t][0]) for t in self.active_maps]
+        return {"linear": torch.stack(matrices) if matrices else torch.zeros(0, dim, dim, dtype=torch.int16),
+                "exponents": torch.tensor([self.maps[t][1] for t in self.active_maps], dtype=torch.int8)}
+
+    def spec(self) -> dict:
+        return {"linear_maps": self.active_maps}
+
+    def load_stored_state(self, state: dict[str, torch.Tensor], spec: dict) -> None:
+        """The stored maps, checked: exactly ``linear`` (int16) and ``exponents`` (int8), one per
+        listed tensor, the tensors listed once each in increasing order."""
+        if set(state) != {"linear", "exponents"}:
+            raise ValueError(f"expected stored linear and exponents, found {sorted(state)}")
+        active = spec.get("linear_maps")
+        num_tensors, dim = self.decoder.linear.shape[:2]
+        if (not isinstance(active, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in active)
+                or active != sorted(set(active)) or (active and not 0 <= active[0] <= active[-1] < num_tensors)):
+            raise ValueError(f"linear_maps {active!r} is not an increasing list of coded tensor indices")
+        matrices, exponents = state["linear"], state["exponents"]
+        if matrices.dtype != torch.int16 or tuple(matrices.shape) != (len(active), dim, dim):
+            raise ValueError(f"stored maps {matrices.dtype} {tuple(matrices.shape)} do not match {len(active)} tensors")
+        if exponents.dtype != torch.int8 or tuple(exponents.shape) != (len(active),):
+            raise ValueError(f"stored exponents {exponents.dtype} {tuple(exponents.shape)} do not match the maps")
+        self.active_maps = list(active)
+        for t, matrix, exponent in zip(active, matrices.numpy(), exponents.tolist()):
+            linear.check_map(matrix, exponent)
+            self._set_map(t, matrix, exponent)
+
+    def trainable_decoder(self) -> nn.Module:
+        """The stored maps, frozen: fine-tuning trains the latents against exactly this decoder."""
+        return FixedLinearSynthesis(self.decoder.linear)
 
 
 class IdentityTransform(Transform):
@@ -210,7 +341,7 @@ class IdentityTransform(Transform):
 
 def transform_class(kind: str) -> type[Transform]:
     """The transform a container's ``transform.kind`` names."""
-    classes = {cls.kind: cls for cls in (WeightVAE, IdentityTransform)}
+    classes = {cls.kind: cls for cls in (WeightVAE, PortableVAE, IdentityTransform)}
     if kind not in classes:
         raise ValueError(f"unknown transform {kind!r}")
     return classes[kind]
@@ -218,4 +349,4 @@ def transform_class(kind: str) -> type[Transform]:
 
 def build_transform(kind: str, chunk_size: int, hidden_size: int, num_tensors: int) -> Transform:
     cls = transform_class(kind)
-    return cls(chunk_size, hidden_size, num_tensors) if cls is WeightVAE else cls()
+    return cls(chunk_size, hidden_size, num_tensors) if issubclass(cls, LearnedTransform) else cls()

@@ -11,12 +11,15 @@ committed container.
 * :mod:`.layout`: chunk geometry, chunks back to tensors;
 * :mod:`.grid`: row scales, stored steps, float symbols;
 * :mod:`.identity`: the identity transform's decode arithmetic;
+* :mod:`.linear`: the portable VAE's (``vae-int``) decode arithmetic: int16 maps, int64 accumulation;
 * :mod:`.streams`: pcodec entropy coding;
 * :mod:`.fields`: checked reads of header fields, shared by the readers;
 * :mod:`.v1` (frozen, read only), :mod:`.v2` (written), :mod:`.registry` (which reads which).
 
-The VAE transform's decoder is a float network (:mod:`..transform`) whose weights each container
-stores: its output bits depend on the machine, which is why such containers are not portable.
+The float VAE transform's (``vae``) decoder is a float network (:mod:`..transform`) whose weights
+each container stores: its output bits depend on the machine, which is why such containers are not
+portable. The portable VAE's (``vae-int``) decoder is integer arithmetic (:mod:`.linear`): its
+containers are verified everywhere, like the identity's.
 
 This package's ``__init__`` imports nothing, so the pipeline's early stages can use the leaf
 modules (layout, grid) without loading the readers.

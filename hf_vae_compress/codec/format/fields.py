@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 
-from ..config import TRANSFORMS, VAECompressionConfig
+from ..config import VAECompressionConfig
+from ..transform import transform_class
 from .framing import ContainerError
 from .limits import MAX_CHUNK_SIZE, MAX_HIDDEN_SIZE, MAX_NUMEL, MAX_TENSOR_DIMS
 
@@ -76,8 +77,10 @@ def codec_fields(header: dict) -> tuple[VAECompressionConfig, dict, str, int, in
     config = stored_config(header)
     spec = get_field(header, "transform", dict, "header")
     kind = get_field(spec, "kind", str, "transform")
-    if kind not in TRANSFORMS:
-        raise fail("transform.kind", f"unknown transform {kind!r}")
+    try:
+        transform_class(kind)  # the kinds this library decodes
+    except ValueError as err:
+        raise fail("transform.kind", str(err)) from err
     chunk_size = int_field(spec, "chunk_size", "transform", 1, MAX_CHUNK_SIZE)
     hidden_size = int_field(spec, "hidden_size", "transform", 1, MAX_HIDDEN_SIZE)
     return config, spec, kind, chunk_size, hidden_size

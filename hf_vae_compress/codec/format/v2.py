@@ -16,7 +16,16 @@ Safetensors entries (every byte is counted in :meth:`~.compressed.CompressedMode
 * ``vectors``: 1-D and small float tensors (biases, norms, BN statistics), rounded to
   ``vector_mantissa_bits`` of relative precision and entropy-coded, pooled or one stream each,
   whichever is smaller;
-* ``raw.<dtype>``: integer tensors, exact; ``decoder.*``: the VAE decoder (fp16), if any.
+* ``raw.<dtype>``: integer tensors, exact; ``decoder.*``: the transform's decoder, if any: the float
+  VAE's network (``vae``: fp16), or the portable VAE's maps (``vae-int``: ``decoder.linear``, int16,
+  and ``decoder.exponents``, int8, for the tensors the header's ``transform.linear_maps`` lists;
+  their arithmetic is :mod:`.linear`).
+
+The ``vae-int`` kind was added to version 2 without a new version: it changes nothing any existing
+file means (a file names its kind, and the ``vae`` and ``identity`` kinds decode as before), and a
+reader that predates it refuses such a file by its stored config (``transform must be one of
+('vae', 'identity'), got 'vae-int'``) before decoding anything. Its decode is exact like the
+identity's, so a CRC mismatch with intact stored bytes is a decoder bug, never "machine-dependent".
 
 Decoding checks the stored bytes first, then runs tensor by tensor on a thread pool (pcodec and
 the CRC release the GIL), each tensor checked as soon as it is decoded; the model hash is checked
