@@ -8,10 +8,11 @@ subprocess and exchanges files only::
     .venv-nncodec/bin/python benchmarks/nncodec_runner.py \
         --input weights_fp32.safetensors --output-dir DIR \
         --mode {qp,opt_qp,per_tensor} [--qp INT] [--qp-map qps.json] [--no-dq] \
-        [--nonweight-qp INT]
+        [--lambda-scale FLOAT] [--nonweight-qp INT]
 
 Modes (all call ``nncodec.nnc.compress`` with qp_density=2, param_opt=True,
-row_skipping=True, use_dq=not --no-dq, nonweight_qp=--nonweight-qp (-75)):
+row_skipping=True, use_dq=not --no-dq, lambda_scale=--lambda-scale (0),
+nonweight_qp=--nonweight-qp (-75)):
 
 * ``qp``         -- ``qp=QP``: every tensor with ndim > 1 ("weight") is quantized
                     at QP; 1-D tensors ("unspecified") at nonweight_qp.
@@ -26,6 +27,12 @@ row_skipping=True, use_dq=not --no-dq, nonweight_qp=--nonweight-qp (-75)):
                     the map use QP, 1-D tensors missing from it use nonweight_qp.
                     A 1-D tensor named in the map gets the mapped QP (NNCodec's
                     behaviour).
+
+``--lambda-scale`` is NNCodec's rate term in quantization (DeepCABAC's ``Quant.cpp``): 0
+(its default) rounds to the nearest level without DQ and runs the trellis on distortion alone
+with DQ; above 0 each level choice minimises distortion / (lambda_scale * ln2/6, times 4 * 0.7
+for the trellis) + the CABAC rate of the level, in units of the squared step -- RDOQ without
+DQ, a rate-aware trellis with it. Larger values zero more weights at the same step.
 
 Outputs in --output-dir:
   bitstream.nnc         the NNCodec bitstream (exact bytes)
@@ -97,6 +104,8 @@ def _parse_args(argv):
                    help="JSON file {tensor_name: int qp}; required for --mode per_tensor")
     p.add_argument("--no-dq", action="store_true",
                    help="disable dependent (trellis) quantization (use_dq=False)")
+    p.add_argument("--lambda-scale", type=float, default=0.0,
+                   help="rate term of NNCodec's quantizer (RDOQ / rate-aware trellis); 0: none (default)")
     p.add_argument("--nonweight-qp", type=int, default=-75,
                    help="QP for 1-D tensors (NNCodec default -75, near-lossless)")
     args = p.parse_args(argv)
@@ -104,6 +113,8 @@ def _parse_args(argv):
         p.error("--mode per_tensor requires --qp-map")
     if args.mode != "per_tensor" and args.qp_map:
         p.error("--qp-map is only used with --mode per_tensor")
+    if not args.lambda_scale >= 0:
+        p.error("--lambda-scale must be >= 0")
     return args
 
 
@@ -153,7 +164,7 @@ def _call_nncodec(what: str, fn, *a, **kw):
         raise RunnerError(f"NNCodec {what} failed: {type(e).__name__}: {_short(e)}") from e
 
 
-def _effective_qps(params, qp, qp_density, nonweight_qp, qp_per_tensor, opt_qp, use_dq):
+def _effective_qps(params, qp, qp_density, nonweight_qp, qp_per_tensor, opt_qp, use_dq, lambda_scale):
     """Per-tensor QPs exactly as nnc.compress computes them (same NNCodec code path)."""
     from nncodec import nnc_core
 
@@ -161,7 +172,7 @@ def _effective_qps(params, qp, qp_density, nonweight_qp, qp_per_tensor, opt_qp, 
     approx_data = nnc_core.approximator.init_approx_data(
         params, mdl.model_info, qp_density=qp_density, scan_order=0)
     info = nnc_core.approximator.ApproxInfo(
-        approx_data, mdl.model_info, "uniform", 0, qp, opt_qp, not use_dq, 10, 0,
+        approx_data, mdl.model_info, "uniform", 0, qp, opt_qp, not use_dq, 10, lambda_scale,
         nonweight_qp=nonweight_qp, qp_per_tensor=qp_per_tensor).approx_info
     return {k: int(v) for k, v in info["qp"].items()}
 
@@ -236,7 +247,7 @@ def run(args) -> dict:
     num_float_values = int(sum(a.size for a in params.values()))
 
     kw = dict(qp=int(args.qp), qp_density=qp_density, nonweight_qp=int(args.nonweight_qp),
-              use_dq=use_dq, param_opt=True, row_skipping=True)
+              use_dq=use_dq, lambda_scale=float(args.lambda_scale), param_opt=True, row_skipping=True)
     if args.mode == "opt_qp":
         kw["opt_qp"] = True
     elif args.mode == "per_tensor":
@@ -250,7 +261,7 @@ def run(args) -> dict:
     if params:
         qps_used = _call_nncodec(
             "QP setup", _effective_qps, params, kw["qp"], qp_density, kw["nonweight_qp"],
-            kw.get("qp_per_tensor"), kw.get("opt_qp", False), use_dq)
+            kw.get("qp_per_tensor"), kw.get("opt_qp", False), use_dq, kw["lambda_scale"])
         # The bitstream codes each tensor's QP as a signed (6 + qp_density)-bit
         # integer (iae_v, mps_quantization_parameter = 0); out-of-range values
         # silently wrap and decode with a different step size, so refuse them.
@@ -259,7 +270,7 @@ def run(args) -> dict:
         if bad:
             raise RunnerError(f"QP(s) outside the codable range [{lo}, {hi}] for "
                               f"qp_density={qp_density}: {_short(bad, 300)}")
-        _log(f"mode={args.mode} qp={args.qp} dq={use_dq}: coding {len(params)} float "
+        _log(f"mode={args.mode} qp={args.qp} dq={use_dq} lambda_scale={args.lambda_scale}: coding {len(params)} float "
              f"tensor(s), {num_float_values} values")
         t0 = time.perf_counter()
         bs = _call_nncodec("compress", nnc.compress, dict(params), bitstream_path=None,
@@ -306,6 +317,7 @@ def run(args) -> dict:
         "mode": args.mode,
         "qp": int(args.qp),
         "dq": use_dq,
+        "lambda_scale": float(args.lambda_scale),
         "nonweight_qp": int(args.nonweight_qp),
         "qp_density": qp_density,
         "bytes": bitstream_bytes + raw_bytes,

@@ -3,6 +3,15 @@
 Per model: fp32, fp16, int8 and int4 per-channel, NNCodec at several QPs (run in its own venv,
 since it pins numpy<2, exchanging safetensors files), and ours at several rates, with the
 identity-transform ablation at the same rates. Every size is the real size of the file written.
+
+``--methods default sweep`` compares at equal accuracy instead of at equal step: our CLI default (the
+library's rate search, ``hf-vae-compress compress MODEL OUT`` in a fresh process) against NNCodec
+at its strongest, a sweep of families (dependent quantization on and off, a ``lambda_scale`` grid
+of its rate-aware quantizer, one QP for every tensor or per-tensor QPs from our default's own
+allocation), each searched on the validation split for its coarsest QP within the budget
+(:func:`coarsest_within`). The strongest configuration within budget is the NNCodec row with the
+fewest bytes whose validation drop fits; it alone is scored on test, and
+``report.equal_accuracy`` writes the comparison into the JSON (``equal_accuracy``).
 The task metric (top-1 with a 95 % bootstrap interval for classifiers, COCO mAP for the
 detector) is measured on the test split, and on the held-out validation split, which alone is
 used to pick each method's smallest point within the task's budget (0.5 pt top-1, 1 pt mAP).
@@ -17,23 +26,28 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from hf_vae_compress import CompressedModel, VAECompressionConfig
 from hf_vae_compress.finetune import FinetuneConfig
+from hf_vae_compress.loading import find_container
 from hf_vae_compress.models import load_model
 from hf_vae_compress.pipeline import compress_folder
 from hf_vae_compress.tasks import Classification, Detection, task_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import read_float, read_int, write_float, write_int  # noqa: E402
-from report import headlines  # noqa: E402
+from default_compress import cli_compress  # noqa: E402
+from report import OURS_DEFAULT, SWEEP, equal_accuracy, headlines  # noqa: E402
 
 logger = logging.getLogger("rate_accuracy")
 
@@ -50,6 +64,99 @@ OURS_BPW = {"top1": [0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0], "map": [1.4, 2.0, 2.8, 
 FINETUNE_BPW = {"top1": [0.3, 0.5], "map": [2.8, 3.2]}
 NNC_QPS = {"top1": [-36, -32, -28, -25, -22, -19], "map": [-40, -36, -32, -28, -25]}
 BUDGETS_PT = {task.metric: task.budget_pt for task in (Classification(), Detection())}
+# NNCodec's strongest: lambda_scale spans none, a moderate and a strong rate term (at one QP on
+# resnet18 they give 0 %, ~20 % and ~70 % fewer bytes with DQ); a family's search starts at
+# SWEEP_START (its one QP; 0 = our allocation's own steps) and walks SWEEP_STRIDE QPs (a step of
+# 2**(3/4) = 1.68x) to a bracket, then bisects it to one QP. Each QP tried costs a pass of the
+# validation split, so the grid is what 2 loaded cores afford.
+NNC_LAMBDAS = (0.0, 2.0, 8.0)
+SWEEP_START = {"our-allocation": {"top1": 0, "map": 0}, "qp": {"top1": -25, "map": -32}}
+SWEEP_STRIDE = 3
+SWEEP_MAX_WALK = 6  # coarse steps either way before a family is given up (18 QPs: 22x the step)
+QP_RANGE = (-128, 127)  # codable with qp_density 2 (the runner refuses anything outside)
+
+
+@dataclass(frozen=True)
+class NncFamily:
+    """One NNCodec configuration up to its QP: how QPs are set (``qp``: one for every tensor;
+    ``our-allocation``: our default's per-tensor QPs, all shifted by the searched offset), dependent
+    quantization on or off, and the rate term of its quantizer."""
+
+    rule: str
+    dq: bool
+    lambda_scale: float
+
+    def setting(self, x: int) -> dict:
+        return dict(rule=self.rule, dq=self.dq, lambda_scale=self.lambda_scale,
+                    **{"qp" if self.rule == "qp" else "qp_offset": x})
+
+
+def sweep_families(rules: list[str], dqs: list[bool], lambdas: list[float]) -> list[NncFamily]:
+    """Every (rule, DQ, lambda_scale) combination, in the order given (DQ on is NNCodec's default)."""
+    return [NncFamily(rule, dq, lam) for rule in rules for dq in dqs for lam in lambdas]
+
+
+def coarsest_within(fits: Callable[[int], bool], start: int, stride: int, bounds: tuple[int, int],
+                    max_walk: int = SWEEP_MAX_WALK) -> int | None:
+    """The largest integer x in ``bounds`` with ``fits(x)``, for a ``fits`` that holds below a
+    threshold (a QP: larger is coarser, so fewer bytes and more loss). Walks from ``start`` in
+    steps of ``stride`` until the verdict flips (at most ``max_walk`` steps), then bisects the
+    bracket; each x is asked once. None when nothing down the walk fits."""
+    lo_bound, hi_bound = bounds
+    seen: dict[int, bool] = {}
+
+    def ask(x: int) -> bool:
+        if x not in seen:
+            seen[x] = fits(x)
+        return seen[x]
+
+    x = max(lo_bound, min(hi_bound, start))
+    if ask(x):
+        good, bad = x, None
+        for _ in range(max_walk):
+            nxt = min(good + stride, hi_bound)
+            if nxt == good:
+                break
+            if not ask(nxt):
+                bad = nxt
+                break
+            good = nxt
+        if bad is None:
+            return good
+    else:
+        good, bad = None, x
+        for _ in range(max_walk):
+            nxt = max(bad - stride, lo_bound)
+            if nxt == bad:
+                break
+            if ask(nxt):
+                good = nxt
+                break
+            bad = nxt
+        if good is None:
+            return None
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if ask(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+def allocation_qps(tensors: list[dict], state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """NNCodec QPs from a container's per-tensor steps (its ``header["tensors"]``).
+
+    Our step for tensor t is ``step_t`` in units of its per-channel RMS; in weight units that is
+    about ``step_t * rms(W_t)``, and NNCodec's step is ``2**(qp/4)`` (qp_density 2).
+    """
+    qps = {}
+    for entry in tensors:
+        if "step" in entry:  # a chunked, coded tensor (v1 and v2)
+            rms = float(state[entry["name"]].float().pow(2).mean().sqrt())
+            qp = round(4 * math.log2(entry["step"] * rms)) if rms > 0 else QP_RANGE[1]  # all zeros: any step
+            qps[entry["name"]] = max(QP_RANGE[0], min(QP_RANGE[1], qp))
+    return qps
 
 
 def ensure_nncodec_venv() -> Path:
@@ -89,6 +196,11 @@ class Bench:
         scores = {k: v for k, v in test.items() if k not in ("num_examples", "num_params")}
         return dict(scores, **{f"val_{self.task.metric}": val[self.task.metric]})
 
+    def validation_score(self, state_dict: dict) -> float:
+        """The task metric on the validation split alone: what a search selects on."""
+        self.model.load_state_dict(state_dict, strict=True)
+        return self.task.score(self.model, self.validation)[self.task.metric]
+
     def add(self, method: str, setting, cli: str, nbytes: int, scores: dict, **extra) -> dict:
         base = getattr(self, "base", scores)
         m = self.task.metric
@@ -116,15 +228,20 @@ class Bench:
             self.add(f"int{bits}", f"per-channel symmetric int{bits}", "benchmarks/baselines.py", nbytes,
                      self.score(decoded), encode_s=encode_s, decode_s=time.perf_counter() - start)
 
-    def _nncodec_run(self, method: str, setting, out: Path, args: list[str]) -> None:
+    def _nncodec_encode(self, out: Path, args: list[str]) -> tuple[dict, dict, str]:
+        """Run the NNCodec runner in its venv: its result, the decoded state dict, its command line."""
         python = ensure_nncodec_venv()
         runner = ROOT / "benchmarks" / "nncodec_runner.py"
         args = ["--input", str(self.fp32_path), "--output-dir", str(out), *args]
         subprocess.run([str(python), str(runner), *args], check=True, stdout=subprocess.DEVNULL)
         result = json.loads((out / "result.json").read_text())
-        decoded = read_float(out / "decoded.safetensors", self.state)
-        self.add(method, setting, "python benchmarks/nncodec_runner.py " + " ".join(args[2:]), result["bytes"],
-                 self.score(decoded), encode_s=result["encode_s"], decode_s=result["decode_s"])
+        cli = "python benchmarks/nncodec_runner.py " + " ".join(args[2:])
+        return result, read_float(out / "decoded.safetensors", self.state), cli
+
+    def _nncodec_run(self, method: str, setting, out: Path, args: list[str]) -> None:
+        result, decoded, cli = self._nncodec_encode(out, args)
+        self.add(method, setting, cli, result["bytes"], self.score(decoded), encode_s=result["encode_s"],
+                 decode_s=result["decode_s"])
 
     def nncodec(self, qps: list[int], mode: str) -> None:
         """One QP for every tensor (``qp``), or NNCodec's own per-tensor QP rule (``opt_qp``)."""
@@ -133,23 +250,14 @@ class Bench:
                               ["--mode", mode, "--qp", str(qp)])
 
     def nncodec_our_allocation(self, bpws: list[float]) -> None:
-        """NNCodec given our per-layer allocation: per-tensor QPs from our Fisher-allocated steps.
-
-        Our step for tensor t is ``step_t`` in units of its per-channel RMS; in weight units that
-        is about ``step_t * rms(W_t)``, and NNCodec's step is ``2**(qp/4)`` (qp_density 2).
-        """
+        """NNCodec given our per-layer allocation: per-tensor QPs from our Fisher-allocated steps
+        (:func:`allocation_qps`)."""
         for bpw in bpws:
             config = VAECompressionConfig(target_bits_per_weight=bpw, transform="identity")
             out = self.work / f"nncodec-alloc-bpw{bpw}"
             compressed = compress_folder(str(self.folder), out / "ours", config, dataset=self.task.dataset,
                                          progress=False)
-            qps = {}
-            for entry in compressed.header["tensors"]:
-                if "step" in entry:  # a chunked, coded tensor (v1 and v2)
-                    rms = float(self.state[entry["name"]].float().pow(2).mean().sqrt())
-                    qp = round(4 * math.log2(entry["step"] * rms)) if rms > 0 else 127  # all zeros: any step
-                    qps[entry["name"]] = max(-128, min(127, qp))
-            (out / "qps.json").write_text(json.dumps(qps))
+            (out / "qps.json").write_text(json.dumps(allocation_qps(compressed.header["tensors"], self.state)))
             self._nncodec_run("nncodec-our-allocation", bpw, out,
                               ["--mode", "per_tensor", "--qp-map", str(out / "qps.json")])
 
@@ -190,12 +298,96 @@ class Bench:
                      train_processes=info["processes"], output=str(out.relative_to(ROOT)))
 
 
+    def ours_default(self) -> list[dict]:
+        """Our CLI default, exactly as a user runs it (a fresh ``hf-vae-compress compress MODEL OUT``:
+        the library's rate search, the smallest container whose validation drop plus one standard
+        error fits the task's budget), scored here on test and validation. Returns the container's
+        per-tensor entries, the allocation NNCodec's ``our-allocation`` families start from."""
+        out = self.work / OURS_DEFAULT
+        run = cli_compress(self.folder, out)
+        self.add(OURS_DEFAULT, "rate search", f"hf-vae-compress compress {self.folder.relative_to(ROOT)} OUT",
+                 run["total_bytes"], self.score(CompressedModel.load(find_container(out)).decode()),
+                 search_validation=run["validation"], compress_seconds_dev_loaded=run["wall_seconds"],
+                 rate_search=[{k: p.get(k) for k in PROBE_FIELDS} for p in run["rate_search"] or []],
+                 commit=_commit(), output=str(out.relative_to(ROOT)))
+        return self.default_allocation()
+
+    def default_allocation(self) -> list[dict]:
+        """The per-tensor entries of the container :meth:`ours_default` wrote (an earlier run's,
+        when only the sweep is rerun)."""
+        container = find_container(self.work / OURS_DEFAULT)
+        if container is None:
+            raise FileNotFoundError(f"no default container in {self.work / OURS_DEFAULT}: run --methods default first")
+        return CompressedModel.load(container).header["tensors"]
+
+    def nncodec_sweep(self, families: list[NncFamily], allocation: dict[str, int]) -> None:
+        """NNCodec at its strongest: per family, the coarsest QP (or QP offset from ``allocation``)
+        whose validation drop fits the budget (:func:`coarsest_within`); every configuration tried
+        is a row scored on validation only (``test_scored`` False). The strongest of all NNCodec
+        rows within budget is then scored on test (:func:`report.equal_accuracy` picks it)."""
+        budget = BUDGETS_PT[self.task.metric]
+        base_val = self.base[f"val_{self.task.metric}"]
+        starts: dict[tuple[str, bool], int] = {}
+        for family in families:
+            def fits(x: int, family: NncFamily = family) -> bool:
+                return self._sweep_point(family, x, allocation, base_val)["val_drop"] <= budget
+
+            start = starts.get((family.rule, family.dq), SWEEP_START[family.rule][self.task.metric])
+            found = coarsest_within(fits, start, SWEEP_STRIDE, self._sweep_bounds(family, allocation))
+            logger.info("%s NNCodec %s: coarsest within budget %s", self.name, family, found)
+            if found is not None:
+                starts[(family.rule, family.dq)] = found  # the next lambda_scale starts where this one ended
+
+    def _sweep_bounds(self, family: NncFamily, allocation: dict[str, int]) -> tuple[int, int]:
+        """The QPs (or offsets) that keep every tensor's QP codable."""
+        if family.rule == "qp":
+            return QP_RANGE
+        return QP_RANGE[0] - min(allocation.values()), QP_RANGE[1] - max(allocation.values())
+
+    def _sweep_point(self, family: NncFamily, x: int, allocation: dict[str, int], base_val: float) -> dict:
+        setting = family.setting(x)
+        name = "-".join(f"{k}{v}" for k, v in setting.items())
+        out = self.work / SWEEP / name
+        args = ["--lambda-scale", str(family.lambda_scale)] + ([] if family.dq else ["--no-dq"])
+        if family.rule == "qp":
+            args += ["--mode", "qp", "--qp", str(x)]
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "qps.json").write_text(json.dumps({k: q + x for k, q in allocation.items()}))
+            args += ["--mode", "per_tensor", "--qp-map", str(out / "qps.json")]
+        result, decoded, cli = self._nncodec_encode(out, args)
+        m = self.task.metric
+        val = self.validation_score(decoded)
+        row = dict(model=self.name, method=SWEEP, setting=setting, cli=cli, bytes=result["bytes"],
+                   bits_per_weight=8 * result["bytes"] / self.num_weights,
+                   ratio_vs_fp32=self.fp32_bytes / result["bytes"], metric=m, **{f"val_{m}": val},
+                   val_drop=100 * (base_val - val), test_scored=False, encode_s=result["encode_s"],
+                   decode_s=result["decode_s"], commit=_commit(), output=str(out.relative_to(ROOT)))
+        logger.info("%s %s %s: %d B (%.2fx), val drop %.2f pt", self.name, SWEEP, setting, row["bytes"],
+                    row["ratio_vs_fp32"], row["val_drop"])
+        self.rows.append(row)
+        return row
+
+    def score_on_test(self, row: dict) -> None:
+        """Complete a validation-only sweep row with its test scores (the strongest configuration)."""
+        out = ROOT / row["output"]
+        scores = self.score(read_float(out / "decoded.safetensors", self.state))
+        m = self.task.metric
+        row.update(scores, **{f"{m}_drop": 100 * (self.base[m] - scores[m])}, test_scored=True)
+        logger.info("%s strongest NNCodec %s: %d B, test drop %.2f pt", self.name, row["setting"], row["bytes"],
+                    row[f"{m}_drop"])
+
+
 METHOD_GROUPS = {
     "baselines": ("fp32", "fp16", "int8", "int4"),
     "nncodec": ("nncodec-qp", "nncodec-opt_qp", "nncodec-our-allocation"),
     "ours": ("ours", "ours-identity-ablation"),
     "finetune": ("ours+finetune", "ours-identity-ablation+finetune"),
+    "default": (OURS_DEFAULT,),
+    "sweep": (SWEEP,),
 }
+PROBE_FIELDS = ("probe", "target_bits_per_weight", "bits_per_weight", "bytes", "accepted", "validation_drop_pt",
+                "validation_drop_se_pt", "examples_scored", "split_examples", "early_stop", "provisional", "verified")
 
 
 def _key(row: dict) -> tuple:
@@ -218,6 +410,25 @@ def save_headline_artifacts(rows: list[dict], methods: set[str]) -> None:
             shutil.copytree(ROOT / row["output"], target)
 
 
+def _commit() -> str:
+    """The commit the library was measured at: HEAD of the checkout, or HF_VAE_COMPRESS_COMMIT for a
+    clean export of it (``git archive``), which has no git directory."""
+    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return done.stdout.strip() or os.environ.get("HF_VAE_COMPRESS_COMMIT", "unknown")
+
+
+def _score_strongest(bench: Bench, rows: list[dict]) -> None:
+    """Score the strongest NNCodec configuration within budget on test, if the sweep found it
+    (rows of the other NNCodec methods are scored on test when they are measured)."""
+    comparison = equal_accuracy(rows, BUDGETS_PT)
+    if comparison is None or comparison["nncodec"] is None:
+        return
+    strongest = next(r for r in rows if r["method"] == comparison["nncodec"]["method"]
+                     and r["setting"] == comparison["nncodec"]["setting"])
+    if not strongest.get("test_scored", True):
+        bench.score_on_test(strongest)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=MODELS)
@@ -228,6 +439,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-bpw", nargs="+", type=float, help="default: the model's task grid, FINETUNE_BPW")
     parser.add_argument("--finetune-steps", type=int, default=FinetuneConfig.steps)
     parser.add_argument("--rate-weight", type=float, default=FinetuneConfig.rate_weight)
+    parser.add_argument("--sweep-rules", nargs="+", choices=list(SWEEP_START), default=list(SWEEP_START),
+                        help="NNCodec QP rules the 'strongest' sweep searches (default: both)")
+    parser.add_argument("--sweep-dq", nargs="+", choices=["on", "off"], default=["on", "off"])
+    parser.add_argument("--sweep-lambdas", nargs="+", type=float, default=list(NNC_LAMBDAS))
     parser.add_argument("--output", type=Path, default=RESULTS / "rate_accuracy.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -255,12 +470,21 @@ def main(argv: list[str] | None = None) -> None:
                 for transform in ("vae", "identity"):
                     tuning = FinetuneConfig(steps=args.finetune_steps, rate_weight=args.rate_weight, seed=seed)
                     bench.finetuned(finetune_bpw, transform, tuning)
+        if "default" in args.methods:
+            bench.ours_default()
+        if "sweep" in args.methods:
+            families = sweep_families(args.sweep_rules, [dq == "on" for dq in args.sweep_dq], args.sweep_lambdas)
+            bench.nncodec_sweep(families, allocation_qps(bench.default_allocation(), bench.state))
         fresh = [r for r in bench.rows if r["method"] in replaced]
         rows = [r for r in rows if _key(r) not in {_key(f) for f in fresh}] + fresh
+        if {"default", "sweep"} & set(args.methods):
+            _score_strongest(bench, [r for r in rows if r["model"] == bench.name])
         save_headline_artifacts([r for r in rows if r["model"] == bench.name], replaced)
         args.output.parent.mkdir(parents=True, exist_ok=True)
+        comparisons = [c for c in (equal_accuracy([r for r in rows if r["model"] == m], BUDGETS_PT)
+                                   for m in dict.fromkeys(r["model"] for r in rows)) if c is not None]
         args.output.write_text(json.dumps({"budget_pt": BUDGETS_PT, "selection_split": "validation",
-                                           "rows": rows}, indent=1) + "\n")
+                                           "equal_accuracy": comparisons, "rows": rows}, indent=1) + "\n")
     logger.info("wrote %s", args.output)
 
 
