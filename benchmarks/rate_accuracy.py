@@ -304,6 +304,7 @@ class Bench:
         error fits the task's budget), scored here on test and validation. Returns the container's
         per-tensor entries, the allocation NNCodec's ``our-allocation`` families start from."""
         out = self.work / OURS_DEFAULT
+        shutil.rmtree(out, ignore_errors=True)  # a fresh folder, as a user's first run has
         run = cli_compress(self.folder, out)
         self.add(OURS_DEFAULT, "rate search", f"hf-vae-compress compress {self.folder.relative_to(ROOT)} OUT",
                  run["total_bytes"], self.score(CompressedModel.load(find_container(out)).decode()),
