@@ -1,10 +1,12 @@
-"""Calibration: the Fisher's forward passes also measure the layer input moments, within the memory budget."""
+"""Calibration: the Fisher's forward passes also measure the layer input moments, within the memory budgets."""
 
 import torch
 from torch import nn
 
+from hf_vae_compress.codec import calibration as calibration_module
 from hf_vae_compress.codec.calibration import (MAX_ROWS_PER_BATCH, _passes, calibrate, layer_rows, layer_statistics,
                                                output_aware_layers)
+from hf_vae_compress.codec.importance import saved_bytes_per_example
 
 
 def _model() -> nn.Sequential:
@@ -18,8 +20,9 @@ def _loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def _count_forwards(model: nn.Module) -> list:
+    """The number of examples of every forward of ``model``."""
     calls = []
-    model.register_forward_hook(lambda *_: calls.append(1))
+    model.register_forward_pre_hook(lambda _, args: calls.append(len(args[0])))
     return calls
 
 
@@ -30,7 +33,7 @@ def test_the_fisher_pass_measures_the_moments_of_separate_passes():
     model = _model()
     calls = _count_forwards(model)
     calibration = calibrate(model, BATCHES, len(BATCHES), _loss, progress=False)
-    assert len(calls) == len(BATCHES)  # the Fisher's forward passes only
+    assert calls == [1] + [8] * len(BATCHES)  # one example's to size the backward, then the Fisher's passes only
     separate = layer_statistics(model, BATCHES, output_aware_layers(model))
     assert list(calibration.layers) == list(separate) == ["0.weight", "2.weight", "5.weight"]
     for name, inputs in separate.items():
@@ -46,7 +49,7 @@ def test_layers_beyond_the_budget_take_passes_of_their_own():
     assert _passes(layers, budget) == [["0.weight", "2.weight"], ["5.weight"]]
     calls = _count_forwards(model)
     split = calibrate(model, BATCHES, len(BATCHES), _loss, progress=False, max_bytes=budget)
-    assert len(calls) == 2 * len(BATCHES)  # the Fisher's passes, then one more for the linear layer
+    assert calls == [1] + [8] * 2 * len(BATCHES)  # the Fisher's passes, then one more for the linear layer
     together = calibrate(model, BATCHES, len(BATCHES), _loss, progress=False)
     for name in layers:
         assert torch.allclose(split.layers[name].second, together.layers[name].second, atol=1e-6)
@@ -65,3 +68,39 @@ def test_patches_are_the_rows_of_unfold_at_any_geometry():
     every = every.transpose(1, 2).reshape(-1, 6 * 15)
     chosen = torch.randperm(len(every), generator=torch.Generator().manual_seed(0))[:MAX_ROWS_PER_BATCH]
     assert torch.equal(rows, every[chosen])
+
+
+def _assert_same_statistics(a, b) -> None:
+    assert list(a.layers) == list(b.layers)
+    for name in a.layers:
+        assert torch.allclose(a.layers[name].second, b.layers[name].second, atol=1e-6)
+        assert torch.allclose(a.layers[name].mean, b.layers[name].mean, atol=1e-6)
+    for name in a.fisher:
+        assert torch.allclose(a.fisher[name], b.fisher[name], rtol=1e-4, atol=1e-8)
+
+
+def test_a_small_activation_budget_splits_the_fisher_batches_and_measures_the_same():
+    model = _model()
+    per_example = saved_bytes_per_example(model, BATCHES[0])
+    calls = _count_forwards(model)
+    split = calibrate(model, BATCHES, len(BATCHES), _loss, progress=False, activation_bytes=3 * per_example)
+    assert calls == [1] + [3, 3, 2] * len(BATCHES)  # micro-batches of at most 3 examples
+    whole = calibrate(model, BATCHES, len(BATCHES), _loss, progress=False)
+    assert calls[1 + 9 + 1:] == [8] * len(BATCHES)  # the default budget keeps these small batches whole
+    _assert_same_statistics(split, whole)  # every row is kept here, so the moments are those of whole batches
+
+
+def test_micro_batches_keep_a_batch_s_share_of_the_moment_rows(monkeypatch):
+    monkeypatch.setattr(calibration_module, "MAX_ROWS_PER_BATCH", 64)  # fewer than a batch's 8 * 36 patches
+    model = _model()
+    per_example = saved_bytes_per_example(model, BATCHES[0])
+    counted = {}
+    for name, budget in [("whole", 1 << 30), ("split", 3 * per_example)]:
+        with monkeypatch.context() as patch:
+            moments = calibration_module._moments
+            patch.setattr(calibration_module, "_moments",
+                          lambda module, rows: counted.setdefault(name, []).append(len(rows)) or moments(module, rows))
+            calibrate(model, BATCHES, len(BATCHES), _loss, progress=False, activation_bytes=budget)
+    assert counted["whole"] == [64, 64, 8] * len(BATCHES)  # two convolutions' 64 rows, the linear layer's 8
+    # per micro-batch of 3 (then 2) examples: ceil(64 * 3 / 8) = 24 (then 16) rows: a batch keeps 64 as whole
+    assert counted["split"] == [24, 24, 3, 24, 24, 3, 16, 16, 2] * len(BATCHES)

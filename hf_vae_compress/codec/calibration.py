@@ -15,12 +15,15 @@ Inputs are captured with forward hooks and reduced to ``groups x d x d`` sums as
 passes: no activation is kept. Layers are measured in passes over the batches, as many layers per
 pass as their statistics fit ``max_bytes``, so memory is bounded by the budget and not by the model.
 The first pass is the Fisher's own forward pass (a forward of a large model on a few hundred
-images takes minutes on a CPU); only layers beyond the budget cost passes of their own.
+images takes minutes on a CPU); only layers beyond the budget cost passes of their own. The Fisher's
+backward passes are bounded the same way, by :data:`~.importance.ACTIVATION_BYTES` of activations:
+a batch that does not fit goes through in micro-batches, each keeping its share of the batch's rows.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .importance import fisher_diagonal
+from .importance import ACTIVATION_BYTES, examples_per_backward, fisher_diagonal, model_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -88,14 +91,6 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a[0] @ b[0]).unsqueeze(0) if len(a) == 1 else a @ b
 
 
-def model_inputs(batch) -> tuple[tuple, dict]:
-    """A calibration batch as call arguments. Labels are dropped: the statistics are of the
-    inputs the deployed model sees, and without them a detector skips its matching loss."""
-    if isinstance(batch, dict):
-        return (), {k: v for k, v in batch.items() if k != "labels"}
-    return (batch,), {}
-
-
 def output_aware_layers(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, nn.Module]:
     """The weights (of ``names``, or all) whose output error ``tr(ΔW H ΔWᵀ)`` the codec can
     measure: those of ``nn.Linear`` and of zero-padded ``nn.Conv1d`` and ``nn.Conv2d``, grouped
@@ -136,31 +131,32 @@ def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def layer_rows(module: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The layer's input as (n, groups * d) rows, at most :data:`MAX_ROWS_PER_BATCH` of them (a
-    seeded random subset). Columns ``g * d`` to ``(g+1) * d`` are what group g's rows of the
+def layer_rows(module: nn.Module, x: torch.Tensor, generator: torch.Generator,
+               max_rows: int = MAX_ROWS_PER_BATCH) -> torch.Tensor:
+    """The layer's input as (n, groups * d) rows, at most ``max_rows`` of them (a seeded random
+    subset). Columns ``g * d`` to ``(g+1) * d`` are what group g's rows of the
     weight, viewed as (out, d), multiply: a patch is ordered by input channel, then kernel row and
     column (as ``unfold`` orders it), and a group's channels are consecutive. A 1-D convolution is
     cut as a 2-D one of height 1."""
     x = x.detach().float()
     if not isinstance(module, (nn.Conv1d, nn.Conv2d)):
         rows = x.reshape(-1, x.shape[-1])
-        return rows[_sampled(len(rows), generator)] if len(rows) > MAX_ROWS_PER_BATCH else rows
+        return rows[_sampled(len(rows), generator, max_rows)] if len(rows) > max_rows else rows
     if isinstance(module.padding, str):
         raise ValueError(f"string padding {module.padding!r} is not supported")
     geometry = module.kernel_size, module.dilation, module.padding, module.stride
     if isinstance(module, nn.Conv1d):  # a 2-D convolution of height 1
         (kernel,), (dilation,), (padding,), (stride,) = geometry
         x, geometry = x.unsqueeze(-2), ((1, kernel), (1, dilation), (0, padding), (1, stride))
-    return _patches(x if x.ndim == 4 else x.unsqueeze(0), *geometry, generator)
+    return _patches(x if x.ndim == 4 else x.unsqueeze(0), *geometry, generator, max_rows)
 
 
-def _sampled(count: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randperm(count, generator=generator)[:MAX_ROWS_PER_BATCH]
+def _sampled(count: int, generator: torch.Generator, max_rows: int) -> torch.Tensor:
+    return torch.randperm(count, generator=generator)[:max_rows]
 
 
 def _patches(x: torch.Tensor, kernel: tuple, dilation: tuple, padding: tuple, stride: tuple,
-             generator: torch.Generator) -> torch.Tensor:
+             generator: torch.Generator, max_rows: int) -> torch.Tensor:
     """The rows of ``unfold(x)`` (one patch per image and output position, in that order), or the
     seeded random subset of them that :func:`layer_rows` keeps, cut out of ``x`` directly: unfolding
     a whole early feature map to keep a few thousand of its patches took most of a resnet50
@@ -170,7 +166,7 @@ def _patches(x: torch.Tensor, kernel: tuple, dilation: tuple, padding: tuple, st
     out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     count = batch * out_h * out_w
-    index = _sampled(count, generator) if count > MAX_ROWS_PER_BATCH else torch.arange(count)
+    index = _sampled(count, generator, max_rows) if count > max_rows else torch.arange(count)
     image, position = index // (out_h * out_w), index % (out_h * out_w)
     top = (position // out_w * sh)[:, None] + torch.arange(kh) * dh  # padded coordinates, (rows, kh)
     left = (position % out_w * sw)[:, None] + torch.arange(kw) * dw  # (rows, kw)
@@ -197,7 +193,7 @@ class _Recorder:
             with torch.no_grad():
                 terms = self.reduce(module, args[0].detach().float())
             previous = self.sums.get(name)
-            self.sums[name] = terms if previous is None else tuple(a + b for a, b in zip(previous, terms))
+            self.sums[name] = terms if previous is None else tuple(_add(a, b) for a, b in zip(previous, terms))
             self.seconds += time.perf_counter() - start
         return record
 
@@ -209,6 +205,11 @@ class _Recorder:
         finally:
             for h in handles:
                 h.remove()
+
+
+def _add(total, term):
+    """``total + term``, in place for tensors: a layer's d x d sums are not allocated twice per batch."""
+    return total.add_(term) if isinstance(total, torch.Tensor) else total + term
 
 
 def _run(model: nn.Module, batches: list, desc: str, progress: bool) -> None:
@@ -265,15 +266,28 @@ def _moments(module: nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, torch
     return grouped_matmul(per_group.transpose(1, 2), per_group), rows.sum(0).reshape(groups, -1), len(rows)
 
 
-def _moment_recorder(layers: dict[str, nn.Module]) -> _Recorder:
+class _MomentRecorder(_Recorder):
     """A recorder of the moments of ``layers``; its rows are drawn from a generator seeded afresh
-    per recorder, so a layer's statistics do not depend on which pass measured it with which others."""
-    generator = torch.Generator().manual_seed(0)
-    return _Recorder(layers, lambda module, x: _moments(module, layer_rows(module, x, generator)))
+    per recorder, so a layer's statistics do not depend on which pass measured it with which others.
+
+    A forward of a whole batch keeps :data:`MAX_ROWS_PER_BATCH` rows per layer; when the Fisher
+    cuts a batch into micro-batches, :meth:`share` gives each its share of them, so the moments
+    cost what they cost unsplit (:data:`MAX_ROWS_PER_BATCH` per micro-batch would multiply it)."""
+
+    def __init__(self, layers: dict[str, nn.Module]):
+        generator = torch.Generator().manual_seed(0)
+        self.max_rows = MAX_ROWS_PER_BATCH
+        super().__init__(layers, lambda module, x: _moments(module, layer_rows(module, x, generator, self.max_rows)))
+
+    def share(self, examples: int, batch_examples: int) -> None:
+        """The next forward is of ``examples`` of a batch of ``batch_examples``: keep that share of the batch's rows."""
+        self.max_rows = math.ceil(MAX_ROWS_PER_BATCH * examples / batch_examples)
 
 
 def _layer_inputs(sums: dict[str, tuple]) -> dict[str, LayerInputs]:
-    return {name: LayerInputs(second / n, total / n) for name, (second, total, n) in sums.items()}
+    """Sums over counts, divided in place: the sums are not needed again, and a copy of a large
+    model's statistics would double their memory."""
+    return {name: LayerInputs(second.div_(n), total.div_(n)) for name, (second, total, n) in sums.items()}
 
 
 def layer_statistics(model: nn.Module, batches: list, layers: dict[str, nn.Module],
@@ -282,7 +296,7 @@ def layer_statistics(model: nn.Module, batches: list, layers: dict[str, nn.Modul
     out = {}
     passes = _passes(layers, max_bytes)
     for i, names in enumerate(passes):
-        recorder = _moment_recorder({n: layers[n] for n in names})
+        recorder = _MomentRecorder({n: layers[n] for n in names})
         with recorder.attached():
             _run(model, batches, f"input moments {i + 1}/{len(passes)}", progress)
         out.update(_layer_inputs(recorder.sums))
@@ -292,28 +306,32 @@ def layer_statistics(model: nn.Module, batches: list, layers: dict[str, nn.Modul
 def calibrate(model: nn.Module, batches: Iterable, num_batches: int,
               loss_fn: Callable[[nn.Module, object], tuple[torch.Tensor, int]],
               coded_names: Iterable[str] | None = None, progress: bool = True,
-              max_bytes: int = MAX_STATISTICS_BYTES) -> Calibration:
+              max_bytes: int = MAX_STATISTICS_BYTES, activation_bytes: int = ACTIVATION_BYTES) -> Calibration:
     """Fisher of the task's ``loss_fn`` (see :func:`~.importance.fisher_diagonal`) and layer input
     moments (of ``coded_names``, or of every eligible layer) from ``num_batches`` batches, which
     are kept for the norm statistics.
 
     The moments of the first layers whose statistics fit ``max_bytes`` are recorded during the
     Fisher's forward passes (the loss's forward of each batch, in eval mode: the same inputs as a
-    plain forward); the rest, if any, take passes of their own (:func:`layer_statistics`)."""
+    plain forward); the rest, if any, take passes of their own (:func:`layer_statistics`). The
+    Fisher's backward passes hold at most ``activation_bytes`` of saved activations
+    (:func:`~.importance.examples_per_backward`, measured before the hooks are attached)."""
     batches = [b for _, b in zip(range(num_batches), batches)]
     layers = output_aware_layers(model, coded_names)
     passes = _passes(layers, max_bytes)
-    first = _moment_recorder({n: layers[n] for n in (passes[0] if passes else [])})
+    per_backward = examples_per_backward(model, batches[0], activation_bytes) if batches else None
+    first = _MomentRecorder({n: layers[n] for n in (passes[0] if passes else [])})
     start = time.perf_counter()
     with first.attached():
-        fisher = fisher_diagonal(model, batches, num_batches, loss_fn, progress)
+        fisher = fisher_diagonal(model, batches, num_batches, loss_fn, progress, per_backward, first.share)
     fisher_seconds = time.perf_counter() - start
     statistics = _layer_inputs(first.sums)
     rest = {n: layers[n] for names in passes[1:] for n in names}
     start = time.perf_counter()
     statistics.update(layer_statistics(model, batches, rest, max_bytes, progress) if rest else {})
     seconds = {"fisher": fisher_seconds - first.seconds, "moments": first.seconds + time.perf_counter() - start}
-    logger.info("calibration: %d batches, input moments of %d layers in %d passes (%.1f s Fisher, %.1f s moments)",
-                len(batches), len(statistics), len(passes), seconds["fisher"], seconds["moments"])
+    logger.info("calibration: %d batches (at most %s examples per backward), input moments of %d layers in %d passes "
+                "(%.1f s Fisher, %.1f s moments)", len(batches), per_backward, len(statistics), len(passes),
+                seconds["fisher"], seconds["moments"])
     return Calibration(fisher, statistics, batches,
                        seconds={k: round(v, 3) for k, v in seconds.items()})
