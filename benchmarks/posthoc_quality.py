@@ -10,7 +10,12 @@ The chosen container is then scored on the **test** split. Variants (config fiel
 - ``output_aware``: GPTQ error compensation on the entropy-coded grid (the default);
 - ``output_aware+corrections``: with bias and norm corrections as well;
 - ``output_aware+tensor_steps``: one absolute step per tensor (``normalization="tensor"``, as
-  NNCodec does) instead of a step relative to each row's RMS.
+  NNCodec does) instead of a step relative to each row's RMS;
+- ``rate_aware``: GPTQ with each level chosen against its symbol's code length (CERWU-style,
+  :mod:`hf_vae_compress.codec.output_aware`), at ``RATE_SCALE`` times high-rate theory's price.
+
+Rows are merged into the JSON: a model or variant not measured keeps its previous row. Each row
+records the commit it was measured at and, for ``rate_aware``, the ``rate_scale`` it ran with.
 
 Every step is deterministic given the calibration subset; the subset is a random draw, so
 ``--calibration-seeds`` reruns the search on other draws (rows ``variant (calibration seed N)``).
@@ -30,6 +35,7 @@ import copy
 import json
 import logging
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -38,6 +44,7 @@ import torch
 
 from hf_vae_compress.codec import VAECompressionConfig, compress
 from hf_vae_compress.codec.calibration import calibrate
+from hf_vae_compress.codec.output_aware import RATE_SCALE
 from hf_vae_compress.models import load_model
 from hf_vae_compress.pipeline import Source, search_smallest
 from hf_vae_compress.tasks import Classification, task_for
@@ -54,6 +61,7 @@ VARIANTS = {
     "output_aware": dict(rounding="output_aware"),
     "output_aware+corrections": dict(rounding="output_aware", correct_biases=True, correct_norms=True),
     "output_aware+tensor_steps": dict(rounding="output_aware", normalization="tensor"),
+    "rate_aware": dict(rounding="rate_aware"),
 }
 PREVIOUS_METHODS = ("ours", "ours-identity-ablation")
 
@@ -94,7 +102,10 @@ def measure_model(name: str, variants: list[str], previous: dict | None, seed: i
     for variant in variants:
         config = VAECompressionConfig(**VARIANTS[variant])
         result = search_smallest(src, None, src.task.budget_pt, "default", config, progress=False)
-        row = dict(config=VARIANTS[variant], search_seconds=round(result.seconds, 1), probes=result.probes)
+        row = dict(config=VARIANTS[variant], search_seconds=round(result.seconds, 1), probes=result.probes,
+                   commit=_commit())
+        if config.rounding == "rate_aware":
+            row["rate_scale"] = RATE_SCALE
         if result.compressed is not None:
             report = result.compressed.report()
             row.update(bytes=report["total_bytes"], ratio_vs_fp32=report["ratio_vs_fp32"],
@@ -108,6 +119,10 @@ def measure_model(name: str, variants: list[str], previous: dict | None, seed: i
         logger.info("%s %s: %s", name, key, {k: v for k, v in row.items() if k not in ("probes", "validation")})
         out["variants"][key] = dict(row, calibration_seed=seed)
     return out
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
 
 
 def _timed(model: torch.nn.Module, batches: list, config: VAECompressionConfig) -> dict:

@@ -27,12 +27,14 @@ from .format.layout import ChunkLayout
 from .format.v2 import HEADER_BYTES_PER_TENSOR, code_side_parts
 from .importance import mean_normalised_fisher
 from .latents import CodedTensor, Latents
-from .output_aware import layer_factor, output_aware_symbols
+from .output_aware import RATE_SCALE, layer_factor, output_aware_symbols
 from .rate import Allocation, allocate, estimate_tensor_bits, steps_for
 from .select import select_tensors
 from .transform import Transform, build_transform, transform_class
 
 logger = logging.getLogger(__name__)
+OUTPUT_AWARE = ("output_aware", "rate_aware")  # the roundings that run GPTQ against calibration inputs
+RATE_AWARE_AIMS = 3  # re-aims of rate-aware rounding's allocation at most (a GPTQ pass each)
 
 
 def _untied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -186,9 +188,9 @@ def _feasible(config: VAECompressionConfig, model, calibration: Calibration | No
     """``config`` less what cannot be done here, so that the header records what was done, not
     what was asked: output-aware rounding needs calibration data and a transform with a weight
     grid, the corrections need a model and calibration data."""
-    if config.rounding == "output_aware" and not (transform_class(config.transform).has_weight_grid
-                                                  and calibration is not None):
-        logger.info("nearest rounding: output-aware rounding needs calibration data and a transform whose symbols "
+    if config.rounding in OUTPUT_AWARE and not (transform_class(config.transform).has_weight_grid
+                                                and calibration is not None):
+        logger.info("nearest rounding: output-aware (and rate-aware) rounding needs calibration data and a transform whose symbols "
                     "are levels in weight space (the identity)")
         config = dataclasses.replace(config, rounding="nearest")
     if (config.correct_biases or config.correct_norms) and (calibration is None or not isinstance(model, torch.nn.Module)):
@@ -204,17 +206,20 @@ def _allocate(state_dict: dict[str, torch.Tensor], coded: list[CodedTensor], sid
     sens = _sensitivities(coded, calibration)
     fixed_bits = 8 * (sum(len(m) + len(p) for part in side.values() for m, p in part.streams)
                       + HEADER_BYTES_PER_TENSOR * len(state_dict))
-    gptq = calibration if config.rounding == "output_aware" else None
+    gptq = calibration if config.rounding in OUTPUT_AWARE else None
+    rate_scale = RATE_SCALE if config.rounding == "rate_aware" else None
+
+    def quantizer(transform: Transform) -> _Quantizer:
+        return _Quantizer(transform, coded, sens, fixed_bits, state_dict, gptq, clock, progress, rate_scale)
 
     def learn(steps: list[float]) -> _Quantizer:
         transform = build_transform(config.transform, config.chunk_size, config.hidden_size, len(coded))
         fit(transform, [c.chunks for c in coded], steps, config.fit, config.seed, progress, shard)
-        return _Quantizer(transform, coded, sens, fixed_bits, state_dict, gptq, clock, progress)
+        return quantizer(transform)
 
     identity = build_transform("identity", config.chunk_size, config.hidden_size, len(coded))
     target = None if config.beta is not None else config.target_bits_per_weight * _num_weights(state_dict)
-    return allocate(_Quantizer(identity, coded, sens, fixed_bits, state_dict, gptq, clock, progress), target, config.beta, sens,
-                    None if config.transform == identity.kind else learn)
+    return allocate(quantizer(identity), target, config.beta, sens, None if config.transform == identity.kind else learn)
 
 
 def _num_weights(state_dict: dict[str, torch.Tensor]) -> int:
@@ -226,7 +231,8 @@ def _num_weights(state_dict: dict[str, torch.Tensor]) -> int:
 @dataclass
 class _Quantizer:
     """The coded tensors under one transform, rounded to nearest or, given a ``calibration``,
-    output-aware (a :class:`~.rate.Quantizer`, what the rate allocation probes)."""
+    output-aware, and rate-aware with a ``rate_scale`` (a :class:`~.rate.Quantizer`, what the
+    rate allocation probes)."""
 
     transform: Transform
     coded: list[CodedTensor]
@@ -236,10 +242,16 @@ class _Quantizer:
     calibration: Calibration | None
     clock: _Stages
     progress: bool = False
+    rate_scale: float | None = None
 
     @property
-    def regrids(self) -> bool:
-        return self.calibration is not None
+    def regrids(self) -> int:
+        """GPTQ's symbols cost a steady ratio more than nearest rounding's: one re-aim finds the
+        target. Rate-aware ones cost a ratio less that shrinks as the step does (the finer the
+        grid, the less a dead zone saves): up to :data:`RATE_AWARE_AIMS` re-aims."""
+        if self.calibration is None:
+            return 0
+        return 1 if self.rate_scale is None else RATE_AWARE_AIMS
 
     def bits(self, lam: float) -> float:
         steps = steps_for(lam, self.sensitivities)
@@ -256,21 +268,23 @@ class _Quantizer:
         if self.calibration is None:
             return nearest
         start = time.perf_counter()
-        out = _round_output_aware(self.state_dict, self.coded, steps, nearest, self.calibration, self.progress)
+        out = _round_output_aware(self.state_dict, self.coded, steps, nearest, self.calibration, self.progress,
+                                  self.rate_scale)
         self.clock.take("rounding", time.perf_counter() - start)
         return out
 
 
 def _round_output_aware(state_dict: dict[str, torch.Tensor], coded: list[CodedTensor], steps: list[float],
-                        symbols: list[torch.Tensor], calibration: Calibration, progress: bool) -> list[torch.Tensor]:
-    """GPTQ symbols for every coded tensor whose layer inputs were measured; the others keep
-    their nearest-rounded ``symbols``."""
+                        symbols: list[torch.Tensor], calibration: Calibration, progress: bool,
+                        rate_scale: float | None = None) -> list[torch.Tensor]:
+    """GPTQ symbols (rate-aware with a ``rate_scale``) for every coded tensor whose layer inputs
+    were measured; the others keep their nearest-rounded ``symbols``."""
     out = list(symbols)
     measured = [i for i, c in enumerate(coded) if c.name in calibration.layers]
     for i in tqdm(measured, desc="output-aware rounding", disable=not progress, leave=False):
         c = coded[i]
         factors = (c.scales.double() * steps[i]).float()  # the decoder's per-row factor, exactly
-        rows = output_aware_symbols(state_dict[c.name], factors, layer_factor(calibration, c.name))
+        rows = output_aware_symbols(state_dict[c.name], factors, layer_factor(calibration, c.name), rate_scale)
         rows = torch.nn.functional.pad(rows, (0, c.layout.padded_len - c.layout.row_len))
         out[i] = rows.reshape(c.layout.num_chunks, c.layout.chunk_size)
     return out

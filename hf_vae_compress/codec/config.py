@@ -37,7 +37,7 @@ TRANSFORMS = ("vae", "identity")
 # fp16 checkpoint of the same weights. The rate search's bracket (pipeline.SEARCH_RANGE_BPW) starts
 # at the same floor.
 TARGET_BPW_RANGE = (0.125, 16.0)
-ROUNDINGS = ("nearest", "output_aware")
+ROUNDINGS = ("nearest", "output_aware", "rate_aware")
 NORMALIZATIONS = ("channel", "tensor")
 
 
@@ -90,6 +90,9 @@ class VAECompressionConfig(JsonConfig):
     # the same accuracy budget were 1.47-2.48x smaller than nearest rounding's on all four reference
     # models (benchmarks/results/posthoc_quality.json). Bias and norm corrections (no extra bytes)
     # were never smaller there, and 6 % and 29 % larger on MobileNet and RT-DETR: off by default.
+    # "rate_aware" is GPTQ whose every level is chosen against what its symbol costs, at the slope
+    # the step sets (CERWU; :mod:`.output_aware`): a dead zone where the layer's output barely
+    # notices, compensated by the later columns.
     rounding: str = "output_aware"
     correct_biases: bool = False
     correct_norms: bool = False

@@ -1,0 +1,133 @@
+"""Rate-aware output-aware rounding: GPTQ whose every level is chosen against what its symbol costs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hf_vae_compress.codec import VAECompressionConfig, compress
+from hf_vae_compress.codec.calibration import LayerInputs, layer_statistics, output_aware_layers
+from hf_vae_compress.codec.output_aware import (RateAwareLevels, inverse_cholesky, output_aware_symbols,
+                                                rate_penalties)
+from hf_vae_compress.codec.rate import estimate_bits
+from hf_vae_compress.tasks import Classification
+from tests.conftest import tiny_timm
+
+
+def _problem(rows: int = 64, d: int = 200, seed: int = 0):
+    """A layer with correlated inputs (so GPTQ has work to do), its H and a grid of a step per row."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) + 2 * torch.eye(d)
+    x = torch.randn(8 * d, d, generator=g) @ mix
+    h = x.T @ x / len(x)
+    w = torch.randn(rows, d, generator=g)
+    factors = torch.linspace(0.6, 1.2, rows)
+    return w, factors, h, inverse_cholesky(LayerInputs(h[None], x.mean(0)[None]))
+
+
+def _output_error(w: torch.Tensor, symbols: torch.Tensor, factors: torch.Tensor, h: torch.Tensor) -> float:
+    delta = w - symbols * factors[:, None]
+    return float(torch.trace(delta @ h @ delta.T))
+
+
+def test_rate_aware_symbols_cost_fewer_bits_at_a_bounded_output_error():
+    w, factors, h, factor = _problem()
+    gptq = output_aware_symbols(w, factors, factor)
+    rate_aware = output_aware_symbols(w, factors, factor, 1.0)
+    nearest = torch.round(w / factors[:, None])
+    bits = {k: estimate_bits(s.numpy().astype(np.int64)) for k, s in
+            (("gptq", gptq), ("rate_aware", rate_aware), ("nearest", nearest))}
+    errors = {k: _output_error(w, s, factors, h) for k, s in
+              (("gptq", gptq), ("rate_aware", rate_aware), ("nearest", nearest))}
+    assert bits["rate_aware"] < 0.97 * bits["gptq"], bits
+    # the bits are bought at less output error each than a coarser step would cost:
+    # high-rate theory's slope at this step is 2 ln2 D per bit
+    slope = 2 * math.log(2) * errors["gptq"] / w.numel()
+    assert errors["rate_aware"] - errors["gptq"] < slope * (bits["gptq"] - bits["rate_aware"]), (bits, errors)
+    assert errors["rate_aware"] < 1.5 * errors["gptq"] < errors["nearest"], errors
+
+
+def test_a_higher_price_buys_fewer_bits_with_more_zeros():
+    w, factors, _, factor = _problem(seed=1)
+    bits, zeros = [], []
+    for scale in (0.5, 1.0, 2.0):
+        symbols = output_aware_symbols(w, factors, factor, scale)
+        bits.append(estimate_bits(symbols.numpy().astype(np.int64)))
+        zeros.append(int((symbols == 0).sum()))
+    assert bits[0] > bits[1] > bits[2] and zeros[0] < zeros[1] < zeros[2], (bits, zeros)
+
+
+def test_a_zero_price_gives_gptqs_symbols_exactly():
+    w, factors, _, factor = _problem(seed=2)
+    assert torch.equal(output_aware_symbols(w, factors, factor, 0.0), output_aware_symbols(w, factors, factor))
+
+
+def test_the_rate_model_is_refitted_to_the_symbols_chosen():
+    """After the last column the counts are the histogram of the tensor's rate-aware symbols (each
+    column's choice replaced its nearest symbols), so the code lengths are the coder's own."""
+    w, factors, _, (order, u) = _problem(rows=16, d=40, seed=3)
+    x = (w / factors[:, None])[:, order[0]].T[None]  # GPTQ's layout without feedback: groups x d x rows
+    levels = RateAwareLevels(torch.round(x), rate_penalties(u, x))
+    chosen = torch.stack([levels.choose(x[:, j], j) for j in range(x.shape[1])], 1)
+    assert (chosen != torch.round(x)).any()
+    histogram = torch.bincount((chosen - levels.low).long().reshape(-1), minlength=len(levels.counts)).double()
+    assert torch.equal(levels.counts, histogram)
+    p = (histogram + 0.5) / (histogram + 0.5).sum()
+    assert torch.allclose(levels.bits(torch.tensor([0.0])), -torch.log2(p[-levels.low]).float())
+
+
+def test_the_price_of_a_bit_is_the_slope_of_the_measured_distortion_weighted_by_each_columns_energy():
+    u = torch.diag(torch.tensor([1.0, 1.0, 2.0, 4.0]))[None]  # 1/u²: 1, 1, 1/4, 1/16
+    rho = (1 + 1 + 0.25 + 0.0625) / 4
+    x = torch.tensor([-2.25, 0.25, 1.25])[None, None].expand(1, 4, 3)  # every weight a quarter step off
+    expected = 2 * math.log(2) * rho / 16 * torch.tensor([1.0, 1.0, 4.0, 16.0])
+    assert torch.allclose(rate_penalties(u, x)[0], expected)
+    fine = torch.linspace(-50, 50, 100_001)[None, None].expand(1, 5, -1)  # high rate: errors uniform, e² = 1/12
+    assert torch.allclose(rate_penalties(torch.eye(5)[None], fine), torch.full((1, 5), math.log(2) / 6), rtol=1e-3)
+
+
+def _grouped_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise: 8 problems of d = 9
+                         nn.ReLU(),
+                         nn.Conv2d(8, 12, 3, padding=1, groups=4)).eval()  # 4 problems of d = 18
+
+
+def _smooth_images(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return nn.functional.interpolate(torch.randn(n, 2, 4, 4, generator=g), size=12, mode="bilinear") + 0.5
+
+
+def test_grouped_and_depthwise_convolutions_round_rate_aware():
+    model = _grouped_model()
+    stats = layer_statistics(model, [_smooth_images(8)], output_aware_layers(model))
+    for name, layer in (("2.weight", model[2]), ("4.weight", model[4])):
+        w = layer.weight.detach()
+        factors = 0.5 * w.flatten(1).pow(2).mean(1).sqrt()
+        factor = inverse_cholesky(stats[name])
+        gptq = output_aware_symbols(w, factors, factor)
+        assert torch.equal(output_aware_symbols(w, factors, factor, 0.0), gptq)
+        rate_aware = output_aware_symbols(w, factors, factor, 2.0)
+        assert rate_aware.shape == gptq.shape and (rate_aware != gptq).any()
+        assert estimate_bits(rate_aware.numpy().astype(np.int64)) < estimate_bits(gptq.numpy().astype(np.int64))
+        errors = [sum(float(torch.trace(d @ h @ d.T)) for d, h in
+                      zip((s * factors[:, None] - w.flatten(1)).reshape(layer.groups, -1, w[0].numel()), stats[name].second))
+                  for s in (gptq, rate_aware)]
+        assert errors[1] < 3 * errors[0], (name, errors)
+
+
+@pytest.mark.parametrize("bpw", [1.0, 2.0])
+def test_compress_with_rate_aware_rounding_hits_the_target_rate(bpw):
+    model = tiny_timm().eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(16, 1, 28, 28, generator=g) for _ in range(2)]
+    config = VAECompressionConfig(target_bits_per_weight=bpw, calibration_batches=2, rounding="rate_aware")
+    compressed = compress(model, config, calibration_data=batches, loss_fn=Classification.fisher_loss(), progress=False)
+    assert compressed.config.rounding == "rate_aware"
+    assert compressed.report()["bits_per_weight"] == pytest.approx(bpw, rel=0.1)
+    assert VAECompressionConfig.from_json(compressed.config.to_json()) == compressed.config
+    without_data = compress(model, config, progress=False)
+    assert without_data.config.rounding == "nearest"
