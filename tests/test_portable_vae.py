@@ -32,6 +32,7 @@ from hf_vae_compress.codec.format import identity, linear
 from hf_vae_compress.codec.format.integrity import ALLOW_UNVERIFIED_ENV, MachineDependentError, ModelHash
 from hf_vae_compress.codec.format.layout import ChunkLayout
 from hf_vae_compress.codec.transform import PortableVAE, WeightVAE
+from hf_vae_compress.finetune import FinetuneConfig, finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 OTHER_MACHINE = {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
@@ -183,6 +184,28 @@ def test_the_float_vae_still_loads_as_before(containers):
     assert compressed.tensors["decoder.linear"].dtype == torch.float16
     decoded = compressed.decode(allow_unverified=False)  # the writer's machine verifies its own float decode
     assert set(decoded) == set(correlated_state())
+
+
+def test_finetuning_trains_the_latents_through_the_stored_maps(tmp_path):
+    """Fine-tuning moves the latents and leaves the integer maps as stored: still portable, verified."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(32, 48, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(48, 10)).eval()
+    with torch.no_grad():
+        model[2].weight.copy_(correlated_state()["conv.weight"])
+    x = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    config = VAECompressionConfig(target_bits_per_weight=1.0, transform=KIND, rounding="nearest", fit=FIT)
+    compressed = compress(model, config, progress=False)
+    assert compressed.header["transform"]["linear_maps"] == [0]
+    settings = FinetuneConfig(steps=20, batch_size=64, latent_learning_rate=0.2, rate_weight=0.01)
+    tuned = finetune(compressed, model, (x, y), settings, progress=False)
+    assert tuned.portable and tuned.header["transform"] == compressed.header["transform"]
+    for part in ("decoder.linear", "decoder.exponents"):
+        assert torch.equal(tuned.tensors[part], compressed.tensors[part]), part
+    assert not torch.equal(tuned.unpack().symbols[0], compressed.unpack().symbols[0]), "no latent moved"
+    CompressedModel.load(tuned.save(tmp_path)).decode(allow_unverified=False)
 
 
 def test_map_exponent_rule():
