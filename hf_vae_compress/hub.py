@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .codec import CONTAINER_NAME, CompressedModel
+from .codec.transform import transform_class
 from .integrations import REMOTE_CODE_AUTO_MAP, REMOTE_CODE_DIR, REMOTE_CODE_MODULE
 from .integrations.quantization_config import QuantizationConfig
 from .loading import find_container, load_compressed
@@ -134,7 +135,7 @@ def _describe(task: Task, metrics: dict | None) -> str:
 
 def _settings_table(compressed: CompressedModel) -> str:
     config = compressed.config.to_dict()
-    if config["transform"] == "vae":  # only a learned transform is trained
+    if not transform_class(config["transform"]).has_weight_grid:  # only a learned transform is trained
         config["train_steps"] = config["fit"]["train_steps"]
     keys = ["target_bits_per_weight", "beta", "transform", "rounding", "correct_biases", "correct_norms", "chunk_size",
             "hidden_size", "normalization", "min_numel", "raw_dtype", "train_steps", "calibration_batches", "seed"]
@@ -146,8 +147,9 @@ def _settings_table(compressed: CompressedModel) -> str:
 def _coding_summary(compressed: CompressedModel) -> str:
     """One phrase for the card: how this container's weights were coded."""
     config = compressed.config
-    if config.transform == "vae":
-        return "a learned variational (VAE) transform whose latents are quantized and entropy-coded"
+    if not transform_class(config.transform).has_weight_grid:
+        decoder = "an integer decoder" if transform_class(config.transform).portable else "a float decoder network"
+        return f"a learned variational (VAE) transform with {decoder}, whose latents are quantized and entropy-coded"
     rounding = ("output-aware GPTQ rounding against calibration data" if config.rounding == "output_aware"
                 else "nearest rounding")
     return f"entropy-coded scalar quantization on a Fisher-allocated grid, with {rounding}"

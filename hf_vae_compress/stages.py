@@ -17,6 +17,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("format primitives", (
         "codec.format", "codec.format.limits", "codec.format.framing",
         "codec.format.integrity", "codec.format.layout", "codec.format.grid", "codec.format.identity",
+        "codec.format.linear",
         "codec.format.streams",
     )),
     ("config", ("codec.config",)),
