@@ -295,27 +295,3 @@ def box_labels(objects: list[dict], size: tuple[int, int]) -> list[dict]:
         cxcywh = torch.cat([xywh[:, :2] + xywh[:, 2:] / 2, xywh[:, 2:]], 1) / torch.tensor([width, height] * 2)
         labels.append({"class_labels": torch.tensor(o["category"], dtype=torch.long), "boxes": cxcywh})
     return labels
-
-
-# Objects sampled into each synthetic scene (DIODE's targets: Chawla et al., WACV 2021) and their
-# sides as shares of the image's: from one small object to a few that fill much of it. Chosen a
-# priori for any detector, not measured on one.
-SYNTHETIC_OBJECTS = (1, 3)
-SYNTHETIC_BOX_SIDES = (0.1, 0.5)
-
-
-def sampled_box_labels(count: int, num_classes: int, generator: torch.Generator) -> list[dict]:
-    """Random targets for ``count`` synthetic scenes, as the labels transformers' detection losses
-    take (:func:`box_labels`' form): 1 to 3 objects per scene (:data:`SYNTHETIC_OBJECTS`) of uniform
-    class, sides uniform in :data:`SYNTHETIC_BOX_SIDES` of the image's, centres uniform where the box
-    fits. Optimising a scene towards them with the detector's own loss makes it find confident
-    boxes there, which the agreement check needs."""
-    labels = []
-    for _ in range(count):
-        objects = int(torch.randint(SYNTHETIC_OBJECTS[0], SYNTHETIC_OBJECTS[1] + 1, (), generator=generator))
-        low, high = SYNTHETIC_BOX_SIDES
-        sides = low + (high - low) * torch.rand(objects, 2, generator=generator)
-        centres = sides / 2 + (1 - sides) * torch.rand(objects, 2, generator=generator)
-        labels.append({"class_labels": torch.randint(num_classes, (objects,), generator=generator),
-                       "boxes": torch.cat([centres, sides], 1)})
-    return labels

@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .codec.calibration import norm_layers
 from .data import (
     FASHION_MNIST, HOLDOUT_MAX, HOLDOUT_SEED, DatasetError, Selection, collate, fit_labels, image_columns, image_mode,
     image_transform, load_image_dataset, load_image_processor, load_unlabelled_images, model_labels, selection,
@@ -44,13 +43,10 @@ from .data import (
 )
 from .detection import (
     FASHION_MNIST_SCENES, OWN_BOX_SCORE, box_labels, detect, detection_collate, evaluate_detection,
-    is_detection_model, load_detection_dataset, mean_average_precision, own_boxes, sampled_box_labels,
-    scenes_selection,
+    is_detection_model, load_detection_dataset, mean_average_precision, own_boxes, scenes_selection,
 )
 from .evaluate import as_tensors, evaluate, logits_of, predict
-from .synthetic import (
-    SYNTHETIC_BUDGET_SHARE, SyntheticConfig, SyntheticImages, Targets, class_targets, input_bounds, synthesize,
-)
+from .synthetic import SYNTHETIC_BUDGET_SHARE, SyntheticConfig, SyntheticImages, input_bounds, synthesize
 
 DEFAULT_DATASET = "default"  # the task's own data: Fashion-MNIST items, or scenes of them for a detector
 CALIBRATION_SPLIT = "train"  # calibration and fine-tuning data: ``train`` less whatever the selection took from it
@@ -381,33 +377,18 @@ def _num_classes(model: torch.nn.Module) -> int | None:
     return int(count) if count else None
 
 
-def _synthetic_targets(model: torch.nn.Module, config: SyntheticConfig) -> Targets | None:
-    """What synthetic images are pulled towards besides the model's prior: for a detector, sampled
-    boxes (:func:`~hf_vae_compress.detection.sampled_box_labels`, seeded by ``config.seed``) through
-    its own loss, as DIODE does, since BatchNorm statistics alone give scenes on which it is confident
-    of nothing; for a classifier without BatchNorm statistics, classes (its prior alone says little
-    about what a class looks like); none for a classifier whose BatchNorm statistics are matched
-    (ZeroQ needs no targets)."""
-    if is_detection_model(model):
-        labels = sampled_box_labels(config.calibration_images + config.check_images, model.config.num_labels,
-                                    torch.Generator().manual_seed(config.seed))
-        return Targets("boxes", lambda m, x, index: m(pixel_values=x, labels=[labels[i] for i in index.tolist()]).loss)
-    num_classes = _num_classes(model)
-    return class_targets(num_classes) if num_classes and not norm_layers(model) else None
-
-
 def synthetic_task(model: torch.nn.Module, config: SyntheticConfig, progress: bool = True) -> Agreement:
     """:class:`Agreement` on images made from ``model`` (:func:`~hf_vae_compress.synthetic.synthesize`),
     within what its preprocessing can produce: the preprocessed all-black and all-white images."""
     detector = is_detection_model(model)
     black, white = (_preprocess(model, [Image.new("RGB", (64, 64), (value,) * 3)], detector)[0] for value in (0, 255))
     call = (lambda m, x: m(pixel_values=x)) if detector else None
-    images: SyntheticImages = synthesize(model, input_bounds(black, white), config,
-                                         _synthetic_targets(model, config), call, progress)
+    images: SyntheticImages = synthesize(model, input_bounds(black, white), config, _num_classes(model), call,
+                                         progress)
     base = Detection() if detector else Classification()
     what = "mAP against the original's own boxes" if detector else "top-1 agreement with the original"
     description = (f"{what.capitalize()} on {len(images.check):,} synthetic images made from the model itself "
-                   f"({images.prior} prior{f', towards {images.targets}' if images.targets else ''}, {config.steps} steps, seed {config.seed}; {len(images.calibration):,} "
+                   f"({images.prior} prior, {config.steps} steps, seed {config.seed}; {len(images.calibration):,} "
                    f"others calibrated). Agreement on synthetic images is not accuracy: they are not the images the "
                    f"model is used on, so the drop there is held to {SYNTHETIC_BUDGET_SHARE:.0%} of the budget.")
     return Agreement(base, images.calibration, images.check, CHECK_SYNTHETIC, description, SYNTHETIC_BUDGET_SHARE,

@@ -17,11 +17,7 @@ from hf_vae_compress.cli import main
 from hf_vae_compress.codec import CompressedModel
 from hf_vae_compress.loading import find_container
 from hf_vae_compress.models import load_model
-from hf_vae_compress.detection import SYNTHETIC_BOX_SIDES, SYNTHETIC_OBJECTS, sampled_box_labels
-from hf_vae_compress.synthetic import (
-    PRIOR_BATCHNORM, PRIOR_PATCH_SIMILARITY, PRIOR_SMOOTHNESS, SYNTHETIC_BUDGET_SHARE, SyntheticConfig,
-    similarity_entropy, synthesize, token_blocks,
-)
+from hf_vae_compress.synthetic import PRIOR_BATCHNORM, PRIOR_CLASS_INVERSION, SYNTHETIC_BUDGET_SHARE, SyntheticConfig
 from hf_vae_compress.tasks import CHECK_SYNTHETIC, CHECK_UNLABELLED, synthetic_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,70 +39,8 @@ def test_synthetic_images_are_seeded_within_the_input_range_and_follow_the_model
     low, high = (0 - data.FASHION_MNIST_MEAN) / data.FASHION_MNIST_STD, (1 - data.FASHION_MNIST_MEAN) / data.FASHION_MNIST_STD
     images = torch.cat([first.calibration_images, first.check_images])
     assert images.min() >= low - 1e-5 and images.max() <= high + 1e-5
-    assert first.synthetic["prior"] == (PRIOR_BATCHNORM if kind == "timm" else PRIOR_PATCH_SIMILARITY)
-    assert first.synthetic["targets"] == (None if kind == "timm" else "classes")
+    assert first.synthetic["prior"] == (PRIOR_BATCHNORM if kind == "timm" else PRIOR_CLASS_INVERSION)
     assert first.synthetic["seconds"] > 0 and first.synthetic["loss_end"] < first.synthetic["loss_start"]
-
-
-def test_token_blocks_are_a_transformers_residual_blocks_and_a_cnn_has_none(vit_folder, timm_folder):
-    vit, cnn = load_model(vit_folder), load_model(timm_folder)
-    blocks = token_blocks(vit, torch.zeros(2, 1, 28, 28), lambda m, x: m(x))
-    assert blocks == list(vit.vit.layers) and len(blocks) == vit.config.num_hidden_layers
-    assert token_blocks(cnn, torch.zeros(2, 1, 28, 28), lambda m, x: m(x)) == []
-
-
-def test_similarity_entropy_is_higher_for_diverse_tokens_than_for_alike_ones():
-    generator = torch.Generator().manual_seed(0)
-    diverse = torch.randn(3, 40, 16, generator=generator)  # similarities spread around 0
-    alike = torch.ones(3, 40, 16) + 0.05 * torch.randn(3, 40, 16, generator=generator)  # all close to 1
-    assert (similarity_entropy(diverse) > similarity_entropy(alike) + 1).all()
-    many = torch.randn(1, 300, 16, generator=generator)  # more tokens than are scored: evenly spaced ones
-    assert similarity_entropy(many).isfinite().all()
-
-
-def test_the_patch_similarity_prior_alone_makes_block_similarities_more_diverse_deterministically(vit_folder):
-    """Without targets, only the prior (and smoothness) moves the images: the blocks' mean
-    similarity entropy rises from the noise it starts at, and the same seed gives the same images."""
-    model = load_model(vit_folder)
-    low, high = torch.full((1, 28, 28), -1.0), torch.full((1, 28, 28), 2.0)
-    config = SyntheticConfig(calibration_images=8, check_images=8, steps=8, batch_size=16, lr=0.1)
-    first, again = (synthesize(model, (low, high), config, progress=False) for _ in range(2))
-    assert first.prior == PRIOR_PATCH_SIMILARITY and first.targets is None
-    assert torch.equal(first.check, again.check) and first.loss_end < first.loss_start
-    images = torch.cat([first.calibration, first.check])
-    assert images.min() >= -1 and images.max() <= 2
-
-    def entropy(x: torch.Tensor) -> float:
-        outputs = []
-        handles = [b.register_forward_hook(lambda m, a, o: outputs.append(similarity_entropy(o[0] if
-                   isinstance(o, tuple) else o).mean())) for b in token_blocks(model, x[:2], lambda m, y: m(y))]
-        with torch.no_grad():
-            model(x)
-        for handle in handles:
-            handle.remove()
-        return float(torch.stack(outputs).mean())
-
-    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(config.seed)).clamp(-1, 2)
-    assert entropy(images) > entropy(noise)
-    # a CNN without BatchNorm or token blocks falls back to smoothness alone
-    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
-    plain(torch.zeros(1, 1, 28, 28))
-    assert synthesize(plain, (low, high), config, progress=False).prior == PRIOR_SMOOTHNESS
-
-
-def test_sampled_box_targets_are_seeded_and_inside_the_image():
-    first, again = (sampled_box_labels(50, 7, torch.Generator().manual_seed(3)) for _ in range(2))
-    other = sampled_box_labels(50, 7, torch.Generator().manual_seed(4))
-    assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(first, again))
-    assert not all(a["boxes"].shape == b["boxes"].shape and torch.equal(a["boxes"], b["boxes"])
-                   for a, b in zip(first, other))
-    counts = {len(label["class_labels"]) for label in first}
-    assert counts == set(range(SYNTHETIC_OBJECTS[0], SYNTHETIC_OBJECTS[1] + 1))
-    for label in first:
-        cx, cy, w, h = label["boxes"].unbind(1)
-        assert ((w >= SYNTHETIC_BOX_SIDES[0]) & (w <= SYNTHETIC_BOX_SIDES[1])).all()
-        assert ((cx - w / 2 >= 0) & (cx + w / 2 <= 1) & (cy - h / 2 >= 0) & (cy + h / 2 <= 1)).all()
-        assert ((label["class_labels"] >= 0) & (label["class_labels"] < 7)).all()
 
 
 def test_a_tiny_model_without_data_gets_synthetic_calibration_and_an_agreement_checked_rate(timm_folder, tmp_path,
