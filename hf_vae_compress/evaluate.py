@@ -30,8 +30,18 @@ def bootstrap_interval(correct: np.ndarray, num_resamples: int = 1000, seed: int
 
 
 def as_tensors(dataset, transform: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Preprocess a whole dataset once: for evaluating many models that share a preprocessing."""
-    x = torch.stack([transform(im) for im in dataset["image"]])
+    """Preprocess a whole dataset once: for evaluating many models that share a preprocessing.
+
+    Each image is written into one preallocated tensor as it is transformed: stacking a list of
+    them held the split twice (1.2 GB for 1,000 images at 224 px), at the peak of a compress."""
+    if len(dataset) == 0:
+        raise ValueError("the dataset has no images")
+    images = iter(dataset["image"])
+    first = transform(next(images))
+    x = torch.empty((len(dataset), *first.shape), dtype=first.dtype)
+    x[0] = first
+    for i, image in enumerate(images, start=1):
+        x[i] = transform(image)
     return x, torch.as_tensor(dataset["label"])
 
 
