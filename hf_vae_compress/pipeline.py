@@ -55,7 +55,8 @@ from .finetune import FinetuneConfig, finetune
 from .hub import save_pretrained
 from .loading import load_compressed, load_folder
 from .models import load_model, resolve_folder
-from .sequential import SCORING_SEED, STOPPING_ERROR, Verdict, early_verdict, look_sizes, screening_size
+from .sequential import (SCORING_SEED, STOPPING_ERROR, Verdict, early_verdict, look_sizes, provisional_accept,
+                         screening_size)
 from .synthetic import SyntheticConfig
 from .tasks import CHECK_LABELLED, CHECK_SYNTHETIC, Task, synthetic_task, task_for, unlabelled_task
 
@@ -362,9 +363,9 @@ class Source:
         order (None for a whole-set metric), for a search to pause and resume a probe's scoring.
 
         ``screen`` (with ``early_stop``, a look size) pauses the looks there: a probe not decided by
-        then is ``provisional``, its ``within_budget`` the rule of :meth:`validation_drop` applied to
-        the ``examples`` scored, with their own (wider) standard error, which is a guess to steer a
-        search, not a verdict. ``scored`` (a paused probe's scores) resumes its looks after those
+        then is ``provisional``, its ``within_budget`` the rule of :meth:`validation_drop` predicted
+        for the whole split from the ``examples`` scored (their drop plus the standard error the
+        whole split would have), which is a guess to steer a search, not a verdict. ``scored`` (a paused probe's scores) resumes its looks after those
         examples, to a sound verdict or the whole split (``verified``); they are not scored again.
         """
         task = self.task
@@ -387,8 +388,9 @@ class Source:
             if len(examples) > 1:
                 se = float(100 * np.std(paired - examples, ddof=1) / np.sqrt(len(examples)))
         drop = 100 * (base - score)
-        within = drop + se <= allowed if verdict is None else verdict.accepted
         scored_examples = total if examples is None else len(examples)
+        within = provisional_accept(drop, se, scored_examples, total, allowed) if verdict is None \
+            else verdict.accepted
         result = dict(metric=task.metric, check=selection["check"], split=selection["split"],
                       examples=scored_examples, split_examples=total,
                       base=base, compressed=score, drop_pt=drop, drop_se_pt=se, budget_pt=budget,

@@ -15,7 +15,8 @@ import pytest
 from hf_vae_compress.codec import VAECompressionConfig
 from hf_vae_compress.pipeline import Source, describe_probe, search_smallest
 from hf_vae_compress.sequential import (
-    FIRST_LOOK, STOPPING_ERROR, decide, drop_statistic_pt, early_verdict, look_sizes, screening_size,
+    FIRST_LOOK, STOPPING_ERROR, decide, drop_statistic_pt, early_verdict, look_sizes, provisional_accept,
+    screening_size,
 )
 from hf_vae_compress.data import load_fashion_mnist
 from hf_vae_compress.hub import _validation_summary
@@ -78,6 +79,21 @@ def test_the_full_rule_statistic_is_monotone_in_each_count_and_matches_the_pipel
         gained = int(rng.integers(0, total // 5 + 1))
         base, probe = _pair(total, lost, gained, rng)
         assert drop_statistic_pt(lost, gained, total) == pytest.approx(_full_rule(base, probe), abs=ROUNDING_PT)
+
+
+def test_a_screen_guesses_the_whole_splits_rule_not_its_own_wider_one():
+    total, screen = 5000, 512
+    # 2 examples lost of 512 screened, the same rate over the split: the whole split keeps a 0.5 pt
+    # budget, and so must the guess (the screen's own SE, 0.28 pt, made it a reject)
+    lost_screen, lost_total = 2, round(2 * total / screen)
+    whole = drop_statistic_pt(lost_total, 0, total)
+    assert whole <= 0.5
+    drop, se = 100 * lost_screen / screen, drop_statistic_pt(lost_screen, 0, screen) - 100 * lost_screen / screen
+    assert drop + se > 0.5  # the old guess
+    assert provisional_accept(drop, se, screen, total, 0.5)
+    # a clearly worse probe is still guessed a reject, and with every example scored the guess is the rule
+    assert not provisional_accept(100 * 4 / screen, se, screen, total, 0.5)
+    assert provisional_accept(0.3, 0.2, total, total, 0.5) and not provisional_accept(0.3, 0.21, total, total, 0.5)
 
 
 def test_looks_double_then_halve_what_is_left_and_end_with_the_whole_split():
