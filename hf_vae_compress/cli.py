@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output_aware: GPTQ error compensation against each layer's calibration inputs (default; "
                          "identity transform, needs data); rate_aware: the same, each level chosen against what its "
                          "symbol costs (a dead zone where the layer's output barely notices; fewer bits at the same "
-                         "step, not yet shown smaller within an accuracy budget); nearest: round each weight to its "
+                         "step, but larger containers within an accuracy budget so far); nearest: round each weight to its "
                          "nearest level")
     co.add_argument("--correct-biases", action=argparse.BooleanOptionalAction, default=VAECompressionConfig.correct_biases,
                     help="shift stored biases by the output-mean change quantization causes (needs data)")
