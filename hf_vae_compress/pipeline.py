@@ -541,7 +541,7 @@ def _duration(seconds: float) -> str:
 
 @dataclass
 class _Candidate:
-    """An accepted probe, provisionally or finally, kept until the search ends: its container
+    """A probe accepted, or not yet soundly rejected, kept until the search ends: its container
     (coded bytes; decoded again to be scored on, rather than holding a model per probe), its
     validation and per-example scores so far (empty on processes that do not score), and its log
     entry, which a verification updates."""
@@ -577,13 +577,15 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
     provisional its scoring resumes where it paused (its scores are kept, the container decoded
     again) to a sound verdict, the whole split's rule at the latest, and the entry is updated
     (``verified``, and ``accepted``, ``examples_scored``, the drop and ``early_stop`` are then
-    final); while that rejects, the next larger accepted probe is taken the same way. So the
-    container returned has always passed the whole split's rule or an early accept, and the
-    search's scoring is the base's pass, the screening, and one verification per provisional
-    accept that fails plus the one that holds. A provisionally rejected probe is never verified:
-    ``accepted`` False then means "not shown to keep the budget", and its rate is smaller than every
-    accepted one's (the bisection moved up past it). An unverified ``accepted`` True that is
-    still ``provisional`` belongs to a larger probe than the one returned.
+    final); while that rejects, the next larger candidate is taken the same way. A provisionally
+    *rejected* probe is a candidate too (only a sound early reject or the whole split's rule rules
+    a probe out): near the budget a screen of a few hundred examples errs either way, and a wrong
+    reject would otherwise cost the search the smaller rate for good. So the container returned is
+    the smallest probe that passed the whole split's rule or an early accept, as if every probe
+    had been scored whole, and the search's scoring is the base's pass, the screening, and one
+    verification per candidate smaller than the answer (stopped early where the bounds decide)
+    plus the one that holds. An unverified entry that is still ``provisional`` belongs to a larger
+    probe than the one returned.
 
     Each entry also has ``examples_scored`` of ``split_examples``, its ``compress_seconds`` and
     ``score_seconds`` (and the compressor's ``compress_stage_seconds`` where it records them), and
@@ -638,6 +640,7 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
         validation, scores = src.judge(probe, max_drop_pt, early_stop=True, screen=screen) if main_process \
             else ({}, None)
         accepted = _agreed(accelerator, validation.get("within_budget", False))
+        provisional = _agreed(accelerator, validation.get("provisional", False))
         report = probe.report()
         seconds = time.perf_counter() - probe_start
         compress_seconds, score_seconds = compressed_at - probe_start, seconds - (compressed_at - probe_start)
@@ -653,9 +656,10 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
                         estimated_seconds_left=round((probes - index) * (time.perf_counter() - probes_start) / index, 1)))
         if main_process:
             _report_probe(log[-1], allowed, bar, on_probe)
+        if accepted or provisional:  # a provisional reject is a guess too: verified if it is the smallest left
+            candidates.append(_Candidate(probe, validation, scores, log[-1]))
         if accepted:
             hi = math.log(bpw)
-            candidates.append(_Candidate(probe, validation, scores, log[-1]))
         else:
             lo = math.log(bpw)
     bar.close()
@@ -682,8 +686,9 @@ def _verified_smallest(src: Source, candidates: list[_Candidate], max_drop_pt: f
                        stages: dict[str, float], on_probe: ProbeReport | None) -> tuple[CompressedModel | None,
                                                                                          dict | None]:
     """The smallest candidate whose final verdict is an accept, and its validation: a provisional
-    one is scored on from where its screening paused (:meth:`Source.judge` with its ``scored``),
-    smallest first, until one holds; a final one is taken as it is. Only the main process scores;
+    one (accepted or rejected on its screen) is scored on from where its screening paused
+    (:meth:`Source.judge` with its ``scored``), smallest first, until one holds; a final accept is
+    taken as it is. Only the main process scores;
     every process takes the main process's verdicts in the same order."""
     main_process = _is_main(accelerator)
     for candidate in sorted(candidates, key=lambda c: c.entry["bytes"]):

@@ -33,11 +33,11 @@ never stopped early (:func:`binary`); mAP has no per-example scores and is alway
 search that scored every undecided probe whole would pay a pass per probe. The rate search instead
 pauses each probe's looks at :func:`screening_size`: a probe still undecided there gets a
 *provisional* verdict, the full-split rule predicted from the examples scored (their drop plus the
-standard error the whole split would have, their own shrunk by ``sqrt(n / N)``: with their own,
-wider one the guess rejected nearly every probe with a real drop, and a provisional reject is never
-scored on), which only steers the bisection. The search then resumes the looks of the smallest provisionally accepted probe from
-where they paused, on to a sound verdict (the full split at the latest), and falls back to the next
-larger candidate while that verdict is a reject. Pausing adds no look and a provisional verdict is
+standard error the whole split would have: their own, shrunk by ``sqrt(n / N)``), which only steers
+the bisection. The search then resumes the looks of the smallest probe not yet soundly rejected
+(provisionally accepted *or* rejected: near the budget a screen errs both ways) from where they
+paused, on to a sound verdict (the full split at the latest), and falls back to the next larger
+candidate while that verdict is a reject. Pausing adds no look and a provisional verdict is
 never returned, so every final verdict is one today's sequential scoring of that probe would give:
 the guarantee above holds unchanged.
 """
@@ -110,10 +110,10 @@ def provisional_accept(drop_pt: float, se_pt: float, scored: int, total: int, al
     """The full-split rule predicted from ``scored`` of ``total`` examples: their drop plus the
     standard error the whole split would have (theirs shrunk by ``sqrt(scored / total)``), within
     ``allowed_pt``; with every example scored, the rule itself. A paused probe's guess: it only
-    steers the search, and every accept is verified before it is returned. Their own, wider SE
-    (at 512 examples about the size of a 0.5 pt budget) rejected nearly every probe with a real
-    drop, and a provisional reject is never scored on: the search's containers came out 1.7-2.6x
-    larger than with whole-split scoring on two reference models (rate_accuracy.json)."""
+    steers the search, and the answer is verified before it is returned. With the screen's own,
+    wider SE (at 512 examples about the size of a 0.5 pt budget) nearly every probe with a real drop
+    was guessed a reject, and the default's containers came out 1.7-2.6x larger than with
+    whole-split scoring on two reference models (rate_accuracy.json)."""
     return drop_pt + se_pt * math.sqrt(scored / total) <= allowed_pt
 
 

@@ -323,6 +323,30 @@ def test_when_every_provisional_accept_holds_scoring_costs_one_pass_beyond_the_s
                                                     if not p["verified"])
 
 
+def test_a_provisional_reject_the_whole_split_keeps_is_verified_and_returned(timm_folder, unlabelled, monkeypatch):
+    # from 0.5 bits/weight all agree; from 0.3 one example disagrees, the first one screened: its
+    # screen guesses a reject, the whole split keeps the budget (1 of 600: 0.33 pt). Bisection over
+    # (0.125, 8): 1.0 (good), 0.354 (one lost), 0.595 (good), 0.459 (one lost)
+    def script_for(order, screen):
+        def script(bpw):
+            scores = np.ones(len(order))
+            if bpw < 0.3:
+                scores[::5] = 0
+            elif bpw < 0.5:
+                scores[order[0]] = 0
+            return scores
+        return script
+
+    result, task, total, screen, _ = _scripted_search(timm_folder, unlabelled, monkeypatch, script_for)
+    one_lost = [p for p in result.probes if 0.3 <= p["target_bits_per_weight"] < 0.5]
+    assert one_lost and all(not p["early_stop"] for p in one_lost)
+    smallest = min(one_lost, key=lambda p: p["bytes"])
+    assert smallest["verified"] and smallest["accepted"] and smallest["examples_scored"] == total
+    assert _full_rule(np.ones(total), task._script(smallest["target_bits_per_weight"])) <= 0.5
+    assert result.compressed.report()["total_bytes"] == smallest["bytes"] < min(
+        p["bytes"] for p in result.probes if p["target_bits_per_weight"] >= 0.5)
+
+
 def test_the_card_says_how_many_examples_of_the_split_decided_and_whether_they_were_verified():
     validation = dict(metric="top1", check="labelled accuracy", split="validation", examples=1000,
                       split_examples=1000, base=0.8, compressed=0.799, drop_pt=0.1, budget_pt=0.5,
