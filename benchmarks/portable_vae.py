@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_vae_compress.codec import VAECompressionConfig, compress, config as codec_config
+from hf_vae_compress.codec import VAECompressionConfig, compress
 from hf_vae_compress.pipeline import Source
 
 logger = logging.getLogger("portable_vae")
@@ -103,8 +103,6 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if "vae-int" not in codec_config.TRANSFORMS:  # until the config lists the kind (its owner's change)
-        codec_config.TRANSFORMS = (*codec_config.TRANSFORMS, "vae-int")
     torch.manual_seed(0)
     start = time.perf_counter()
     src = Source.open(ROOT / "reference_models" / args.model, "default", VAECompressionConfig.calibration_batches,

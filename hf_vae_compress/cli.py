@@ -294,8 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--synthetic-steps", type=int, default=SyntheticConfig.steps,
                     help="optimisation steps per batch of synthetic images (more: closer statistics, slower)")
     co.add_argument("--transform", choices=TRANSFORMS, default=VAECompressionConfig.transform,
-                    help="identity: scalar quantization, decodes bit-identically everywhere (default); vae: the learned "
-                         "transform, whose float decoder is not yet portable across machines")
+                    help="identity: scalar quantization, decodes bit-identically everywhere (default); vae-int: the "
+                         "learned transform with an integer decoder, also bit-identical everywhere; vae: the learned "
+                         "transform with a float decoder network, verified only where the float kernels match the "
+                         "writer's")
     co.add_argument("--chunk-size", type=int, default=VAECompressionConfig.chunk_size)
     co.add_argument("--hidden-size", type=int, default=VAECompressionConfig.hidden_size)
     co.add_argument("--train-steps", type=int, default=FitConfig.train_steps)

@@ -18,9 +18,7 @@ import math
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -38,17 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 OTHER_MACHINE = {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
 KIND = "vae-int"
 FIT = FitConfig(train_steps=60, train_batch_chunks=1024)
-
-
-@contextmanager
-def kind_listed() -> Iterator[None]:
-    """The codec config's transform choices with ``vae-int`` in them: until ``config.TRANSFORMS``
-    lists it (a change its owner makes), a config naming it is refused before anything is coded.
-    Once it is listed this changes nothing."""
-    with pytest.MonkeyPatch.context() as patch:
-        if KIND not in codec_config.TRANSFORMS:
-            patch.setattr(codec_config, "TRANSFORMS", (*codec_config.TRANSFORMS, KIND))
-        yield
 
 
 def correlated_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -70,14 +57,7 @@ def _compress(kind: str, directory: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def containers(tmp_path_factory) -> dict[str, Path]:
-    with kind_listed():
-        return {kind: _compress(kind, tmp_path_factory.mktemp(kind)) for kind in (KIND, "vae")}
-
-
-@pytest.fixture(autouse=True)
-def listed() -> Iterator[None]:
-    with kind_listed():
-        yield
+    return {kind: _compress(kind, tmp_path_factory.mktemp(kind)) for kind in (KIND, "vae")}
 
 
 def _digest(decoded: dict[str, torch.Tensor]) -> str:
@@ -240,5 +220,4 @@ def test_symbols_beyond_the_exact_range_are_refused():
 if __name__ == "__main__":
     from tests.decode_probe import main
 
-    with kind_listed():
-        main(sys.argv[1:])
+    main(sys.argv[1:])

@@ -31,7 +31,7 @@ class JsonConfig:
         return cls.from_dict(json.loads(text))
 
 
-TRANSFORMS = ("vae", "identity")
+TRANSFORMS = ("vae", "vae-int", "identity")
 # The bits per weight a compression may be asked for. Below the floor every weight rounds to zero on
 # real models (0.01 coded a classifier to chance); above the ceiling the container is larger than an
 # fp16 checkpoint of the same weights. The rate search's bracket (pipeline.SEARCH_RANGE_BPW) starts
@@ -74,7 +74,9 @@ class VAECompressionConfig(JsonConfig):
     # "identity" (scalar quantization, no decoder network) is the default: its decode is integer
     # arithmetic and one exact multiply, bit-identical on every machine. The VAE's float decoder
     # is not: a VAE container written on one CPU failed its checksums on another
-    # (benchmarks/results/determinism_device.json), so it is opt-in until its decoder is portable.
+    # (benchmarks/results/determinism_device.json), so it is opt-in. "vae-int" is the learned
+    # transform with an integer decoder (format/linear.py): portable like the identity, but with
+    # nearest rounding only (no weight grid for GPTQ) it is not smaller (issue 24), so not the default.
     transform: str = "identity"
     chunk_size: int = 9  # one 3x3 kernel per chunk for 3x3 convolutions
     hidden_size: int = 32

@@ -80,9 +80,12 @@ def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
 def layer_factor(calibration: Calibration, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`inverse_cholesky` of the layer ``name``'s input moments, computed once per
     calibration and kept in it: a rate search compresses one model many times, at other steps
-    but always against the same inputs."""
+    but always against the same inputs. The factor is kept in float32, the precision GPTQ's
+    updates use it in (:func:`output_aware_symbols`): the same symbols, and half the memory of
+    float64 factors (951 MiB for resnet50's layers, the top of a fixed-rate compress's RSS)."""
     if name not in calibration.factors:
-        calibration.factors[name] = inverse_cholesky(calibration.layers[name])
+        order, u = inverse_cholesky(calibration.layers[name])
+        calibration.factors[name] = order, u.float()
     return calibration.factors[name]
 
 
@@ -107,7 +110,7 @@ def output_aware_symbols(weight: torch.Tensor, factors: torch.Tensor, factor: tu
     w, grid = w.transpose(1, 2).contiguous(), grid.transpose(1, 2).contiguous()
     x = w / grid
     levels = None if rate_scale is None else RateAwareLevels.of(torch.round(x), rate_scale * rate_penalties(u, x))
-    u = u.float()  # the factor is computed in float64; the updates need no more than float32
+    u = u.float()  # computed in float64 (cached in float32: layer_factor); the updates need no more
     symbols = torch.empty_like(w)
     for start in range(0, d, BLOCK):
         end = min(start + BLOCK, d)
