@@ -62,7 +62,10 @@ def model_folder(name: str) -> Path:
 
 
 def cli_compress(folder: Path, out: Path, *extra: str) -> dict:
-    """One ``hf-vae-compress compress`` in a fresh process: its JSON and its wall-clock seconds."""
+    """One ``hf-vae-compress compress`` in a fresh process, into an emptied ``out`` (the benchmark's
+    own folder: the CLI rightly refuses to write over a previous run's weights): its JSON and its
+    wall-clock seconds."""
+    shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "hf_vae_compress", "compress", str(folder), str(out), *extra,
                            "--json"], capture_output=True, text=True, cwd=ROOT)
