@@ -273,20 +273,31 @@ def load_speed_lines(path: Path) -> list[str]:
     return lines + [""]
 
 
+def _run_at(run: dict) -> str:
+    """Where a scale run was measured: its commit and CPU where the run recorded them (runs before
+    aad0c31 recorded neither; they ran on the machine of the file's first commit of them)."""
+    where = [f"`{run['commit'][:7]}`" if run.get("commit") else "before `aad0c31`", run.get("cpu")]
+    return ", ".join(w for w in where if w)
+
+
 def scale_lines(path: Path) -> list[str]:
     """ImageNet-size checkpoints on 2 cores (``benchmarks/scale.py``): compress time by stage, and load."""
     if not path.exists():
         return []
     r = json.loads(path.read_text())
     lines = ["#### Real sizes", "",
-             f"`benchmarks/scale.py` at commit `{r['commit'][:7]}` on {r['cpu_count']} CPU cores; {r['device']}. "
+             f"`benchmarks/scale.py` on {r['cpu_count']} CPU cores; {r['device']}. Each run names the commit it ran "
+             "at (*run at*) and, from then on, its CPU: runs kept from other sessions may come from another machine "
+             "(an Intel Xeon before `aad0c31`, an AMD EPYC for "
+             "the runs at `a53be7e`), so compare times within a row, not across rows of different machines. "
              "Models built at their real size with random weights (time and memory do not depend on training), "
              f"a {r['image_size']} px image folder with a {r['validation_images']:,}-image validation split, each "
              "compress a fresh CLI process. *default*: no rate argument (the accuracy-checked search); *fixed*: "
              "`--target-bpw 2`, which still reports its drop (the base and the result scored on the whole split: "
              "*base_scoring* and *score*; the fixed-rate target is judged without them). Stages add up to the total "
              "(*other*: interpreter start and imports).", "",
-             "| model | weights | run | seconds (target) | peak RSS GB | x fp32 | stages, s |", "|---|---:|---|---:|---:|---:|---|"]
+             "| model | weights | run | seconds (target) | peak RSS GB | x fp32 | stages, s | run at |",
+             "|---|---:|---|---:|---:|---:|---|---|"]
     for row in r["rows"]:
         for kind in ("default", "fixed_rate"):
             run = row.get(kind)
@@ -295,14 +306,15 @@ def scale_lines(path: Path) -> list[str]:
             target = f" (target {run['target_seconds']:.0f})" if run.get("target_seconds") else ""
             if "error" in run:
                 lines.append(f"| `{row['model']}` | | {kind.replace('_rate', '')} | **{run['seconds']:.0f}**{target} "
-                             f"| {run['peak_rss_gb']:.2f} | no container | {run['error'].split(' (probes:')[0]} |")
+                             f"| {run['peak_rss_gb']:.2f} | no container | {run['error'].split(' (probes:')[0]} "
+                             f"| {_run_at(run)} |")
                 continue
             if "seconds_without_accuracy_report" in run:
                 target = f"; {run['seconds_without_accuracy_report']:.0f} without the drop report{target}"
             stages = ", ".join(f"{k} {v:.0f}" for k, v in run["stage_seconds"].items())
             lines.append(f"| `{row['model']}` | {run['num_weights'] / 1e6:.1f} M | {kind.replace('_rate', '')} "
                          f"| **{run['seconds']:.0f}**{target} | {run['peak_rss_gb']:.2f} | {run['ratio_vs_fp32']:.1f}x "
-                         f"| {stages} |")
+                         f"| {stages} | {_run_at(run)} |")
     lines += ["", "Load of the fixed-rate container against fp32 safetensors of the same weights, same run (medians; "
               "peak RSS of each path in a fresh process; *fp32 read*: the meta load with the fp32 bytes actually "
               "read, as safetensors maps the file and reads nothing until a weight is used):", "",

@@ -94,6 +94,17 @@ LOAD_RSS_RATIO_MAX = 1.3
 DECODE_WEIGHTS_PER_S_MIN = 250e6
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo``): runs kept from earlier commits may come from another
+    machine, and timings only compare on one."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        return None
+    return names[0] if names else None
+
+
 def synthetic_image(rng: np.random.Generator) -> Image.Image:
     """A smooth random colour field: a coarse random grid upsampled, so that it is image-like
     (neighbouring pixels correlate) rather than white noise."""
@@ -256,7 +267,7 @@ def measure(name: str, runs: list[str], previous: dict | None, repeats: int) -> 
         if "error" in run:  # no JSON, no stages: the command's own total and its error
             row[kind] = dict(seconds=run["wall_seconds"], peak_rss_gb=run["peak_rss_gb"], error=run["error"],
                              stage_seconds=None, target_seconds=TARGETS.get(kind, {}).get(name), meets_target=False,
-                             commit=_commit())
+                             commit=_commit(), cpu=cpu_model())
             continue
         validation = run.get("validation") or {}
         row[kind] = dict(
@@ -265,7 +276,7 @@ def measure(name: str, runs: list[str], previous: dict | None, repeats: int) -> 
             num_weights=run["num_weights"], rate_search=run.get("rate_search"),
             validation={k: validation.get(k) for k in ("metric", "examples", "examples_scored", "drop_pt",
                                                        "drop_se_pt", "within_budget")},
-            target_seconds=TARGETS.get(kind, {}).get(name), commit=_commit(),
+            target_seconds=TARGETS.get(kind, {}).get(name), commit=_commit(), cpu=cpu_model(),
         )
         judged = row[kind]["seconds"]
         if kind == "fixed_rate":  # the rate is given: what the target times is compressing, not the report
