@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from hf_vae_compress import CONTAINER_NAME, CompressedModel, IntegrityError
+from hf_vae_compress.codec.format.integrity import MachineDependentError
 from hf_vae_compress.data import (
     FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_pretrained_cfg, load_fashion_mnist,
 )
 from hf_vae_compress.models import save_timm
+
+
+def assert_damage_is_corrupt(path: Path, part: str, out_dir: Path, bit: int) -> None:
+    """Flip ``bit`` in the middle of the stored ``part`` of the container at ``path`` (damage on
+    disk) and check the load is refused as corrupt, never as machine-dependent, even with the
+    unverified-decode opt-in."""
+    raw = bytearray(path.read_bytes())
+    stored = CompressedModel.load(path).tensors[part].numpy().tobytes()
+    offset = raw.find(stored)
+    assert offset > 0 and stored
+    raw[offset + len(stored) // 2] ^= bit
+    damaged = out_dir / CONTAINER_NAME
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="corrupt") as caught:
+        CompressedModel.load(damaged).decode(allow_unverified=True)  # the opt-in never excuses damage
+    assert not isinstance(caught.value, MachineDependentError)
 
 
 def tiny_timm(name: str = "test_resnet", seed: int = 0) -> torch.nn.Module:
