@@ -108,8 +108,10 @@ def output_aware_symbols(weight: torch.Tensor, factors: torch.Tensor, factor: tu
     grid = grid.reshape(w.shape).take_along_dim(order[:, None, :], 2)
     # (groups, d, rows): a column of the weight is one contiguous row here
     w, grid = w.transpose(1, 2).contiguous(), grid.transpose(1, 2).contiguous()
-    x = w / grid
-    levels = None if rate_scale is None else RateAwareLevels.of(torch.round(x), rate_scale * rate_penalties(u, x))
+    levels = None
+    if rate_scale is not None:  # the weights in steps, for the rate model and its price
+        x = w / grid
+        levels = RateAwareLevels.of(torch.round(x), rate_scale * rate_penalties(u, x))
     u = u.float()  # computed in float64 (cached in float32: layer_factor); the updates need no more
     symbols = torch.empty_like(w)
     for start in range(0, d, BLOCK):
