@@ -39,6 +39,7 @@ bench: $(STAMP) data
 	$(PY) benchmarks/hub_roundtrip.py
 	$(PY) benchmarks/default_compress.py
 	$(PY) benchmarks/datafree.py
+	$(PY) benchmarks/portable_vae.py
 	$(PY) benchmarks/posthoc_quality.py --calibration-seeds 0 1 --timing
 	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/report.py
