@@ -56,7 +56,8 @@ def fit_state_dict(decoded: dict[str, torch.Tensor], expected: dict[str, torch.T
 
     ``rename`` maps a decoded name the model does not know to the model's name for it (e.g.
     transformers' legacy renamings, or TimmWrapper's ``timm_model.`` prefix). Floating-point
-    tensors are cast only when the model was built in another dtype on purpose.
+    tensors are cast only when the model was built in another dtype on purpose; any other dtype
+    mismatch (an integer buffer decoded as floats, or the reverse) is refused.
 
     ``names_verified=False`` (a version-1 container: its hashes cover each tensor's bytes, not its
     name) also asks that the tensors come in the model's state-dict order, the order the writer
@@ -83,7 +84,11 @@ def fit_state_dict(decoded: dict[str, torch.Tensor], expected: dict[str, torch.T
         tensor = renamed[key]
         if tuple(tensor.shape) != tuple(ref.shape):
             raise RuntimeError(f"decoded {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(ref.shape)}")
-        if tensor.is_floating_point() and ref.is_floating_point() and tensor.dtype != ref.dtype:
+        if tensor.dtype != ref.dtype and not (tensor.is_floating_point() and ref.is_floating_point()):
+            # integer buffers are stored exactly: another dtype is a damaged or foreign header (a
+            # version-1 hash covers bytes, not dtypes), never something to cast
+            raise RuntimeError(f"decoded {key!r} is {tensor.dtype}, the model expects {ref.dtype}")
+        if tensor.dtype != ref.dtype:
             tensor = tensor.to(ref.dtype)
         out[key] = tensor
     return out

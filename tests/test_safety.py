@@ -24,7 +24,7 @@ from hf_vae_compress import ContainerError, VAECompressionConfig, compress, hub,
 from hf_vae_compress.cli import main
 from hf_vae_compress.codec import CONTAINER_NAME
 from hf_vae_compress.finetune import FinetuneConfig, RUN_FILE, run_identity
-from hf_vae_compress.loading import load_folder
+from hf_vae_compress.loading import fit_state_dict, load_folder
 from hf_vae_compress.models import load_model  # the loader Source.open uses
 from tests.conftest import tiny_timm, tiny_vit
 
@@ -364,3 +364,17 @@ def test_a_truncated_container_through_from_pretrained_names_the_file(vit_folder
     container.write_bytes(container.read_bytes()[:1000])
     with pytest.raises(ContainerError, match=f"{container}.*truncated or corrupt"):
         AutoModelForImageClassification.from_pretrained(out)
+
+
+def test_an_integer_buffer_decoded_as_floats_is_refused_not_cast():
+    """A version-1 header whose integer buffer's dtype name was changed to a float of the same width
+    decodes the same bytes (its hash covers bytes, not dtypes): the loader must refuse it, not cast
+    garbage into the model's counter (found by the fuzz benchmark)."""
+    expected = {"bn.num_batches_tracked": torch.zeros((), dtype=torch.int64, device="meta"),
+                "bn.weight": torch.zeros(3, device="meta")}
+    counter = torch.tensor(5, dtype=torch.int64)
+    decoded = {"bn.num_batches_tracked": counter.view(torch.float64), "bn.weight": torch.ones(3, dtype=torch.float16)}
+    with pytest.raises(RuntimeError, match="num_batches_tracked.*float64.*int64"):
+        fit_state_dict(decoded, expected, "model")
+    decoded["bn.num_batches_tracked"] = counter  # the float weight is still cast to the model's dtype
+    assert fit_state_dict(decoded, expected, "model")["bn.weight"].dtype == torch.float32
