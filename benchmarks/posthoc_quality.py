@@ -1,7 +1,7 @@
 """Post-hoc quality: what output-aware rounding and the free corrections buy (``make bench-posthoc``).
 
 For every reference model, one shared calibration (:class:`~hf_vae_compress.pipeline.Source`)
-and, per variant, the library's own rate search (:func:`~hf_vae_compress.pipeline.search_smallest`:
+and, per variant, the library's own rate search (:func:`~hf_vae_compress.search.search_smallest`:
 the smallest container whose validation drop plus one standard error fits the task's budget).
 The chosen container is then scored on the **test** split. Variants (config fields):
 
@@ -46,7 +46,8 @@ from hf_vae_compress.codec import VAECompressionConfig, compress
 from hf_vae_compress.codec.calibration import calibrate
 from hf_vae_compress.codec.output_aware import RATE_SCALE
 from hf_vae_compress.models import load_model
-from hf_vae_compress.pipeline import Source, search_smallest
+from hf_vae_compress.pipeline import Source
+from hf_vae_compress.search import search_smallest
 from hf_vae_compress.tasks import Classification, task_for
 
 logger = logging.getLogger("posthoc_quality")

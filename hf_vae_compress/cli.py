@@ -24,7 +24,8 @@ from .finetune import FinetuneConfig, check_resume, run_identity
 from .hub import CardInfo, check_output, push_to_hub, save_pretrained
 from .loading import find_container
 from .models import check_model_folder, load_model, resolve_folder, weights_bytes
-from .pipeline import UNCHECKED_BPW, Source, describe_probe, load_any, search_smallest
+from .pipeline import UNCHECKED_BPW, Source, load_any
+from .search import describe_probe, search_smallest
 from .synthetic import SyntheticConfig
 from .tasks import CHECK_LABELLED, CHECK_NONE, DEFAULT_DATASET, task_for
 

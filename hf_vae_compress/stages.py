@@ -33,7 +33,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("integrations", ("integrations", "integrations.quantization_config", "integrations.transformers_quantizer",
                       "integrations.timm", "integrations.remote_code", "integrations.remote_code.modeling_hf_vae_compress")),
     ("publish", ("hub",)),
-    ("pipeline", ("finetune", "sequential", "pipeline")),
+    ("pipeline", ("finetune", "sequential", "pipeline", "search")),
     ("entry points", ("cli", "__main__", "", "stages")),
     ("testing", ("testing", "testing.hub_server")),
 )

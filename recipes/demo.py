@@ -20,7 +20,8 @@ from hf_vae_compress import VAECompressionConfig
 from hf_vae_compress.data import load_fashion_mnist
 from hf_vae_compress.evaluate import evaluate, logits_of
 from hf_vae_compress.models import load_model
-from hf_vae_compress.pipeline import Source, describe_probe, load_compressed, search_smallest
+from hf_vae_compress.pipeline import Source, load_compressed
+from hf_vae_compress.search import describe_probe, search_smallest
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ from hf_vae_compress.cli import main
 from hf_vae_compress.codec import CONTAINER_NAME, FitConfig
 from hf_vae_compress.finetune import FinetuneConfig, finetune
 from hf_vae_compress.models import load_model
-from hf_vae_compress.pipeline import search_smallest
+from hf_vae_compress.search import search_smallest
 from tests.conftest import tiny_timm
 
 COMPRESS = ["--target-bpw", "3", "--train-steps", "40", "--json"]

@@ -19,9 +19,8 @@ from hf_vae_compress import data
 from hf_vae_compress.codec import CompressedModel, VAECompressionConfig
 from hf_vae_compress.evaluate import as_tensors
 from hf_vae_compress.models import save_timm
-from hf_vae_compress.pipeline import (
-    MEMORISATION_Z, Source, UncheckedAccuracyError, memorisation_check, search_smallest,
-)
+from hf_vae_compress.pipeline import MEMORISATION_Z, Source, UncheckedAccuracyError, memorisation_check
+from hf_vae_compress.search import search_smallest
 from hf_vae_compress.tasks import Classification
 from tests.conftest import tiny_timm
 

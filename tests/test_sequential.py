@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from hf_vae_compress.codec import VAECompressionConfig
-from hf_vae_compress.pipeline import Source, describe_probe, search_smallest
+from hf_vae_compress.pipeline import Source
+from hf_vae_compress.search import describe_probe, search_smallest
 from hf_vae_compress.sequential import (
     FIRST_LOOK, STOPPING_ERROR, decide, drop_statistic_pt, early_verdict, look_sizes, provisional_accept,
     screening_size,
