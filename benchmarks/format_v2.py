@@ -1,7 +1,8 @@
 """Format v2 against format v1 on the classifiers' headline containers, at the same allocation.
 
-For each model, the committed v1 headline artifact (``benchmarks/results/artifacts/<model>``,
-or ``--v1`` folders) is decoded and scored, then the same model is recompressed in format v2 at
+For each model, the v1 headline container as committed at ``V1_COMMIT`` (read from git history:
+the artifacts in ``benchmarks/results/artifacts/`` are format-2 ``save_pretrained`` folders since)
+is decoded and scored, then the same model is recompressed in format v2 at
 the same setting: the same transform and the same global trade-off ``lam`` the v1 rate search
 found (passed as ``beta``), so the per-tensor steps follow the same Fisher allocation and the
 byte difference is the format's. Both are scored on the validation and test splits in the same
@@ -17,6 +18,7 @@ import argparse
 import json
 import logging
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,10 +26,22 @@ from hf_vae_compress import CompressedModel, VAECompressionConfig
 from hf_vae_compress.pipeline import compress_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rate_accuracy import RESULTS, WORK, Bench  # noqa: E402
+from rate_accuracy import RESULTS, ROOT, WORK, Bench  # noqa: E402
 
 logger = logging.getLogger("format_v2")
 MODELS = ["fmnist-mobilenetv3", "fmnist-vit", "fmnist-resnet18"]
+V1_COMMIT = "5ec2854"  # the last commit whose classifier headline artifacts were version-1 containers
+
+
+def v1_headline(name: str) -> Path:
+    """``name``'s version-1 headline container as committed at :data:`V1_COMMIT` (a legacy folder's
+    ``model.vaec.safetensors``), copied out of git history into the benchmark's work folder."""
+    blob = subprocess.run(["git", "show", f"{V1_COMMIT}:benchmarks/results/artifacts/{name}/model.vaec.safetensors"],
+                          cwd=ROOT, capture_output=True, check=True).stdout
+    path = WORK / name / "format-v1-headline.vaec.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(blob)
+    return path
 
 
 def _summary(compressed: CompressedModel, scores: dict, bench: Bench) -> dict:
@@ -56,10 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads(args.output.read_text())["rows"] if args.output.exists() else []
     for name in args.models:
         bench = Bench(name)
-        v1 = CompressedModel.load(RESULTS / "artifacts" / name)
-        if v1.version != 1:  # re-encoded since (the detector's, in v2 by the default pipeline): nothing to compare
-            logger.info("%s: the committed artifact is no longer a version-1 container; kept its earlier row", name)
-            continue
+        v1 = CompressedModel.load(v1_headline(name))
         v1_config = v1.header["config"]
         row = dict(model=name, transform=v1_config["transform"], setting=v1_config["target_bits_per_weight"],
                    lam=v1.header["lam"], v1=_summary(v1, bench.score(v1.decode()), bench))

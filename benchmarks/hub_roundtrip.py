@@ -35,6 +35,7 @@ from hf_vae_compress.data import load_fashion_mnist
 from hf_vae_compress.detection import is_detection_model
 from hf_vae_compress.evaluate import evaluate, logits_of
 from hf_vae_compress.hub import CardInfo, push_to_hub
+from hf_vae_compress.loading import find_container
 from hf_vae_compress.models import model_format, read_config
 from hf_vae_compress.pipeline import load_compressed
 from hf_vae_compress.testing.hub_server import HubServer
@@ -121,7 +122,7 @@ def roundtrip(name: str, hub: HubServer, workdir: Path) -> dict:
             logits_bit_identical=ours["logits_sha256"] == hashlib.sha256(local_logits.numpy().tobytes()).hexdigest(),
             load_s=ours["load_s"], fp32_load_s=fp32["load_s"], load_ratio=ours["load_s"] / fp32["load_s"],
         ))
-    return dict(model=name, format=fmt, container_bytes=(artifact / "model.vaec.safetensors").stat().st_size,
+    return dict(model=name, format=fmt, container_bytes=find_container(artifact).stat().st_size,
                 paths=paths)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+ARTIFACTS = RESULTS / "artifacts"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 OURS_DEFAULT = "ours-default"  # the CLI default: the library's rate search
 SWEEP = "nncodec-sweep"  # NNCodec at its strongest: validation-only rows, its strongest also on test
@@ -209,6 +210,16 @@ def plot(model: str, rows: list[dict], budget: float, path: Path) -> None:
 EQUAL_ACCURACY_TARGET = 0.7  # issue 23: ours at most 0.7x the strongest NNCodec configuration's bytes
 
 
+def artifact_link(model: str, nbytes: int, artifacts: Path = ARTIFACTS) -> str:
+    """`` ([artifact](...))`` when ``model``'s committed headline artifact holds a container of the
+    row's ``nbytes``, the row's own container (written by ``rate_accuracy.py`` from its default run);
+    nothing otherwise, so a table never links another run's container to its numbers."""
+    containers = list((artifacts / model).glob("*.vaec.safetensors"))
+    if len(containers) == 1 and containers[0].stat().st_size == nbytes:
+        return f" ([artifact](benchmarks/results/artifacts/{model}))"
+    return ""
+
+
 def _drop(x: float | None) -> str:
     return "not scored" if x is None else f"{x:+.2f}"
 
@@ -225,7 +236,8 @@ def equal_accuracy_lines(data: dict) -> list[str]:
              "sweep: dependent quantization on and off, a `lambda_scale` grid, each searched for its coarsest QP "
              "within budget on validation); the strongest is the one with the fewest bytes whose validation drop "
              "alone fits the budget (a laxer rule than ours). Drops are in points of the task metric; test drops are "
-             "measured on the test split after selection.", "",
+             "measured on the test split after selection. *artifact*: our default's container, committed as a full "
+             "`save_pretrained` folder.", "",
              "| model | our default bytes | our drop val / test | strongest NNCodec within budget | its bytes "
              "| its drop val / test | ours / NNCodec | NNCodec configurations (within budget) |",
              "|---|---:|---|---|---:|---|---:|---:|"]
@@ -234,11 +246,12 @@ def equal_accuracy_lines(data: dict) -> list[str]:
         ours_val = f"{ours['val_drop_pt']:+.2f}" + (f" (search {ours['search_drop_pt']:+.2f} ± "
                                                     f"{ours['search_drop_se_pt']:.2f})" if ours.get("search_drop_se_pt")
                                                    is not None else "")
+        model = f"`{c['model']}`{artifact_link(c['model'], ours['bytes'])}"
         if nnc is None:
-            lines.append(f"| `{c['model']}` | {ours['bytes']:,} | {ours_val} / {_drop(ours['test_drop_pt'])} "
+            lines.append(f"| {model} | {ours['bytes']:,} | {ours_val} / {_drop(ours['test_drop_pt'])} "
                          f"| none within {c['budget_pt']} pt | | | | {c['nncodec_configurations']} (0) |")
             continue
-        lines.append(f"| `{c['model']}` | {ours['bytes']:,} | {ours_val} / {_drop(ours['test_drop_pt'])} "
+        lines.append(f"| {model} | {ours['bytes']:,} | {ours_val} / {_drop(ours['test_drop_pt'])} "
                      f"| {nnc['config']} | {nnc['bytes']:,} | {nnc['val_drop_pt']:+.2f} / {_drop(nnc['test_drop_pt'])} "
                      f"| {c['ratio']:.2f}x | {c['nncodec_configurations']} ({c['nncodec_within_budget']}) |")
     met = [c["model"] for c in comparisons if c["ratio"] is not None and c["ratio"] <= EQUAL_ACCURACY_TARGET]
@@ -387,16 +400,16 @@ def default_lines(path: Path) -> list[str]:
              "identity default (commit eeaf27d) ran the VAE transform, and the rate search's one-standard-error margin "
              "came with commit 67c9581. The commit is the default run's: output-aware rounding is the default from "
              "commit dad2d4c on, and the selection rule that never trusts training data (issue 21) from c013ba5. A "
-             "model whose default container is committed links it (*artifact*): it is the portable headline that "
-             "`make test` decodes under two simulated machines.", "",
+             "model whose committed headline artifact is this row's container (the same bytes) links it (*artifact*): "
+             "a full `save_pretrained` folder that `from_pretrained` loads with `hf_vae_compress` imported, and the "
+             "portable headline that `make test` decodes under two simulated machines.", "",
              "| model | default: bytes (x fp32) | validation drop | test drop | probes | time vs fixed rate "
              "| data-free: bits/weight, x fp32, test drop | measured at commit |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in json.loads(path.read_text())["rows"]:
         d, free = r["default"], r["data_free"]
         unit = _unit(r["metric"])
         name = f"`{r['model']}`" + ("" if r["reference"] else " (not a reference model)")
-        if d.get("artifact"):
-            name += f" ([artifact]({d['artifact']}))"
+        name += artifact_link(r["model"], d["bytes"])
         lines.append(f"| {name} | {d['bytes']:,} ({d['ratio_vs_fp32']:.1f}x) | {d['validation']['drop_pt']:.2f} {unit} "
                      f"| {d['test_drop_pt']:.2f} {unit} | {d['probes']} | {d['compress_seconds']:.0f} s "
                      f"({r['default_time_vs_fixed_rate']:.1f}x) | {free['bits_per_weight']:.1f}, {free['ratio_vs_fp32']:.1f}x, "

@@ -1,6 +1,7 @@
 """The equal-accuracy comparison of benchmarks/rate_accuracy.py: NNCodec's strongest configuration
 is chosen on validation alone, within the budget, and a family's QP search finds the coarsest QP
-that fits with each QP asked once."""
+that fits with each QP asked once. The headline artifacts it commits are our default's container
+and the fine-tuned headline, each a full folder that stock ``from_pretrained`` loads."""
 
 from __future__ import annotations
 
@@ -8,9 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForImageClassification
+
+import hf_vae_compress  # noqa: F401 - registers the quantizer, as a user's import does
+from hf_vae_compress import VAECompressionConfig, compress
+from tests.conftest import tiny_vit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from rate_accuracy import coarsest_within  # noqa: E402
+import rate_accuracy  # noqa: E402
+from rate_accuracy import FINETUNED_HEADLINE, artifact_rows, coarsest_within, save_headline_artifacts  # noqa: E402
 from report import OURS_DEFAULT, SWEEP, equal_accuracy, equal_accuracy_lines, strongest_within_budget  # noqa: E402
 
 BUDGETS = {"top1": 0.5, "map": 1.0}
@@ -78,3 +86,35 @@ def test_coarsest_within_stops_at_the_bounds_and_gives_up_after_its_walk():
     assert coarsest_within(lambda qp: qp <= -9, 0, 4, (-10, 10)) == -9
     assert coarsest_within(lambda qp: False, 0, 4, (-10, 10)) is None
     assert coarsest_within(lambda qp: qp <= -50, 0, 2, (-128, 127), max_walk=8) is None  # beyond 16 QPs
+
+
+def _tuned(nbytes: int, drop: float, bpw: float, seed: int) -> dict:
+    return dict(_row(FINETUNED_HEADLINE, nbytes, drop, drop, setting=dict(start_bpw=bpw, rate_weight=1.0)), seed=seed)
+
+
+def test_the_artifacts_are_our_default_and_the_largest_seed_of_the_smallest_finetuned_headline():
+    rows = [_row(OURS_DEFAULT, 400, 0.3, 0.3, setting="rate search"), _row("ours-identity-ablation", 100, 0.1, 0.1),
+            _tuned(300, 0.2, 0.5, 0), _tuned(320, 0.4, 0.5, 1),  # both seeds within budget: the headline
+            _tuned(200, 0.1, 0.3, 0), _tuned(210, 0.6, 0.3, 1)]  # one seed over budget: not a headline
+    chosen = artifact_rows(rows, {OURS_DEFAULT, FINETUNED_HEADLINE})
+    assert (chosen[""]["method"], chosen[""]["bytes"]) == (OURS_DEFAULT, 400)
+    assert (chosen["-finetuned"]["bytes"], chosen["-finetuned"]["seed"]) == (320, 1)
+    assert artifact_rows(rows, {SWEEP}) == {}  # a rerun that measured neither keeps the committed artifacts
+
+
+def test_an_artifact_is_a_full_folder_that_stock_from_pretrained_loads(vit_folder, tmp_path, monkeypatch):
+    """The benchmark's output may be a bare container (as old runs left): the artifact is written
+    through save_pretrained from the base model, so transformers loads it to the library's decode."""
+    compressed = compress(tiny_vit(), VAECompressionConfig(target_bits_per_weight=3.0, transform="identity",
+                                                           rounding="nearest"), progress=False)
+    compressed.save(tmp_path / "run")
+    monkeypatch.setattr(rate_accuracy, "ROOT", tmp_path)
+    monkeypatch.setattr(rate_accuracy, "RESULTS", tmp_path / "results")
+    row = dict(_row(OURS_DEFAULT, 1, 0.0, 0.0, setting="rate search"), output="run")
+    save_headline_artifacts([row], {OURS_DEFAULT}, vit_folder)
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "results" / "artifacts" / "m")
+    assert model.config.quantization_config.quant_method == "hf_vae_compress"
+    state = model.state_dict()
+    decoded = compressed.decode()
+    assert decoded.keys() == state.keys()
+    assert all(torch.equal(state[k], v) for k, v in decoded.items())

@@ -2,8 +2,10 @@
 
 ``data/decode_digests.json`` holds, per committed headline artifact and test fixture whose decode
 is exact on every machine (identity transform), the digest of every decoded tensor's name, dtype,
-shape and bytes, recorded with the code at ``recorded_at``, before the format moved into
-``codec/format/``. A refactor of the readers that changes one decoded bit fails here. The one VAE
+shape and bytes: the fixtures' recorded with the code at ``recorded_at``, before the format moved
+into ``codec/format/``; the artifacts' at ``artifacts_recorded_at``, when they were last rewritten
+(a regenerated artifact is re-pinned, a fixture never). A refactor of the readers that changes one
+decoded bit fails here. The one VAE
 fixture's float decoder is machine-dependent: its symbols and scales are pinned in
 ``test_container_v1.py`` instead.
 """

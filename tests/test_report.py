@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from report import reference_lines  # noqa: E402
+from report import artifact_link, reference_lines  # noqa: E402
 
 
 def test_reference_table_has_one_row_per_trained_model_with_its_measured_metric(tmp_path):
@@ -20,3 +20,11 @@ def test_reference_table_has_one_row_per_trained_model_with_its_measured_metric(
     rows = [line for line in reference_lines(tmp_path) if line.startswith("| `")]
     assert rows == ["| `clf` | 1,527,818 | top-1 91.67 % | 25.5 min | 2 | 5551 |",
                     "| `det` | 1,392,784 | mAP@[.5:.95] 0.7377 | 56.1 min | 2 |  |"]
+
+
+def test_a_row_links_the_committed_artifact_only_when_it_is_the_rows_container(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "weights.vaec.safetensors").write_bytes(b"x" * 1234)
+    assert artifact_link("m", 1234, tmp_path) == " ([artifact](benchmarks/results/artifacts/m))"
+    assert artifact_link("m", 1235, tmp_path) == ""  # another run's container: its numbers are not these
+    assert artifact_link("absent", 1234, tmp_path) == ""
