@@ -436,6 +436,13 @@ class Source:
         return self.task.num_examples(self._held_out)
 
     @property
+    def base_scores(self) -> np.ndarray | None:
+        """The base model's per-example scores on the selection split in the scoring order, what
+        every probe's are paired with (None for a whole-set metric)."""
+        self.check_selection()
+        return self._base[1]
+
+    @property
     def paired(self) -> bool:
         """Whether the metric is scored per example (top-1), so that a drop has a standard error;
         a whole-set metric (mAP) has none."""

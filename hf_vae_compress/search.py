@@ -8,9 +8,10 @@ opened :class:`~hf_vae_compress.pipeline.Source` (one shared calibration), judge
 A probe is scored on a growing seeded subset of the split and stops as soon as the whole split's
 verdict is decided (:mod:`hf_vae_compress.sequential`: a probe far from the budget costs a
 fraction of a pass). A probe still undecided after its share of one screening pass gets a
-provisional verdict that only steers the bisection; at the end the smallest provisionally accepted
-probe is scored on to a sound verdict (the whole split, judged by the same rule as before, at the
-latest), the next larger while it fails.
+provisional verdict, which steers the bisection only when it is far from the budget; a probe nearer
+is scored on to a sound verdict first. At the end the smallest candidate still provisional is
+scored on to a sound verdict (the whole split, judged by the same rule as before, at the latest),
+the next larger while it fails.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from .codec import CompressedModel, VAECompressionConfig
 from .finetune import FinetuneConfig
 from .pipeline import Source, UncheckedAccuracyError, is_main, timed
-from .sequential import screening_size
+from .sequential import guess_is_decisive, screening_size
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class SearchResult:
     ``stage_seconds`` splits ``seconds`` by stage and adds up to it: the stages of
     :meth:`~hf_vae_compress.pipeline.Source.open` run inside the search (none when it is handed an opened source, whose own
     ``stage_seconds`` has them), ``compress`` and ``score`` summed over the probes, ``verify`` for
-    scoring provisionally accepted probes on after the last one (absent when none was), ``save``,
+    scoring probes on past their screen, before steering or after the last probe (absent when none
+    was), ``save``,
     and ``other`` for the rest (bookkeeping, logging)."""
 
     compressed: CompressedModel | None
@@ -64,7 +66,8 @@ def describe_probe(probe: dict, budget_pt: float) -> str:
     rate, the measured drop (with its standard error where the metric has one), the verdict with
     how many examples decided it (fewer than the split's when it was decided early, or when it is
     only provisional), and how long the rest of the search should take at the pace measured so far.
-    A verified probe gets a second line, its final verdict and what the verification took."""
+    A probe verified after the search gets a second line, its final verdict and what the
+    verification took; one verified before the bisection steered on it says so on its one line."""
     se = probe["validation_drop_se_pt"]
     drop = f"{probe['validation_drop_pt']:.2f}" + ("" if se is None else f" ± {se:.2f}")
     verdict = "accepted" if probe["accepted"] else "rejected"
@@ -75,8 +78,10 @@ def describe_probe(probe: dict, budget_pt: float) -> str:
         verdict += f" early, after {scored:,} of {total:,} examples"
     elif scored is not None:
         verdict += f" on all {scored:,} examples"
+    if probe.get("verified_before_steering"):
+        verdict += f" (its screen of {probe['screening_examples']:,} was too close to the budget to steer on)"
     left = probe["probes"] - probe["probe"]
-    if probe.get("verified"):
+    if probe.get("verified") and not probe.get("verified_before_steering"):
         kind, pace = "verification of probe", f"verified in {probe['verify_seconds']:.0f} s"
     else:
         kind = "probe"
@@ -124,7 +129,13 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
     whole split would say otherwise), but is scored on at most ``screening_examples``
     (:func:`~hf_vae_compress.sequential.screening_size`: all probes together, one pass of the
     split). A probe undecided there is ``provisional``: its ``accepted`` is the rule applied to
-    the examples scored, a guess that steers the bisection and is never returned as it is. After
+    the examples scored, a guess that steers the bisection and is never returned as it is. The
+    search steers on a guess only when it lies far from the budget
+    (:func:`~hf_vae_compress.sequential.guess_is_decisive`: more than its own error allows, at
+    :data:`~hf_vae_compress.sequential.STEERING_ERROR` per search); a probe nearer is scored on at
+    once, from where its screen paused, to a sound verdict (``verified`` and
+    ``verified_before_steering``), and the bisection steers on that. A wrong guess near the budget
+    is the likely one, and it would cost every rate on the other side of the probe. After
     the last probe, the smallest accepted probe is the answer if its verdict is final; if it is
     provisional its scoring resumes where it paused (its scores are kept, the container decoded
     again) to a sound verdict, the whole split's rule at the latest, and the entry is updated
@@ -140,8 +151,9 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
     probe than the one returned.
 
     Each entry also has ``examples_scored`` of ``split_examples``, its ``compress_seconds`` and
-    ``score_seconds`` (and the compressor's ``compress_stage_seconds`` where it records them), and
-    a verified one ``verify_seconds``. The best container is saved to ``out_dir`` (when given), its
+    ``score_seconds`` (the screen; and the compressor's ``compress_stage_seconds`` where it records
+    them), and a verified one ``verify_seconds`` (part of its ``seconds`` when verified before
+    steering; ``stage_seconds["verify"]`` sums both kinds). The best container is saved to ``out_dir`` (when given), its
     drop in ``stats["validation"]``.
 
     A probe takes minutes on a busy machine, so the search is never silent: with ``progress`` a
@@ -191,21 +203,33 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
         bar.set_description(f"rate search: scoring {bpw:.3f} bits/weight on {selection['split']!r}")
         validation, scores = src.judge(probe, max_drop_pt, early_stop=True, screen=screen) if main_process \
             else ({}, None)
+        screened_at = time.perf_counter()
+        inline = main_process and validation["provisional"] and not guess_is_decisive(
+            src.base_scores[:len(scores)], scores, src.split_examples, allowed, probes)
+        if inline:  # too close to the budget to steer on: score on to a sound verdict first
+            bar.set_description(f"rate search: {bpw:.3f} bits/weight is near the budget, scoring on")
+            validation, scores = src.judge(probe, max_drop_pt, scored=scores)
+        inline = _agreed(accelerator, inline)
         accepted = _agreed(accelerator, validation.get("within_budget", False))
         provisional = _agreed(accelerator, validation.get("provisional", False))
         report = probe.report()
         seconds = time.perf_counter() - probe_start
-        compress_seconds, score_seconds = compressed_at - probe_start, seconds - (compressed_at - probe_start)
+        compress_seconds, score_seconds = compressed_at - probe_start, screened_at - compressed_at
+        verify_seconds = seconds - compress_seconds - score_seconds
         stages["compress"] = stages.get("compress", 0.0) + compress_seconds
         stages["score"] = stages.get("score", 0.0) + score_seconds
+        if inline:
+            stages["verify"] = stages.get("verify", 0.0) + verify_seconds
         log.append(dict(probe=index, probes=probes, target_bits_per_weight=bpw,
                         bits_per_weight=report["bits_per_weight"], bytes=report["total_bytes"],
                         accepted=accepted, **_scoring_fields(validation, src.paired),
-                        screening_examples=screen, verified=False,
+                        screening_examples=screen, verified=inline, verified_before_steering=inline,
                         seconds=round(seconds, 2), compress_seconds=round(compress_seconds, 2),
                         score_seconds=round(score_seconds, 2),
                         compress_stage_seconds=probe.stats.get("stage_seconds"),
                         estimated_seconds_left=round((probes - index) * (time.perf_counter() - probes_start) / index, 1)))
+        if inline:
+            log[-1]["verify_seconds"] = round(verify_seconds, 2)
         if main_process:
             _report_probe(log[-1], allowed, bar, on_probe)
         if accepted or provisional:  # a provisional reject is a guess too: verified if it is the smallest left
