@@ -156,7 +156,8 @@ def test_a_rate_search_factors_each_layer_once(monkeypatch):
     model = tiny_timm().eval()
     calibration = calibrate(model, [torch.randn(8, 1, 28, 28)], 1, Classification.fisher_loss(), progress=False)
     factored = []
-    monkeypatch.setattr(output_aware, "inverse_cholesky", lambda inputs: factored.append(inputs) or inverse_cholesky(inputs))
+    monkeypatch.setattr(output_aware, "inverse_cholesky",
+                        lambda inputs, **kw: factored.append(inputs) or inverse_cholesky(inputs, **kw))
     for bpw in (2.0, 3.0):  # two probes of a search
         compress(model, VAECompressionConfig(target_bits_per_weight=bpw), calibration=calibration, progress=False)
     assert len(factored) == len({id(inputs) for inputs in factored}) > 0  # 14 coded layers, not 28

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -22,19 +23,24 @@ from .chunking import row_scales, to_chunks
 from .compressed import CompressedModel
 from .config import VAECompressionConfig, check_target_rate
 from .correction import bias_corrections, norm_corrections
-from .fit import Shard, fit, refine
+from .fit import Shard, fit, refine, refit_maps_, to_stored_precision_
 from .format.layout import ChunkLayout
 from .format.v2 import HEADER_BYTES_PER_TENSOR, code_side_parts
 from .importance import mean_normalised_fisher
 from .latents import CodedTensor, Latents
-from .output_aware import RATE_SCALE, layer_factor, output_aware_symbols
+from .output_aware import RATE_SCALE, layer_factor, linear_latent_symbols, output_aware_symbols
 from .rate import Allocation, allocate, estimate_tensor_bits, steps_for
 from .select import select_tensors
-from .transform import Transform, build_transform, transform_class
+from .transform import AUTO, PortableVAE, Transform, build_transform, transform_class
 
 logger = logging.getLogger(__name__)
 OUTPUT_AWARE = ("output_aware", "rate_aware")  # the roundings that run GPTQ against calibration inputs
 RATE_AWARE_AIMS = 3  # re-aims of rate-aware rounding's allocation at most (a GPTQ pass each)
+SLOPE_STEP = 2 ** 0.25  # auto: the identity's second step (one quarter octave coarser), for its local RD slope
+LATENT_SEARCH = "encoder"  # the latent search inside GPTQ's loop: the fitted encoder's rounding of the fed-back chunk
+# ("babai": nearest plane on the map's lattice; without the encoder's learned dead zone it coded
+# more bytes at more output error on tests/test_vae_gptq.py's model, dev)
+MAP_BITS_PER_ENTRY = 16  # auto: an int16 map entry, what keeping a tensor's map costs
 
 
 def _untied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -122,7 +128,10 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
     clock.mark("container")
     allocation = _allocate(state_dict, coded, side, config, calibration, progress, shard, clock)
     transform, steps, symbols = allocation.quantizer.transform, allocation.steps, allocation.symbols
-    refine(transform, [c.chunks for c in coded], symbols, steps, config.fit, config.seed, shard)
+    if config.transform == AUTO:
+        transform.keep_maps_(allocation.quantizer.chosen)
+    if config.rounding not in OUTPUT_AWARE:  # output-aware latents were chosen for the maps as they are
+        refine(transform, [c.chunks for c in coded], symbols, steps, config.fit, config.seed, shard)
     clock.mark("allocate")
     latents = Latents(state_dict, coded, symbols, steps, stored, transform, config)
     corrected = _corrections(model, latents, calibration)
@@ -187,12 +196,17 @@ def _selected(state_dict: dict[str, torch.Tensor], config: VAECompressionConfig)
 def _feasible(config: VAECompressionConfig, model, calibration: Calibration | None) -> VAECompressionConfig:
     """``config`` less what cannot be done here, so that the header records what was done, not
     what was asked: output-aware rounding needs calibration data and a transform with a weight
-    grid, the corrections need a model and calibration data."""
-    if config.rounding in OUTPUT_AWARE and not (transform_class(config.transform).has_weight_grid
+    grid, the corrections need a model and calibration data. A linear decoder (vae-int, auto) is
+    rounded output-aware without the rate term."""
+    cls = transform_class(config.transform)
+    if config.rounding in OUTPUT_AWARE and not ((cls.has_weight_grid or cls.linear_decoder)
                                                 and calibration is not None):
         logger.info("nearest rounding: output-aware (and rate-aware) rounding needs calibration data and a transform whose symbols "
-                    "are levels in weight space (the identity)")
+                    "are levels in weight space (the identity) or a linear decoder's latents (vae-int)")
         config = dataclasses.replace(config, rounding="nearest")
+    if config.rounding == "rate_aware" and cls.linear_decoder:
+        logger.info("output-aware rounding: the rate term is not implemented for a linear decoder's latents")
+        config = dataclasses.replace(config, rounding="output_aware")
     if (config.correct_biases or config.correct_norms) and (calibration is None or not isinstance(model, torch.nn.Module)):
         logger.warning("bias and norm corrections skipped: they need a model and calibration data")
         config = dataclasses.replace(config, correct_biases=False, correct_norms=False)
@@ -210,7 +224,8 @@ def _allocate(state_dict: dict[str, torch.Tensor], coded: list[CodedTensor], sid
     rate_scale = RATE_SCALE if config.rounding == "rate_aware" else None
 
     def quantizer(transform: Transform) -> _Quantizer:
-        return _Quantizer(transform, coded, sens, fixed_bits, state_dict, gptq, clock, progress, rate_scale)
+        return _Quantizer(transform, coded, sens, fixed_bits, state_dict, gptq, clock, progress, rate_scale,
+                          auto=config.transform == AUTO and transform.linear_decoder)
 
     def learn(steps: list[float]) -> _Quantizer:
         transform = build_transform(config.transform, config.chunk_size, config.hidden_size, len(coded))
@@ -243,6 +258,8 @@ class _Quantizer:
     clock: _Stages
     progress: bool = False
     rate_scale: float | None = None
+    auto: bool = False  # choose identity or the map per tensor (``chosen``: the tensors that keep their map)
+    chosen: set[int] = dataclasses.field(default_factory=set)
 
     @property
     def regrids(self) -> int:
@@ -268,26 +285,97 @@ class _Quantizer:
         if self.calibration is None:
             return nearest
         start = time.perf_counter()
+        if isinstance(self.transform, PortableVAE):  # its maps, as refine() leaves them, before the loop uses them
+            refit_maps_(self.transform, [c.chunks for c in self.coded], nearest, steps)
+            to_stored_precision_(self.transform)
         out = _round_output_aware(self.state_dict, self.coded, steps, nearest, self.calibration, self.progress,
-                                  self.rate_scale)
+                                  self.rate_scale, self.transform, self.chosen if self.auto else None)
         self.clock.take("rounding", time.perf_counter() - start)
         return out
 
 
 def _round_output_aware(state_dict: dict[str, torch.Tensor], coded: list[CodedTensor], steps: list[float],
                         symbols: list[torch.Tensor], calibration: Calibration, progress: bool,
-                        rate_scale: float | None = None) -> list[torch.Tensor]:
+                        rate_scale: float | None = None, transform: Transform | None = None,
+                        chosen: set[int] | None = None) -> list[torch.Tensor]:
     """GPTQ symbols (rate-aware with a ``rate_scale``) for every coded tensor whose layer inputs
-    were measured; the others keep their nearest-rounded ``symbols``."""
+    were measured; the others keep their nearest-rounded ``symbols``. A tensor that ``transform``
+    decodes through a linear map gets latents chosen in GPTQ's loop (:func:`_latents`). With a
+    ``chosen`` set (``auto``) each such tensor is rounded both ways and keeps the cheaper
+    (:func:`_choose`); ``chosen`` is refilled with the tensors that keep their map."""
     out = list(symbols)
+    if chosen is not None:
+        chosen.clear()
     measured = [i for i, c in enumerate(coded) if c.name in calibration.layers]
     for i in tqdm(measured, desc="output-aware rounding", disable=not progress, leave=False):
         c = coded[i]
-        factors = (c.scales.double() * steps[i]).float()  # the decoder's per-row factor, exactly
-        rows = output_aware_symbols(state_dict[c.name], factors, layer_factor(calibration, c.name), rate_scale)
-        rows = torch.nn.functional.pad(rows, (0, c.layout.padded_len - c.layout.row_len))
-        out[i] = rows.reshape(c.layout.num_chunks, c.layout.chunk_size)
+        decoder = transform.chunk_map(i) if transform is not None else None
+        if decoder is not None and c.layout.rows != state_dict[c.name].shape[0]:
+            continue  # one output row: the layout's rows are not GPTQ's (nearest latents kept)
+        latents = None if decoder is None else _latents(state_dict, c, steps[i], decoder, calibration, transform, i)
+        if latents is not None and chosen is None:
+            out[i] = latents
+            continue
+        levels = _levels(state_dict, c, steps[i], calibration, rate_scale)
+        if latents is not None and _choose(state_dict, c, steps[i], levels, latents, decoder, calibration):
+            out[i] = latents
+            chosen.add(i)
+        else:
+            out[i] = levels
     return out
+
+
+def _levels(state_dict: dict[str, torch.Tensor], c: CodedTensor, step: float, calibration: Calibration,
+            rate_scale: float | None = None) -> torch.Tensor:
+    """The identity's GPTQ symbols of ``c`` at ``step``, in its chunk layout."""
+    factors = (c.scales.double() * step).float()  # the decoder's per-row factor, exactly
+    rows = output_aware_symbols(state_dict[c.name], factors, layer_factor(calibration, c.name), rate_scale)
+    rows = torch.nn.functional.pad(rows, (0, c.layout.padded_len - c.layout.row_len))
+    return rows.reshape(c.layout.num_chunks, c.layout.chunk_size)
+
+
+def _latents(state_dict: dict[str, torch.Tensor], c: CodedTensor, step: float, decoder: torch.Tensor,
+             calibration: Calibration, transform: PortableVAE, index: int) -> torch.Tensor:
+    """The latents of ``c`` at ``step`` through its map ``decoder``, chosen in GPTQ's loop."""
+    factors = (c.scales.double() * step).float()
+    factor = layer_factor(calibration, c.name, c.layout.chunk_size)
+    encode = (lambda x: transform.encode(x * step, step, index)) if LATENT_SEARCH == "encoder" else None
+    rows = linear_latent_symbols(state_dict[c.name], factors, factor, decoder, transform.symbol_limit(index), encode)
+    return rows.reshape(c.layout.num_chunks, c.layout.chunk_size)
+
+
+def _output_error(state_dict: dict[str, torch.Tensor], c: CodedTensor, step: float, symbols: torch.Tensor,
+                  decoder: torch.Tensor | None, calibration: Calibration) -> float:
+    """``tr(dW H dWᵀ)`` of ``c`` coded as ``symbols`` (through ``decoder``, None: the identity)."""
+    chunks = symbols.double() if decoder is None else symbols.double() @ decoder.T
+    rows = chunks.reshape(c.layout.rows, c.layout.padded_len)[:, : c.layout.row_len]
+    weight = state_dict[c.name].double()
+    h = calibration.layers[c.name].second.double()
+    error = (rows * (c.scales.double() * step)[:, None]).reshape(weight.shape) - weight
+    error = error.reshape(h.shape[0], -1, h.shape[-1])
+    return float(((error @ h) * error).sum())
+
+
+def _choose(state_dict: dict[str, torch.Tensor], c: CodedTensor, step: float, levels: torch.Tensor,
+            latents: torch.Tensor, decoder: torch.Tensor, calibration: Calibration) -> bool:
+    """Whether ``c``'s map and ``latents`` cost fewer bits than the identity's GPTQ ``levels`` at
+    the same output error ``tr(dW H dWᵀ)``, both measured: the identity is rounded again one
+    quarter octave coarser, and its bits at the latents' error are read off the line through its
+    two points in (log error, bits). The map's own bits count against it; where the two
+    identity points do not separate, the identity is kept."""
+    coarse = _levels(state_dict, c, step * SLOPE_STEP, calibration)
+    points = [(_output_error(state_dict, c, s, q, None, calibration), estimate_tensor_bits(q.numpy()))
+              for s, q in ((step, levels), (step * SLOPE_STEP, coarse))]
+    (error, bits), (coarse_error, coarse_bits) = points
+    if not 0 < error < coarse_error:
+        return False
+    latent_error = _output_error(state_dict, c, step, latents, decoder, calibration)
+    if latent_error <= 0:
+        return True
+    slope = (coarse_bits - bits) / math.log(coarse_error / error)
+    identity_bits = bits + slope * math.log(latent_error / error)
+    latent_bits = estimate_tensor_bits(latents.numpy()) + MAP_BITS_PER_ENTRY * decoder.numel()
+    return latent_bits < identity_bits
 
 
 def _corrections(model, latents: Latents, calibration: Calibration | None) -> dict[str, torch.Tensor]:

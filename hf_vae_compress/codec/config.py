@@ -31,7 +31,7 @@ class JsonConfig:
         return cls.from_dict(json.loads(text))
 
 
-TRANSFORMS = ("vae", "vae-int", "identity")
+TRANSFORMS = ("vae", "vae-int", "identity", "auto")
 # The bits per weight a compression may be asked for. Below the floor every weight rounds to zero on
 # real models (0.01 coded a classifier to chance); above the ceiling the container is larger than an
 # fp16 checkpoint of the same weights. The rate search's bracket (pipeline.SEARCH_RANGE_BPW) starts
@@ -76,7 +76,11 @@ class VAECompressionConfig(JsonConfig):
     # is not: a VAE container written on one CPU failed its checksums on another
     # (benchmarks/results/determinism_device.json), so it is opt-in. "vae-int" is the learned
     # transform with an integer decoder (format/linear.py): portable like the identity, but with
-    # nearest rounding only (no weight grid for GPTQ) it is not smaller (issue 24), so not the default.
+    # nearest rounding it was not smaller (issue 24). With output-aware rounding its latents are
+    # chosen inside GPTQ's column loop (output_aware.linear_latent_symbols). "auto" is vae-int where
+    # each tensor keeps its map only if that measured fewer bytes than the identity at equal
+    # output error (compress._choose); a container records it as vae-int with the kept maps.
+    # Neither is the default: see benchmarks/results/vae_gptq.json.
     transform: str = "identity"
     chunk_size: int = 9  # one 3x3 kernel per chunk for 3x3 convolutions
     hidden_size: int = 32

@@ -31,6 +31,7 @@ distortion-rate curve at its step, so the rate search still sets the rate: see
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable
 
 import math
 
@@ -44,9 +45,10 @@ DAMPING = 0.01  # times the mean diagonal of H: keeps the inverse stable (GPTQ's
 RATE_SCALE = 1.0
 RATE_PRIOR = 0.5  # counts added to every symbol of the rate model (Krichevsky-Trofimov): none is free
 MAX_RATE_TABLE = 1 << 20  # symbol ranges wider than this (a tiny step) are rounded without a rate term
+PAD_WEIGHT = 1e4  # a short chunk's padding latents: their factor, times the chunk's largest (output error ~1e-8)
 
 
-def inverse_cholesky(inputs: LayerInputs, damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_cholesky(inputs: LayerInputs, damping: float = DAMPING, chunk: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group of output rows, the column order (groups x d) and the upper Cholesky factor of
     ``(H + damping * mean(diag H) * I)⁻¹`` (groups x d x d, float64, in that order).
 
@@ -57,14 +59,33 @@ def inverse_cholesky(inputs: LayerInputs, damping: float = DAMPING) -> tuple[tor
     its weights are rounded to nearest and nothing is pushed onto them. A grouped convolution's
     groups are independent problems (a depthwise one's: one per channel, d = the kernel's size),
     factored in one batched call.
+
+    With ``chunk > 1`` the columns are ordered chunk by chunk (:func:`_column_order`), for a
+    decoder that maps each chunk of ``chunk`` consecutive columns as one (:func:`linear_latent_symbols`).
     """
     h = inputs.second.double().clone()
     diagonal = torch.diagonal(h, dim1=-2, dim2=-1)
     diagonal[diagonal <= 0] = 1.0
     diagonal.add_(damping * diagonal.mean(-1, keepdim=True))
-    order = torch.argsort(diagonal, dim=-1, descending=True, stable=True)
+    order = _column_order(diagonal, chunk)
     h = h.take_along_dim(order[:, :, None], 1).take_along_dim(order[:, None, :], 2)
     return order, _upper_cholesky_of_inverse(h)
+
+
+def _column_order(diagonal: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Per group, the columns in order of decreasing input energy; with ``chunk > 1``, whole chunks
+    of ``chunk`` consecutive columns (their natural order kept inside) in order of decreasing summed
+    energy, a short last chunk (the row's end) last, so that every group has its chunks at the same
+    positions and the groups are still rounded as one batch."""
+    if chunk == 1:
+        return torch.argsort(diagonal, dim=-1, descending=True, stable=True)
+    groups, d = diagonal.shape
+    full = d // chunk
+    energy = diagonal[:, : full * chunk].reshape(groups, full, chunk).sum(-1)
+    starts = torch.argsort(energy, dim=-1, descending=True, stable=True) * chunk
+    columns = (starts[:, :, None] + torch.arange(chunk)).reshape(groups, -1)
+    tail = torch.arange(full * chunk, d).expand(groups, d - full * chunk)
+    return torch.cat([columns, tail], 1)
 
 
 def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
@@ -77,16 +98,18 @@ def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(lower, identity, upper=False).flip(-1, -2)
 
 
-def layer_factor(calibration: Calibration, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_factor(calibration: Calibration, name: str, chunk: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`inverse_cholesky` of the layer ``name``'s input moments, computed once per
     calibration and kept in it: a rate search compresses one model many times, at other steps
     but always against the same inputs. The factor is kept in float32, the precision GPTQ's
     updates use it in (:func:`output_aware_symbols`): the same symbols, and half the memory of
-    float64 factors (951 MiB for resnet50's layers, the top of a fixed-rate compress's RSS)."""
-    if name not in calibration.factors:
-        order, u = inverse_cholesky(calibration.layers[name])
-        calibration.factors[name] = order, u.float()
-    return calibration.factors[name]
+    float64 factors (951 MiB for resnet50's layers, the top of a fixed-rate compress's RSS).
+    A chunk-ordered factor (``chunk > 1``) is kept under its own key."""
+    key = name if chunk == 1 else f"{name}#chunk{chunk}"
+    if key not in calibration.factors:
+        order, u = inverse_cholesky(calibration.layers[name], chunk=chunk)
+        calibration.factors[key] = order, u.float()
+    return calibration.factors[key]
 
 
 def output_aware_symbols(weight: torch.Tensor, factors: torch.Tensor, factor: tuple[torch.Tensor, torch.Tensor],
@@ -102,12 +125,8 @@ def output_aware_symbols(weight: torch.Tensor, factors: torch.Tensor, factor: tu
     as one batch. The layout's rows are the output rows, except for a weight with one output row,
     whose layout rows are its input channels: the grid then steps across the columns."""
     order, u = factor
-    groups, d = order.shape
-    w = weight.detach().float().reshape(groups, -1, d).take_along_dim(order[:, None, :], 2)
-    grid = factors.float()[:, None].expand(len(factors), weight.numel() // len(factors))
-    grid = grid.reshape(w.shape).take_along_dim(order[:, None, :], 2)
-    # (groups, d, rows): a column of the weight is one contiguous row here
-    w, grid = w.transpose(1, 2).contiguous(), grid.transpose(1, 2).contiguous()
+    d = order.shape[1]
+    w, grid = _columns(weight, factors, order)
     levels = None
     if rate_scale is not None:  # the weights in steps, for the rate model and its price
         x = w / grid
@@ -123,6 +142,106 @@ def output_aware_symbols(weight: torch.Tensor, factors: torch.Tensor, factor: tu
     out = torch.empty_like(symbols)
     out.scatter_(1, order[:, :, None].expand_as(symbols), symbols)
     return out.transpose(1, 2).reshape(len(factors), -1).to(torch.int32)
+
+
+def _columns(weight: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and its grid in GPTQ's layout (groups x d x rows, columns in ``order``): a column
+    of the weight is one contiguous row here."""
+    groups, d = order.shape
+    w = weight.detach().float().reshape(groups, -1, d).take_along_dim(order[:, None, :], 2)
+    grid = factors.float()[:, None].expand(len(factors), weight.numel() // len(factors))
+    grid = grid.reshape(w.shape).take_along_dim(order[:, None, :], 2)
+    return w.transpose(1, 2).contiguous(), grid.transpose(1, 2).contiguous()
+
+
+def linear_latent_symbols(weight: torch.Tensor, factors: torch.Tensor, factor: tuple[torch.Tensor, torch.Tensor],
+                          decoder: torch.Tensor, limit: int = (1 << 31) - 1,
+                          encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Integer latents for ``weight`` under a linear chunk decoder, chosen inside GPTQ's column loop.
+
+    A chunk is ``c = decoder.shape[0]`` consecutive columns of a row (a 3x3 kernel of one input
+    channel, or ``c`` input features of a Linear row) and decodes to ``q = f * (decoder @ z)`` with
+    ``f`` the row's factor (``factors``, as for :func:`output_aware_symbols`) and ``z`` its integer
+    latents. ``factor`` is the chunk-ordered one (:func:`inverse_cholesky` with ``chunk=c``): the
+    chunks are taken in that order, each after the error of the earlier ones has been pushed onto it.
+
+    For a chunk ``B`` with ``U_BB`` the diagonal block of the factor, its share of the layer's
+    output error is ``|U_BB^-T (w_B - q_B)|^2`` (what GPTQ's per-column errors sum to). In latents
+    ``y = decoder^-1 w_B`` this is ``|V^-T (y - f z)|^2`` with ``V`` the upper factor of the QR of
+    ``U_BB decoder^-T``: the same problem as GPTQ's with factor ``V``, so ``z`` is chosen by GPTQ's
+    own rounding in latent space (Babai's nearest plane on that lattice). The chunk's weight
+    error is then pushed onto the later columns exactly as GPTQ pushes a column's. With the
+    identity decoder ``V = U_BB`` and the symbols are GPTQ's (with the same factor).
+
+    A short last chunk (the row's end) has padding latents that decode to nothing: they get a
+    negligible weight in the metric and target zero. Returns (rows, chunks per row * c) int32
+    latents in the codec's chunk layout; ``limit`` clips them (the decoder's exact range).
+    """
+    order, u = factor
+    groups, d = order.shape
+    size = decoder.shape[0]
+    w, grid = _columns(weight, factors, order)
+    rows = w.shape[2]
+    count = -(-d // size)
+    latents = torch.empty(groups, count, size, rows)
+    u, decoder = u.float(), decoder.double()
+    inverse = torch.linalg.inv(decoder)
+    for start, end in _chunk_blocks(d, size):
+        errors = torch.empty_like(w[:, start:end])
+        with _one_thread():
+            for a in range(start, end, size):
+                b = min(a + size, d)
+                if encode is None:
+                    z = _nearest_plane(w[:, a:b], grid[:, a:b], u[:, a:b, a:b], inverse)
+                else:
+                    z = _encoded(w[:, a:b], grid[:, a:b], size, encode)
+                z.clamp_(-limit, limit)
+                q = torch.einsum("kj,gjr->gkr", decoder, z.double()).float()[:, : b - a] * grid[:, a:b]
+                for j in range(a, b):
+                    errors[:, j - start] = _push(w[:, start:end], q[:, j - a], u[:, start:end, start:end], j - start)
+                latents[:, a // size] = z
+        w[:, end:] -= grouped_matmul(u[:, start:end, end:].transpose(1, 2), errors)
+    chunk_order = (order[:, ::size] // size)[:, :, None, None].expand_as(latents)
+    out = torch.empty_like(latents).scatter_(1, chunk_order, latents)
+    return out.permute(0, 3, 1, 2).reshape(groups * rows, count * size).to(torch.int32)
+
+
+def _chunk_blocks(d: int, size: int) -> list[tuple[int, int]]:
+    """GPTQ's blocks of columns (lazy batch updates), cut at chunk boundaries: as many whole
+    chunks as fit in :data:`BLOCK` columns (at least one)."""
+    width = max(size, BLOCK // size * size)
+    return [(start, min(start + width, d)) for start in range(0, d, width)]
+
+
+def _encoded(w: torch.Tensor, grid: torch.Tensor, size: int, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The latents (groups x c x rows) ``encode`` gives one chunk (``w``: groups x m x rows, the
+    error of the earlier chunks already pushed onto it), fed as (chunks, c) rows in steps, the
+    padding zero as the codec pads."""
+    groups, m, rows = w.shape
+    x = torch.nn.functional.pad(w / grid, (0, 0, 0, size - m)).transpose(1, 2).reshape(-1, size)
+    return encode(x).float().reshape(groups, rows, size).transpose(1, 2)
+
+
+def _nearest_plane(w: torch.Tensor, grid: torch.Tensor, u: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """The latents (groups x c x rows) of one chunk (``w``: groups x m x rows, ``m <= c``) that GPTQ's
+    rounding picks in latent space, where the chunk's output error has the factor ``V`` (see
+    :func:`linear_latent_symbols`); ``inverse`` is the decoder's inverse."""
+    groups, m, rows = w.shape
+    size = inverse.shape[0]
+    u = u.double()
+    if m < size:  # padding latents: target zero, weight ~0 (a huge factor) in the output error
+        padded = u.new_zeros(groups, size, size)
+        padded[:, :m, :m] = u
+        padded[:, m:, m:] = PAD_WEIGHT * u.diagonal(dim1=-2, dim2=-1).amax(-1)[:, None, None] * torch.eye(size - m)
+        u = padded
+        w = torch.cat([w, w.new_zeros(groups, size - m, rows)], 1)
+        grid = torch.cat([grid, grid[:, :1].expand(groups, size - m, rows)], 1)
+    v = torch.linalg.qr(u @ inverse.T).R
+    v = v * torch.sign(v.diagonal(dim1=-2, dim2=-1))[:, :, None]  # a positive diagonal
+    y = torch.einsum("kj,gjr->gkr", inverse, w.double()).float()
+    z = torch.empty_like(y)
+    _round_block(y, grid, v.float(), z)
+    return z
 
 
 def rate_penalties(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -216,10 +335,16 @@ def _round_block(w: torch.Tensor, grid: torch.Tensor, u: torch.Tensor, symbols: 
         column, step = w[:, j], grid[:, j]
         q = torch.round(column / step) if levels is None else levels.choose(column / step, start + j)
         symbols[:, j] = q
-        err = (column - q * step) / u[:, j, j, None]
-        w[:, j:] -= u[:, j, j:, None] * err[:, None, :]
-        errors[:, j] = err
+        errors[:, j] = _push(w, q * step, u, j)
     return errors
+
+
+def _push(w: torch.Tensor, value: torch.Tensor, u: torch.Tensor, j: int) -> torch.Tensor:
+    """Set column ``j`` of ``w`` (groups x columns x rows) to ``value`` and push its error onto the
+    later columns (GPTQ's update with the factor ``u``); returns the scaled error."""
+    err = (w[:, j] - value) / u[:, j, j, None]
+    w[:, j:] -= u[:, j, j:, None] * err[:, None, :]
+    return err
 
 
 @contextmanager

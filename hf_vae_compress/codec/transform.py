@@ -121,6 +121,10 @@ class Transform(nn.Module):
     the row's factor), so that an encoder may choose symbols by their effect on the weights, as
     output-aware rounding does; a learned decoder maps symbols to weights through a network.
 
+    ``linear_decoder`` says whether a tensor's chunk decodes to ``chunk_map(index) @ symbols``
+    times the row's factor (None: the identity), so that output-aware rounding can choose the
+    symbols of a chunk by their effect on the weights (:func:`~.output_aware.linear_latent_symbols`).
+
     ``portable`` says whether decoding gives the same bits on every machine: true only for a
     decoder without float kernels whose results depend on the CPU (matmuls, transcendental
     functions); a container of a non-portable transform is verified bit for bit only where its
@@ -130,6 +134,7 @@ class Transform(nn.Module):
     kind: str
     portable: bool = False
     has_weight_grid: bool = False
+    linear_decoder: bool = False  # decodes a chunk as a linear map of its symbols (:meth:`chunk_map`)
 
     def encode(self, chunks: torch.Tensor, step: float, index: int) -> torch.Tensor:
         raise NotImplementedError
@@ -161,6 +166,11 @@ class Transform(nn.Module):
             raise ValueError(f"the {self.kind} transform stores no weights, found {sorted(state)}")
 
     def trainable_decoder(self) -> nn.Module | None:
+        return None
+
+    def chunk_map(self, index: int) -> torch.Tensor | None:
+        """The float64 matrix tensor ``index``'s chunks decode through, for a linear decoder; None
+        where they decode as the identity."""
         return None
 
 
@@ -241,6 +251,7 @@ class PortableVAE(LearnedTransform):
 
     kind = "vae-int"
     portable = True  # integer accumulation, then exact or correctly-rounded IEEE operations only
+    linear_decoder = True
 
     def __init__(self, chunk_size: int, hidden_size: int, num_tensors: int):
         super().__init__()
@@ -261,13 +272,27 @@ class PortableVAE(LearnedTransform):
         self.maps[t] = (matrix, exponent)
         self.decoder.linear[t] = torch.from_numpy(linear.dequantize_matrix(matrix, exponent))
 
+    def chunk_map(self, index: int) -> torch.Tensor | None:
+        if index not in self.maps:
+            return None
+        return torch.from_numpy(linear.dequantize_matrix(*self.maps[index]))
+
+    def symbol_limit(self, index: int) -> int:
+        """The largest ``|symbol|`` tensor ``index``'s map decodes exactly (:func:`~.format.linear.symbol_limit`)."""
+        return linear.symbol_limit(self.maps[index][0]) if index in self.maps else (1 << 31) - 1
+
+    def keep_maps_(self, indices: set[int]) -> None:
+        """Keep only the maps of ``indices``: the other tensors decode as the identity (``auto``'s
+        per-tensor choice, which their symbols must have been chosen for)."""
+        self.active_maps = [t for t in self.active_maps if t in indices]
+        self.maps = {t: m for t, m in self.maps.items() if t in indices}
+
     def encode(self, chunks: torch.Tensor, step: float, index: int) -> torch.Tensor:
         """The encoder's symbols, clipped where a huge symbol would leave the decoder's exact range."""
         symbols = super().encode(chunks, step, index)
-        if index in self.maps:
-            limit = linear.symbol_limit(self.maps[index][0])
-            if limit < (1 << 31) - 1:
-                symbols.clamp_(-limit, limit)
+        limit = self.symbol_limit(index)
+        if limit < (1 << 31) - 1:
+            symbols.clamp_(-limit, limit)
         return symbols
 
     def decode(self, symbols: torch.Tensor, step: float, index: int) -> torch.Tensor:
@@ -339,12 +364,21 @@ class IdentityTransform(Transform):
         return identity.decode_weights(symbols, step, layout, scales)
 
 
+AUTO = "auto"  # a config's transform, not a container's: the portable VAE, each tensor choosing identity or its map
+
+
+def container_kind(kind: str) -> str:
+    """The transform kind a container written with config ``transform=kind`` records."""
+    return PortableVAE.kind if kind == AUTO else kind
+
+
 def transform_class(kind: str) -> type[Transform]:
-    """The transform a container's ``transform.kind`` names."""
+    """The transform a container's ``transform.kind`` or a config's ``transform`` names (a
+    container never names :data:`AUTO`: the reader refuses it)."""
     classes = {cls.kind: cls for cls in (WeightVAE, PortableVAE, IdentityTransform)}
-    if kind not in classes:
+    if container_kind(kind) not in classes:
         raise ValueError(f"unknown transform {kind!r}")
-    return classes[kind]
+    return classes[container_kind(kind)]
 
 
 def build_transform(kind: str, chunk_size: int, hidden_size: int, num_tensors: int) -> Transform:

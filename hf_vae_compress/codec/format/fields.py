@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from ..config import VAECompressionConfig
-from ..transform import transform_class
+from ..transform import container_kind, transform_class
 from .framing import ContainerError
 from .limits import MAX_CHUNK_SIZE, MAX_HIDDEN_SIZE, MAX_NUMEL, MAX_TENSOR_DIMS
 
@@ -78,6 +78,8 @@ def codec_fields(header: dict) -> tuple[VAECompressionConfig, dict, str, int, in
     spec = get_field(header, "transform", dict, "header")
     kind = get_field(spec, "kind", str, "transform")
     try:
+        if container_kind(kind) != kind:
+            raise ValueError(f"{kind!r} is a config's transform, recorded in a container as {container_kind(kind)!r}")
         transform_class(kind)  # the kinds this library decodes
     except ValueError as err:
         raise fail("transform.kind", str(err)) from err
