@@ -121,3 +121,31 @@ def test_a_container_never_names_auto_as_its_kind():
               "transform": {"kind": "auto", "chunk_size": 9, "hidden_size": 32}}
     with pytest.raises(ContainerError, match="transform.kind"):
         codec_fields(header)
+
+
+def _fit_inputs(seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    rows, d = 12, 40  # a short last chunk (40 = 4 * 9 + 4)
+    x = torch.randn(rows, d, generator=g, dtype=torch.float64)
+    chunks = torch.nn.functional.pad(x, (0, 5)).reshape(-1, 9)
+    symbols = torch.round(chunks * 1.5 + 0.3 * torch.randn(chunks.shape, generator=g, dtype=torch.float64))
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return x, chunks, symbols, mix @ mix.T + d * torch.eye(d, dtype=torch.float64)
+
+
+def _map_output_error(decoder, chunks, symbols, h, d) -> float:
+    err = (chunks - (symbols / 1.5) @ decoder.T).reshape(12, -1)[:, :d]
+    return float(((err @ h) * err).sum())
+
+
+def test_the_output_weighted_map_is_least_squares_under_a_white_layer_and_lowers_the_output_error():
+    from hf_vae_compress.codec.fit import _output_weighted_map
+    x, chunks, symbols, h = _fit_inputs()
+    y, ones, start = symbols / 1.5, torch.ones(12), torch.eye(9, dtype=torch.float64)
+    white = torch.eye(45, dtype=torch.float64)[None]  # the padded columns weigh as much as the others
+    plain = torch.linalg.lstsq(y, chunks).solution.T
+    assert torch.allclose(_output_weighted_map(chunks, y, ones, white, start), plain, atol=1e-6)
+    weighted = _output_weighted_map(chunks, y, ones, h[None], start)
+    diagonal_blocks = torch.block_diag(*[h[i: i + 9, i: i + 9] for i in range(0, 40, 9)])  # what the fit sees
+    assert _map_output_error(weighted, chunks, symbols, diagonal_blocks, 40) < _map_output_error(
+        plain, chunks, symbols, diagonal_blocks, 40)

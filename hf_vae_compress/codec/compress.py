@@ -280,18 +280,29 @@ class _Quantizer:
         decoder = sum(v.numel() * v.element_size() for v in self.transform.stored_state().values())
         return payload + self.fixed_bits + 8 * decoder
 
+    def _moments(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        return _layer_moments(self.state_dict, self.coded, self.calibration)
+
     def symbols(self, steps: list[float]) -> list[torch.Tensor]:
         nearest = [self.transform.encode_all(c.chunks, step, i) for i, (c, step) in enumerate(zip(self.coded, steps))]
         if self.calibration is None:
             return nearest
         start = time.perf_counter()
-        if isinstance(self.transform, PortableVAE):  # its maps, as refine() leaves them, before the loop uses them
-            refit_maps_(self.transform, [c.chunks for c in self.coded], nearest, steps)
+        if isinstance(self.transform, PortableVAE):  # its maps fitted to the output error, before the loop uses them
+            refit_maps_(self.transform, [c.chunks for c in self.coded], nearest, steps, self._moments())
             to_stored_precision_(self.transform)
         out = _round_output_aware(self.state_dict, self.coded, steps, nearest, self.calibration, self.progress,
                                   self.rate_scale, self.transform, self.chosen if self.auto else None)
         self.clock.take("rounding", time.perf_counter() - start)
         return out
+
+
+def _layer_moments(state_dict: dict[str, torch.Tensor], coded: list[CodedTensor],
+                   calibration: Calibration) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Row scales and input second moments of the coded tensors whose rows are their layer's
+    output rows (what :func:`~.fit.refit_maps_` fits a map to the output error with)."""
+    return {i: (c.scales, calibration.layers[c.name].second) for i, c in enumerate(coded)
+            if c.name in calibration.layers and c.layout.rows == state_dict[c.name].shape[0]}
 
 
 def _round_output_aware(state_dict: dict[str, torch.Tensor], coded: list[CodedTensor], steps: list[float],

@@ -167,22 +167,55 @@ RIDGE = 1e-9  # least-squares maps: a ridge (relative to the symbols' energy) to
 
 
 @torch.no_grad()
-def refit_maps_(vae: PortableVAE, chunks: list[torch.Tensor], symbols: list[torch.Tensor], steps: list[float]) -> None:
+def refit_maps_(vae: PortableVAE, chunks: list[torch.Tensor], symbols: list[torch.Tensor], steps: list[float],
+                moments: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
     """Each active tensor's map set to the least-squares decoder of its coded symbols.
 
     With ``Y = symbols * step`` and chunks ``X``, the map ``D`` minimising ``|X - Y D^T|^2`` (the
     tensor's squared error in normalised weights: the fit's distortion) is
     ``D^T = (Y^T Y + r I)^-1 (Y^T X + r D0^T)``; the tiny ridge ``r`` towards the fitted map ``D0``
     only decides the latent dimensions no symbol uses (all zero at low rates). In float64.
+
+    A tensor in ``moments`` (its row scales and its layer's input second moments ``H``, groups x
+    d x d) is fitted to its layer's output error instead (:func:`_output_weighted_map`).
     """
     for t in vae.active_maps:
         y = symbols[t].double() * steps[t]
         x = chunks[t].double()
+        start = vae.decoder.linear[t].double()
+        if moments is not None and t in moments:
+            vae.decoder.linear[t] = _output_weighted_map(x, y, *moments[t], start).float()
+            continue
         gram = y.T @ y
         ridge = RIDGE * (float(gram.diagonal().sum()) / len(gram) + 1.0)
-        start = vae.decoder.linear[t].double()
         solved = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), y.T @ x + ridge * start.T)
         vae.decoder.linear[t] = solved.T.float()
+
+
+def _output_weighted_map(x: torch.Tensor, y: torch.Tensor, scales: torch.Tensor, h: torch.Tensor,
+                         start: torch.Tensor) -> torch.Tensor:
+    """The map ``D`` minimising the layer's output error ``tr(dW H dWᵀ)`` (issue 24, item 3) over
+    the diagonal blocks of ``H``: chunk ``p`` of row ``r`` (``x``: its normalised weights, ``y``:
+    its latents times the step) costs ``scale_r² (x - D y)ᵀ H_pp (x - D y)``; the cross terms
+    between chunks, which the map cannot act on one chunk at a time, are left out. The normal
+    equations ``sum H_pp D A_p = sum H_pp B_p`` (``A_p = sum_r scale_r² y yᵀ``, ``B_p`` with ``x``)
+    are one (c² x c²) system in ``vec(D)``: ``sum A_pᵀ ⊗ H_pp``. Same ridge as the plain fit."""
+    groups, d = h.shape[0], h.shape[-1]
+    c = x.shape[1]
+    blocks = -(-d // c)
+    padded = h.new_zeros(groups, blocks * c, blocks * c)
+    padded[:, :d, :d] = h
+    hb = padded.reshape(groups, blocks, c, blocks, c).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (g, P, c, c)
+    weight = (scales.double() ** 2).reshape(groups, -1)
+    xg, yg = x.reshape(groups, -1, blocks, c), y.reshape(groups, -1, blocks, c)
+    a = torch.einsum("grpi,grpj,gr->gpij", yg, yg, weight)
+    b = torch.einsum("grpi,grpj,gr->gpij", xg, yg, weight)
+    system = torch.einsum("gpji,gpkl->ikjl", a, hb.double()).reshape(c * c, c * c)
+    rhs = torch.einsum("gpkl,gplj->kj", hb.double(), b)
+    ridge = RIDGE * (float(system.diagonal().sum()) / len(system) + 1.0)
+    solved = torch.linalg.solve(system + ridge * torch.eye(len(system), dtype=system.dtype),
+                                (rhs + ridge * start).T.reshape(-1))
+    return solved.reshape(c, c).T
 
 
 def to_stored_precision_(transform: LearnedTransform) -> None:
