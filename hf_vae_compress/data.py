@@ -581,6 +581,56 @@ def image_transform(model: torch.nn.Module) -> Callable:
     return T.Compose([T.Lambda(lambda im: im.convert(mode)), timm.data.create_transform(**cfg)])
 
 
+def split_transform(transform: Callable) -> tuple[Callable, Callable] | None:
+    """``transform`` cut where it turns a PIL image into floats: ``(to_pixels, finish)``, where
+    ``to_pixels`` takes an image to its 8-bit pixels, (C, H, W) uint8, and ``finish`` takes a batch
+    of them, (N, C, H, W), to what ``transform`` gives for each image, bit for bit (ToTensor's
+    division by 255 and the normalisations after it are elementwise, so they give the same values
+    on a batch as on one image). None when ``transform`` is not PIL steps, then ToTensor, then only
+    normalisations (the shape of :func:`image_transform`'s transforms): there is no such cut.
+
+    Why: a split preprocessed once and scored many times is held as its 8-bit pixels, a quarter
+    of float32's memory (see :class:`~hf_vae_compress.evaluate.HeldImages`)."""
+    import torchvision.transforms as T
+
+    steps = _flat_steps(transform)
+    at = next((i for i, step in enumerate(steps) if isinstance(step, T.ToTensor)), None)
+    if at is None or not all(isinstance(step, T.Normalize) for step in steps[at + 1:]):
+        return None
+    return T.Compose([*steps[:at], _eight_bit_pixels]), functools.partial(_finish, tail=tuple(steps[at + 1:]))
+
+
+def _flat_steps(transform: Callable) -> list[Callable]:
+    """The steps of a (nested) torchvision ``Compose``, in order; any other callable is one step."""
+    inner = getattr(transform, "transforms", None)
+    if not isinstance(inner, (list, tuple)):
+        return [transform]
+    return [step for part in inner for step in _flat_steps(part)]
+
+
+# PIL modes whose pixels ToTensor reads as they are, as uint8, and divides by 255 (it reads "1", "I",
+# "I;16" and "F" otherwise): the modes image_transform converts every image to are among them
+EIGHT_BIT_MODES = ("L", "RGB", "RGBA", "LA", "P", "CMYK", "YCbCr")
+
+
+def _eight_bit_pixels(image) -> torch.Tensor:
+    """A PIL image's pixels as (C, H, W) uint8, the values ToTensor divides by 255."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    if getattr(image, "mode", None) not in EIGHT_BIT_MODES:
+        raise ValueError(f"cannot hold an image of mode {getattr(image, 'mode', type(image).__name__)!r} as 8-bit "
+                         f"pixels (only {EIGHT_BIT_MODES}); convert it first")
+    return pil_to_tensor(image)
+
+
+def _finish(pixels: torch.Tensor, tail: tuple) -> torch.Tensor:
+    """8-bit pixels as ToTensor scales them (to the default float dtype, divided by 255), then ``tail``."""
+    x = pixels.to(torch.get_default_dtype()).div(255)
+    for step in tail:
+        x = step(x)
+    return x
+
+
 def load_image_processor(model: torch.nn.Module):
     """The image processor saved beside a transformers model: it owns the resize (and a detector's
     box post-processing)."""

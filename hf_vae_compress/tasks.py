@@ -27,7 +27,6 @@ the model (:func:`synthetic_task`, :mod:`hf_vae_compress.synthetic`), where agre
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -37,20 +36,20 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .data import (
-    FASHION_MNIST, HOLDOUT_MAX, HOLDOUT_SEED, DatasetError, Selection, collate, fit_labels, image_columns, image_mode,
+    FASHION_MNIST, HOLDOUT_MAX, HOLDOUT_SEED, DatasetError, Selection, fit_labels, image_columns, image_mode,
     image_transform, load_image_dataset, load_image_processor, load_unlabelled_images, model_labels, selection,
-    with_transform,
 )
 from .detection import (
     FASHION_MNIST_SCENES, OWN_BOX_SCORE, box_labels, detect, detection_collate, evaluate_detection,
     is_detection_model, load_detection_dataset, mean_average_precision, own_boxes, scenes_selection,
 )
-from .evaluate import as_tensors, evaluate, logits_of, predict
+from .evaluate import Batches, HeldImages, evaluate, held_tensors, logits_of, predict
 from .synthetic import SYNTHETIC_BUDGET_SHARE, SyntheticConfig, SyntheticImages, input_bounds, synthesize
 
 DEFAULT_DATASET = "default"  # the task's own data: Fashion-MNIST items, or scenes of them for a detector
 CALIBRATION_SPLIT = "train"  # calibration and fine-tuning data: ``train`` less whatever the selection took from it
 CALIBRATION_BATCH = 32
+Prepared = tuple[HeldImages | torch.Tensor, torch.Tensor]  # a classifier's preprocessed images and labels
 
 # Which check decided a rate (stats["validation"]["check"], the model card): the kinds, in words.
 CHECK_LABELLED = "labelled accuracy"
@@ -89,8 +88,10 @@ class Classification:
         """The split the accuracy check selects on, and how it was chosen."""
         return selection(self.dataset, self.validation_split, image_columns)
 
-    def prepare(self, model: torch.nn.Module, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        return as_tensors(fit_labels(model, dataset), image_transform(model))
+    def prepare(self, model: torch.nn.Module, dataset) -> Prepared:
+        """The images, preprocessed once and held as 8-bit pixels where the model's preprocessing
+        allows (:class:`~hf_vae_compress.evaluate.HeldImages`), and the labels in the model's order."""
+        return held_tensors(fit_labels(model, dataset), image_transform(model))
 
     def per_example(self, model: torch.nn.Module, data) -> np.ndarray:
         """1 where the model is right on an example of ``prepare``'s tensors, else 0: what a paired
@@ -99,8 +100,8 @@ class Classification:
         return (preds == labels).astype(np.float64)
 
     @staticmethod
-    def subset(data: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The examples ``index`` of ``prepare``'s tensors, for scoring part of a split."""
+    def subset(data: Prepared, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples ``index`` of ``prepare``'s tensors (as float images), for scoring part of a split."""
         return _take(data, index)
 
     @staticmethod
@@ -113,24 +114,24 @@ class Classification:
             data = fit_labels(model, data)
         return evaluate(model, data, batch_size=batch_size, progress=progress)
 
-    def calibration(self, model: torch.nn.Module, num_batches: int, seed: int = 0) -> tuple[list, Callable]:
+    def calibration(self, model: torch.nn.Module, num_batches: int, seed: int = 0) -> tuple[Batches, Callable]:
+        """A seeded subset of the training split in ``num_batches`` batches, held as 8-bit pixels and
+        made float as each batch is taken (:class:`~hf_vae_compress.evaluate.Batches`), and :meth:`fisher_loss`."""
         subset = _subset(fit_labels(model, self.load(CALIBRATION_SPLIT)), num_batches, seed)
-        loader = torch.utils.data.DataLoader(with_transform(subset, image_transform(model)),
-                                             batch_size=CALIBRATION_BATCH, collate_fn=collate)
-        return [batch["pixel_values"] for batch in itertools.islice(loader, num_batches)], self.fisher_loss()
+        return Batches(held_tensors(subset, image_transform(model))[0], CALIBRATION_BATCH), self.fisher_loss()
 
     @staticmethod
     def fisher_loss() -> "SampledLabelLoss":
         """A fresh sampled-label loss (its label stream starts again: one per calibration pass)."""
         return SampledLabelLoss()
 
-    def train_data(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_data(self, model: torch.nn.Module) -> Prepared:
         return self.prepare(model, self.load(CALIBRATION_SPLIT))
 
-    def num_examples(self, data: tuple[torch.Tensor, torch.Tensor]) -> int:
+    def num_examples(self, data: Prepared) -> int:
         return len(data[1])
 
-    def sample(self, data: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor) -> dict:
+    def sample(self, data: Prepared, index: torch.Tensor) -> dict:
         return {"pixel_values": data[0][index], "labels": data[1][index]}
 
     def model_inputs(self, batch: dict) -> tuple[tuple, dict]:

@@ -1,5 +1,7 @@
 """Calibration: the Fisher's forward passes also measure the layer input moments, within the memory budgets."""
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -104,3 +106,34 @@ def test_micro_batches_keep_a_batch_s_share_of_the_moment_rows(monkeypatch):
     assert counted["whole"] == [64, 64, 8] * len(BATCHES)  # two convolutions' 64 rows, the linear layer's 8
     # per micro-batch of 3 (then 2) examples: ceil(64 * 3 / 8) = 24 (then 16) rows: a batch keeps 64 as whole
     assert counted["split"] == [24, 24, 3, 24, 24, 3, 16, 16, 2] * len(BATCHES)
+
+
+class _Made(Sequence):
+    """``BATCHES`` made afresh each time one is taken, counting how many are alive at once (the
+    Fisher and the moments must not hold them all, as a list of floats would)."""
+
+    def __init__(self):
+        self.made = 0
+
+    def __len__(self) -> int:
+        return len(BATCHES)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        self.made += 1
+        return BATCHES[index].clone()
+
+
+def test_a_sequence_of_batches_is_kept_as_it_is_and_measures_what_a_list_does():
+    model = _model()
+    made = _Made()
+    kept = calibrate(model, made, len(BATCHES), _loss, progress=False)
+    listed = calibrate(model, list(BATCHES), len(BATCHES), _loss, progress=False)
+    assert kept.batches is made  # not listed: norm correction takes its batches from it again
+    assert made.made == 1 + len(BATCHES)  # one batch to size the backward, then each once for the Fisher
+    for name in listed.layers:
+        assert torch.equal(kept.layers[name].second, listed.layers[name].second)
+        assert torch.equal(kept.layers[name].mean, listed.layers[name].mean)
+    assert all(torch.equal(kept.fisher[n], listed.fisher[n]) for n in listed.fisher)
+    assert len(calibrate(model, made, 2, _loss, progress=False).batches) == 2  # a longer sequence is cut

@@ -1,16 +1,22 @@
 import json
 from types import SimpleNamespace
 
+import datasets
 import numpy as np
+import pytest
+import timm
 import torch
+import torchvision.transforms as T
+from PIL import Image
 
 from hf_vae_compress import evaluate
 from hf_vae_compress.cli import main
 from hf_vae_compress.codec.importance import fisher_diagonal
-from hf_vae_compress.data import image_transform, load_image_dataset
-from hf_vae_compress.evaluate import bootstrap_interval
+from hf_vae_compress.data import collate, image_transform, load_image_dataset, split_transform, with_transform
+from hf_vae_compress.evaluate import Batches, HeldImages, as_tensors, bootstrap_interval, held_tensors, predict
 from hf_vae_compress.models import load_model, weights_bytes
-from hf_vae_compress.tasks import Classification
+from hf_vae_compress.tasks import CALIBRATION_BATCH, Classification
+from tests.conftest import tiny_timm
 
 
 def test_evaluate_counts_correct_predictions(timm_folder, small_test_set):
@@ -73,3 +79,82 @@ def test_the_classification_task_supplies_the_fisher_loss():
                               Classification.fisher_loss(), progress=False)
     assert all(torch.equal(fisher[k], again[k]) and torch.equal(fisher[k], wrapped[f"net.{k}"]) for k in fisher)
     assert all(f.sum() > 0 for f in fisher.values())
+
+
+
+def _rgb_dataset(count: int):
+    """Smooth random colour fields (upsampled coarse grids, seeded) with labels over ten classes."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize((40, 40), Image.BILINEAR)
+              for _ in range(count)]
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(num_classes=10))
+    return datasets.Dataset.from_dict(dict(image=images, label=[i % 10 for i in range(count)]), features=features)
+
+
+def _imagenet_like() -> torch.nn.Module:
+    """An RGB timm model preprocessed as ImageNet checkpoints are: bicubic resize, crop 0.95, normalised."""
+    torch.manual_seed(0)
+    return timm.create_model("test_resnet", num_classes=10, pretrained_cfg_overlay=dict(
+        input_size=(3, 32, 32), interpolation="bicubic", crop_pct=0.95, mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225))).eval()
+
+
+def test_a_prepared_split_is_held_as_uint8_and_its_batches_are_the_float_split_s(small_test_set, vit_folder):
+    """The held split stores 8-bit pixels (a quarter of float32) and every way it is taken gives
+    exactly the values of the per-image float preprocessing, so no score can change. Three
+    preprocessings: Fashion-MNIST's (timm), ImageNet's (timm) and a transformers image processor's."""
+    fashion = load_image_dataset(str(small_test_set)).select(range(40))
+    for name, model, dataset in [("fashion", tiny_timm(), fashion), ("imagenet", _imagenet_like(), _rgb_dataset(40)),
+                                 ("vit", load_model(vit_folder), fashion)]:
+        images, labels = held_tensors(dataset, image_transform(model))
+        floats, float_labels = as_tensors(dataset, image_transform(model))
+        assert isinstance(images, HeldImages), name
+        assert images.pixels.dtype == torch.uint8 and images.pixels.shape == floats.shape, name
+        assert torch.equal(labels, float_labels) and len(images) == len(floats) == 40
+        index = torch.tensor([3, 0, 39, 17])
+        assert torch.equal(images[index], floats[index]), name
+        assert torch.equal(images[5:9], floats[5:9]), name
+        assert [len(b) for b in images.split(16)] == [16, 16, 8]
+        assert torch.equal(torch.cat(list(images.split(16))), floats), name
+        preds, _ = predict(model, (images, labels), batch_size=16, progress=False)
+        float_preds, _ = predict(model, (floats, labels), batch_size=16, progress=False)
+        assert np.array_equal(preds, float_preds), name
+    held, _ = Classification(str(small_test_set)).prepare(tiny_timm(), fashion)
+    assert isinstance(held, HeldImages)  # what the accuracy check holds
+
+
+def test_a_transform_with_float_steps_after_to_tensor_is_held_as_floats():
+    """Only PIL steps, ToTensor and normalisations can be cut at the 8-bit pixels: a float step
+    after ToTensor (here a blur) keeps the split in float32, with the same values as before."""
+    blurred = T.Compose([T.Resize(16), T.ToTensor(), T.GaussianBlur(3, sigma=1.0), T.Normalize((0.5,) * 3, (0.2,) * 3)])
+    nested = T.Compose([T.Resize(16), T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.2,) * 3)])])
+    assert split_transform(blurred) is None and split_transform(T.Normalize((0.5,), (0.2,))) is None
+    assert split_transform(nested) is not None
+    dataset = _rgb_dataset(6)
+    images, _ = held_tensors(dataset, blurred)
+    assert images.dtype == torch.float32 and torch.equal(images, as_tensors(dataset, blurred)[0])
+
+
+def test_an_image_that_is_not_8_bit_is_refused_by_the_pixel_steps():
+    to_pixels, _ = split_transform(T.Compose([T.ToTensor()]))
+    assert to_pixels(Image.new("L", (4, 4), 7)).dtype == torch.uint8
+    with pytest.raises(ValueError, match="mode 'F'"):
+        to_pixels(Image.new("F", (4, 4), 0.5))
+
+
+def test_calibration_batches_are_held_as_uint8_and_are_the_float_loader_s(small_test_set):
+    """The classifier's calibration batches are made from 8-bit pixels as they are taken, with the
+    values the per-image float loader gave (the same images, order and batch sizes)."""
+    model = tiny_timm()
+    task = Classification(str(small_test_set))
+    batches, _ = task.calibration(model, num_batches=3, seed=1)
+    subset = task.load("train").shuffle(seed=1).select(range(3 * CALIBRATION_BATCH))
+    loader = torch.utils.data.DataLoader(with_transform(subset, image_transform(model)),
+                                         batch_size=CALIBRATION_BATCH, collate_fn=collate)
+    expected = [batch["pixel_values"] for batch in loader]
+    assert isinstance(batches, Batches) and batches.images.pixels.dtype == torch.uint8
+    assert len(batches) == len(expected) == 3
+    assert all(torch.equal(a, b) for a, b in zip(batches, expected))
+    assert torch.equal(batches[-1], expected[-1]) and len(batches[0:2]) == 2
+    with pytest.raises(IndexError):
+        batches[3]

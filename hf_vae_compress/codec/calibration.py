@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -61,12 +62,13 @@ class LayerInputs:
 
 @dataclass
 class Calibration:
-    """Everything measured on calibration data. ``batches`` are kept (they are small: a few
-    batches of model inputs) because norm correction reruns them through the quantized model."""
+    """Everything measured on calibration data. ``batches`` are kept (a few batches of model
+    inputs; a sequence that makes each batch when it is taken, such as the tasks' 8-bit images,
+    is kept as it is, not as floats) because norm correction reruns them through the quantized model."""
 
     fisher: dict[str, torch.Tensor]
     layers: dict[str, LayerInputs] = field(default_factory=dict)  # keyed by the weight's name
-    batches: list = field(default_factory=list)
+    batches: Sequence = field(default_factory=list)
     # per layer, output-aware rounding's column order and Cholesky factor: they do not depend on the
     # rate, so :func:`.output_aware.layer_factor` computes them on first use and keeps them here,
     # where every probe of a rate search finds them
@@ -309,14 +311,16 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int,
               max_bytes: int = MAX_STATISTICS_BYTES, activation_bytes: int = ACTIVATION_BYTES) -> Calibration:
     """Fisher of the task's ``loss_fn`` (see :func:`~.importance.fisher_diagonal`) and layer input
     moments (of ``coded_names``, or of every eligible layer) from ``num_batches`` batches, which
-    are kept for the norm statistics.
+    are kept for the norm statistics (a sequence of at most ``num_batches`` as it is: it may make
+    its batches as they are taken, and listing them would hold them all).
 
     The moments of the first layers whose statistics fit ``max_bytes`` are recorded during the
     Fisher's forward passes (the loss's forward of each batch, in eval mode: the same inputs as a
     plain forward); the rest, if any, take passes of their own (:func:`layer_statistics`). The
     Fisher's backward passes hold at most ``activation_bytes`` of saved activations
     (:func:`~.importance.examples_per_backward`, measured before the hooks are attached)."""
-    batches = [b for _, b in zip(range(num_batches), batches)]
+    batches = batches if isinstance(batches, Sequence) and len(batches) <= num_batches \
+        else [b for _, b in zip(range(num_batches), batches)]
     layers = output_aware_layers(model, coded_names)
     passes = _passes(layers, max_bytes)
     per_backward = examples_per_backward(model, batches[0], activation_bytes) if batches else None
