@@ -201,21 +201,15 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
                              accelerator, progress=progress)
         compressed_at = time.perf_counter()
         bar.set_description(f"rate search: scoring {bpw:.3f} bits/weight on {selection['split']!r}")
-        validation, scores = src.judge(probe, max_drop_pt, early_stop=True, screen=screen) if main_process \
-            else ({}, None)
-        screened_at = time.perf_counter()
-        inline = main_process and validation["provisional"] and not guess_is_decisive(
-            src.base_scores[:len(scores)], scores, src.split_examples, allowed, probes)
-        if inline:  # too close to the budget to steer on: score on to a sound verdict first
-            bar.set_description(f"rate search: {bpw:.3f} bits/weight is near the budget, scoring on")
-            validation, scores = src.judge(probe, max_drop_pt, scored=scores)
-        inline = _agreed(accelerator, inline)
+        validation, scores, verify_seconds = _screen(src, probe, max_drop_pt, screen, allowed, probes) \
+            if main_process else ({}, None, 0.0)
+        inline = _agreed(accelerator, validation.get("verified", False))
         accepted = _agreed(accelerator, validation.get("within_budget", False))
         provisional = _agreed(accelerator, validation.get("provisional", False))
         report = probe.report()
         seconds = time.perf_counter() - probe_start
-        compress_seconds, score_seconds = compressed_at - probe_start, screened_at - compressed_at
-        verify_seconds = seconds - compress_seconds - score_seconds
+        compress_seconds = compressed_at - probe_start
+        score_seconds = seconds - compress_seconds - verify_seconds
         stages["compress"] = stages.get("compress", 0.0) + compress_seconds
         stages["score"] = stages.get("score", 0.0) + score_seconds
         if inline:
@@ -246,6 +240,21 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
     seconds = time.perf_counter() - start
     stages["other"] = max(seconds - sum(stages.values()), 0.0)
     return SearchResult(best, best_validation, log, seconds, {name: round(t, 3) for name, t in stages.items()})
+
+
+def _screen(src: Source, probe: CompressedModel, max_drop_pt: float, screen: int, allowed: float,
+            probes: int) -> tuple[dict, np.ndarray | None, float]:
+    """A probe's validation and scores after its screen, and the seconds spent scoring it on: a
+    provisional guess too close to the budget to steer on
+    (:func:`~hf_vae_compress.sequential.guess_is_decisive`) is scored on at once, from where the
+    screen paused, to a sound verdict (its validation is then ``verified``)."""
+    validation, scores = src.judge(probe, max_drop_pt, early_stop=True, screen=screen)
+    if not validation["provisional"] or guess_is_decisive(src.base_scores[:len(scores)], scores,
+                                                          src.split_examples, allowed, probes):
+        return validation, scores, 0.0
+    began = time.perf_counter()
+    validation, scores = src.judge(probe, max_drop_pt, scored=scores)
+    return validation, scores, time.perf_counter() - began
 
 
 def _scoring_fields(validation: dict, paired: bool) -> dict:
