@@ -1,7 +1,9 @@
 """Calibration: the Fisher's forward passes also measure the layer input moments, within the memory budgets."""
 
+import os
 from collections.abc import Sequence
 
+import pytest
 import torch
 from torch import nn
 
@@ -137,3 +139,24 @@ def test_a_sequence_of_batches_is_kept_as_it_is_and_measures_what_a_list_does():
         assert torch.equal(kept.layers[name].mean, listed.layers[name].mean)
     assert all(torch.equal(kept.fisher[n], listed.fisher[n]) for n in listed.fisher)
     assert len(calibrate(model, made, 2, _loss, progress=False).batches) == 2  # a longer sequence is cut
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(calibration_module._MALLOC_TRIM is None or not os.path.exists("/proc/self/statm"),
+                    reason="glibc's malloc_trim and /proc are needed")
+def test_memory_freed_into_the_heap_is_given_back_after_calibration():
+    """Tensors of a few MB freed after a larger one stay in glibc's heap (its mmap threshold rose to
+    the larger size), as the Fisher's activations did; release_freed_memory gives them back."""
+    large = torch.ones(16 << 18)  # 16 MB, mmapped ...
+    del large  # ... and freed: the threshold rises to 16 MB
+    held = [torch.ones(1 << 20) for _ in range(100)]  # 100 x 4 MB from the heap
+    last = held.pop()  # the heap's top stays in use, so only trimming inside it can give memory back
+    held.clear()
+    before = _rss_bytes()
+    calibration_module.release_freed_memory()
+    assert before - _rss_bytes() > 200 << 20  # most of the 396 MB freed
+    assert last.sum() == 1 << 20

@@ -22,6 +22,8 @@ a batch that does not fit goes through in micro-batches, each keeping its share 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import math
 import time
@@ -305,6 +307,29 @@ def layer_statistics(model: nn.Module, batches: list, layers: dict[str, nn.Modul
     return out
 
 
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS, Windows)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give the heap memory freed since the last call back to the operating system, where the C
+    library can (glibc). Why: the Fisher's backward passes free their activations into glibc's heap,
+    which keeps them (its mmap threshold rises to the size of the tensors freed, so later ones of
+    that size come from the heap and stay there once freed). A fixed-rate resnet50 compress at
+    224 px went from 2.87 to 2.14 GB RSS here, before the rounding where it peaks. Nothing
+    measured changes."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def calibrate(model: nn.Module, batches: Iterable, num_batches: int,
               loss_fn: Callable[[nn.Module, object], tuple[torch.Tensor, int]],
               coded_names: Iterable[str] | None = None, progress: bool = True,
@@ -334,6 +359,7 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int,
     start = time.perf_counter()
     statistics.update(layer_statistics(model, batches, rest, max_bytes, progress) if rest else {})
     seconds = {"fisher": fisher_seconds - first.seconds, "moments": first.seconds + time.perf_counter() - start}
+    release_freed_memory()
     logger.info("calibration: %d batches (at most %s examples per backward), input moments of %d layers in %d passes "
                 "(%.1f s Fisher, %.1f s moments)", len(batches), per_backward, len(statistics), len(passes),
                 seconds["fisher"], seconds["moments"])
