@@ -20,6 +20,7 @@ from tests.conftest import tiny_timm
 
 V1_FIXTURE = Path(__file__).resolve().parent / "data" / "v1" / "fmnist-vit.vaec.safetensors"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "artifacts"
+REFERENCE_VIT = Path(__file__).resolve().parent.parent / "reference_models" / "fmnist-vit"
 
 
 @pytest.fixture(scope="module")
@@ -192,9 +193,11 @@ def _swap_same_shaped(header) -> tuple[str, str]:
 def test_a_v1_container_with_swapped_names_is_refused_at_load(tmp_path, monkeypatch):
     """v1's hashes cannot see two same-shaped tensors trade names; the writer's order (the model's
     state-dict order) can, wherever the container is loaded into a model."""
-    folder = tmp_path / "vit"
-    shutil.copytree(ARTIFACTS / "fmnist-vit", folder)
-    container = folder_container(folder)
+    folder = tmp_path / "vit"  # a legacy folder: the source config beside the version-1 container
+    folder.mkdir()
+    shutil.copyfile(REFERENCE_VIT / "config.json", folder / "config.json")
+    container = folder / "model.vaec.safetensors"
+    shutil.copyfile(V1_FIXTURE, container)
     _, header, tensors = registry.read(container)
     _swap_same_shaped(header)
     container.write_bytes(serialize(header, tensors))
