@@ -14,8 +14,8 @@ never chosen on them), this runs the CLI exactly as a user would, in a fresh pro
 
 Each output folder is then loaded through the package's loader and scored on the **test** split,
 against the base model on the same split. Writes ``benchmarks/results/default_compress.json``.
-``--artifacts MODEL...`` also commits those models' default folders as their headline artifacts
-(``benchmarks/results/artifacts/<model>``): portable containers, as the default writes them.
+The committed headline artifacts are written by ``benchmarks/rate_accuracy.py`` alone (one writer,
+through ``save_pretrained``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ logger = logging.getLogger("default_compress")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-ARTIFACTS = RESULTS / "artifacts"
 WORK = ROOT / "outputs" / "default_compress"
 REFERENCES = ["fmnist-resnet18", "fmnist-mobilenetv3", "fmnist-vit", "fmnist-rtdetr"]
 UNSEEN = "unseen-regnetx002"
@@ -81,9 +80,8 @@ RUNS = ("default", "fixed_rate", "data_free")
 FOLDERS = {"default": "default", "fixed_rate": "fixed", "data_free": "data-free"}
 
 
-def measure(name: str, runs: tuple[str, ...], previous: dict | None, save_artifact: bool = False) -> dict:
-    """Run ``runs`` on one model; a run not asked for keeps its ``previous`` result. With
-    ``save_artifact``, the default run's folder becomes the model's committed headline artifact."""
+def measure(name: str, runs: tuple[str, ...], previous: dict | None) -> dict:
+    """Run ``runs`` on one model; a run not asked for keeps its ``previous`` result."""
     folder = model_folder(name)
     base_model = load_any(folder)[0]
     task = task_for(base_model)
@@ -110,11 +108,6 @@ def measure(name: str, runs: tuple[str, ...], previous: dict | None, save_artifa
                          probes=len(run["rate_search"] or []), rate_search=run["rate_search"], commit=_commit())
         logger.info("%s %s: %d B (%.1fx), test drop %.2f pt, %.0f s", name, kind, run["total_bytes"],
                     run["ratio_vs_fp32"], row[kind]["test_drop_pt"], run["wall_seconds"])
-    if "default" in runs and save_artifact:
-        target = ARTIFACTS / name
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(work / FOLDERS["default"], target)
-        row["default"]["artifact"] = str(target.relative_to(ROOT))
     row["default_time_vs_fixed_rate"] = row["default"]["compress_seconds"] / row["fixed_rate"]["compress_seconds"]
     if name in UNSEEN_MODELS:
         row["training"] = json.loads((folder / "train_result.json").read_text())
@@ -131,14 +124,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS),
                         help="which runs to (re)measure; the others keep their results in --output")
     parser.add_argument("--output", type=Path, default=RESULTS / "default_compress.json")
-    parser.add_argument("--artifacts", nargs="*", default=[], metavar="MODEL",
-                        help="commit these models' default folders to benchmarks/results/artifacts/")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     previous = json.loads(args.output.read_text()) if args.output.exists() else {"rows": []}
     rows = {r["model"]: r for r in previous["rows"]}
     for name in args.models:
-        rows[name] = measure(name, tuple(args.runs), rows.get(name), name in args.artifacts)
+        rows[name] = measure(name, tuple(args.runs), rows.get(name))
         result = dict(platform=dict(python=platform.python_version(), torch=torch.__version__,
                                     machine=platform.machine(), threads=torch.get_num_threads()),
                       rows=[rows[n] for n in [*REFERENCES, *UNSEEN_MODELS] if n in rows])
