@@ -201,9 +201,10 @@ def _print_human(command: str, result: dict) -> None:
             print(f"{part:<12}{n:>12,}")
         print(f"{'total':<12}{result['total_bytes']:>12,}   {result['bits_per_weight']:.3f} bits/weight, "
               f"{result['ratio_vs_fp32']:.1f}x smaller than fp32")
-        print(f"\n{'tensor':<48}{'bytes':>10}{'bits/w':>8}{'step':>9}")
+        print(f"\n{'tensor':<48}{'bytes':>10}{'bits/w':>8}{'step':>9}  transform")
         for layer in result["layers"]:
-            print(f"{layer['name'][:47]:<48}{layer['bytes']:>10,}{layer['bits_per_weight']:>8.3f}{layer['step']:>9.4f}")
+            print(f"{layer['name'][:47]:<48}{layer['bytes']:>10,}{layer['bits_per_weight']:>8.3f}{layer['step']:>9.4f}"
+                  f"  {layer.get('transform', '')}")
         return
     if command == "compress":
         result = dict(result, validation=_describe_validation(result))

@@ -100,6 +100,8 @@ def test_vae_int_is_rounded_in_the_loop_and_lowers_the_output_error(calibrated):
         config = VAECompressionConfig(target_bits_per_weight=2.0, transform="vae-int", rounding=rounding, fit=FIT)
         compressed = compress(model, config, calibration=calibration, progress=False)
         assert compressed.config.rounding == rounding and compressed.header["transform"]["linear_maps"] == [0]
+        choices = [layer["transform"] for layer in compressed.report()["layers"]]  # what inspect shows
+        assert choices[0] == "map" and set(choices[1:]) <= {"identity"}, choices
         rows[rounding] = (len(compressed.to_bytes()), _conv_output_error(model, compressed, calibration))
     (nearest_bytes, nearest_error), (loop_bytes, loop_error) = rows["nearest"], rows["output_aware"]
     assert loop_bytes <= 1.03 * nearest_bytes and loop_error < 0.8 * nearest_error, rows

@@ -134,7 +134,9 @@ class CompressedModel:
         the safetensors framing. ``side_information_bytes`` sums the parts that are not coded
         weights (tables, scales, decoder, header); coded 1-D tensors (``vectors``) are weights.
         ``num_weights`` counts every floating-point value of the model, coded or stored: the
-        denominator of every bits-per-weight figure this library reports.
+        denominator of every bits-per-weight figure this library reports. Where the transform
+        chooses per tensor (``vae-int``; ``auto`` writes one), each layer also says whether it
+        decodes through its learned ``"map"`` or as the ``"identity"``.
         """
         total = len(self.to_bytes())
         sizes = self._reader.report_parts(self.tensors)
@@ -147,6 +149,10 @@ class CompressedModel:
             if nbytes is not None:
                 layers.append(dict(name=e["name"], shape=e["shape"], step=e["step"], bytes=nbytes,
                                    bits_per_weight=8 * nbytes / math.prod(e["shape"])))
+        maps = self.header.get("transform", {}).get("linear_maps")
+        if maps is not None:  # a per-tensor choice (vae-int, auto): which coded tensors kept a learned map
+            for index, layer in enumerate(layers):
+                layer["transform"] = "map" if index in maps else "identity"
         side = sum(sizes.get(p, 0) for p in SIDE_PARTS)
         return dict(total_bytes=total, parts=sizes, num_weights=num_weights, bits_per_weight=8 * total / num_weights,
                     fp32_safetensors_bytes=self.header["fp32_safetensors_bytes"],

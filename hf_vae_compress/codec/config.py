@@ -34,7 +34,7 @@ class JsonConfig:
 TRANSFORMS = ("vae", "vae-int", "identity", "auto")
 # The bits per weight a compression may be asked for. Below the floor every weight rounds to zero on
 # real models (0.01 coded a classifier to chance); above the ceiling the container is larger than an
-# fp16 checkpoint of the same weights. The rate search's bracket (pipeline.SEARCH_RANGE_BPW) starts
+# fp16 checkpoint of the same weights. The rate search's bracket (search.SEARCH_RANGE_BPW) starts
 # at the same floor.
 TARGET_BPW_RANGE = (0.125, 16.0)
 ROUNDINGS = ("nearest", "output_aware", "rate_aware")
