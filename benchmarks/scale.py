@@ -260,7 +260,7 @@ def measure(name: str, runs: list[str], previous: dict | None, repeats: int) -> 
     data = scenes_folder() if name == DETECTOR else labelled_folder(name, folder)
     dataset = ["--dataset", str(data)]
     row = dict(previous or {}, model=name, spec=spec(name, folder))
-    for kind in runs:
+    for kind in (k for k in runs if k in RUNS):  # "load" is not a compress: it reads the fixed rate's container
         out = WORK / "out" / f"{name}-{kind}"
         out.parent.mkdir(parents=True, exist_ok=True)
         run = cli_compress(folder, out, *dataset, *RUNS[kind])
