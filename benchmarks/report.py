@@ -445,6 +445,34 @@ def datafree_lines(path: Path) -> list[str]:
     return lines + [""]
 
 
+VAE_VARIANTS = {"vae-int-loop": "vae-int in GPTQ's loop", "auto": "auto (per tensor)"}
+
+
+def vae_gptq_lines(path: Path) -> list[str]:
+    """What the learned transform buys over identity + GPTQ (vae_gptq.json): bytes at the identity's
+    output error, per model and rate; the README's claim about the VAE is this table."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    lines = ["#### What the learned transform buys", "",
+             "`benchmarks/vae_gptq.py`: at fixed rates, one calibration per model, each variant's bytes at the "
+             "identity + GPTQ container's output error tr(ΔW H ΔWᵀ) (interpolated on the variant's own rate-"
+             "distortion points; *n/a* where the identity's error lies outside them), as a change against the "
+             "identity's bytes. Positive is larger: the learned transform costs bytes. "
+             f"Protocol: {data['protocol']}; measured at `{data['commit'][:7]}` ({data['cpu']}).", "",
+             "| model | bits/weight | identity + GPTQ bytes | " + " | ".join(VAE_VARIANTS.values()) + " | maps kept (auto) |",
+             "|---|---:|---:|" + "---:|" * len(VAE_VARIANTS) + "---:|"]
+    for model, m in data["models"].items():
+        kept = {r["target_bpw"]: f"{r['maps']} of {r['coded_tensors']}" for r in m["rows"] if r["variant"] == "auto"}
+        for bpw in sorted({e["target_bpw"] for e in m["equal_error"]}):
+            at = {e["variant"]: e for e in m["equal_error"] if e["target_bpw"] == bpw}
+            cells = [f"{at[v]['vs_identity_pct']:+.2f} %" if v in at and at[v]["vs_identity_pct"] is not None
+                     else "n/a" for v in VAE_VARIANTS]
+            identity = next(iter(at.values()))["identity_bytes"]
+            lines.append(f"| `{model}` | {bpw} | {identity:,} | " + " | ".join(cells) + f" | {kept.get(bpw, '')} |")
+    return lines + [""]
+
+
 def posthoc_lines(path: Path) -> list[str]:
     """Post-hoc quality ablation (``benchmarks/posthoc_quality.py``)."""
     if not path.exists():
@@ -544,6 +572,7 @@ def render(data: dict) -> str:
     lines += posthoc_lines(RESULTS / "posthoc_quality.json")
     lines += default_lines(RESULTS / "default_compress.json")
     lines += datafree_lines(RESULTS / "datafree.json")
+    lines += vae_gptq_lines(RESULTS / "vae_gptq.json")
     lines.append(END)
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from report import artifact_link, reference_lines  # noqa: E402
+from report import artifact_link, reference_lines, vae_gptq_lines  # noqa: E402
 
 
 def test_reference_table_has_one_row_per_trained_model_with_its_measured_metric(tmp_path):
@@ -28,3 +28,18 @@ def test_a_row_links_the_committed_artifact_only_when_it_is_the_rows_container(t
     assert artifact_link("m", 1234, tmp_path) == " ([artifact](benchmarks/results/artifacts/m))"
     assert artifact_link("m", 1235, tmp_path) == ""  # another run's container: its numbers are not these
     assert artifact_link("absent", 1234, tmp_path) == ""
+
+
+def test_the_learned_transform_table_shows_each_rates_change_against_identity_and_what_auto_kept(tmp_path):
+    def point(bpw, variant, pct):
+        return dict(target_bpw=bpw, variant=variant, identity_bytes=1000, bytes_at_identity_error=None,
+                    vs_identity_pct=pct)
+    data = dict(protocol="fixed rates", commit="abcdef1234", cpu="some CPU", models={"m": dict(
+        rows=[dict(variant="auto", target_bpw=2.0, maps=1, coded_tensors=5)],
+        equal_error=[point(2.0, "vae-int-loop", 12.345), point(2.0, "auto", -0.5), point(3.0, "vae-int-loop", None)])})
+    path = tmp_path / "vae_gptq.json"
+    path.write_text(json.dumps(data))
+    rows = [line for line in vae_gptq_lines(path) if line.startswith("| `")]
+    assert rows == ["| `m` | 2.0 | 1,000 | +12.35 % | -0.50 % | 1 of 5 |",
+                    "| `m` | 3.0 | 1,000 | n/a | n/a |  |"]
+    assert vae_gptq_lines(tmp_path / "absent.json") == []
