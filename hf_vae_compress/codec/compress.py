@@ -37,9 +37,6 @@ logger = logging.getLogger(__name__)
 OUTPUT_AWARE = ("output_aware", "rate_aware")  # the roundings that run GPTQ against calibration inputs
 RATE_AWARE_AIMS = 3  # re-aims of rate-aware rounding's allocation at most (a GPTQ pass each)
 SLOPE_STEP = 2 ** 0.25  # auto: the identity's second step (one quarter octave coarser), for its local RD slope
-LATENT_SEARCH = "encoder"  # the latent search inside GPTQ's loop: the fitted encoder's rounding of the fed-back chunk
-# ("babai": nearest plane on the map's lattice; without the encoder's learned dead zone it coded
-# more bytes at more output error on tests/test_vae_gptq.py's model, dev)
 MAP_BITS_PER_ENTRY = 16  # auto: an int16 map entry, what keeping a tensor's map costs
 
 
@@ -347,11 +344,14 @@ def _levels(state_dict: dict[str, torch.Tensor], c: CodedTensor, step: float, ca
 
 def _latents(state_dict: dict[str, torch.Tensor], c: CodedTensor, step: float, decoder: torch.Tensor,
              calibration: Calibration, transform: PortableVAE, index: int) -> torch.Tensor:
-    """The latents of ``c`` at ``step`` through its map ``decoder``, chosen in GPTQ's loop."""
+    """The latents of ``c`` at ``step`` through its map ``decoder``, chosen in GPTQ's loop: the
+    fitted encoder's rounding of each fed-back chunk. (Nearest plane on the map's lattice, what
+    :func:`linear_latent_symbols` does without an encoder, lacks the encoder's learned dead zone:
+    it coded more bytes at more output error on tests/test_vae_gptq.py's model, dev.)"""
     factors = (c.scales.double() * step).float()
     factor = layer_factor(calibration, c.name, c.layout.chunk_size)
-    encode = (lambda x: transform.encode(x * step, step, index)) if LATENT_SEARCH == "encoder" else None
-    rows = linear_latent_symbols(state_dict[c.name], factors, factor, decoder, transform.symbol_limit(index), encode)
+    rows = linear_latent_symbols(state_dict[c.name], factors, factor, decoder, transform.symbol_limit(index),
+                                 lambda x: transform.encode(x * step, step, index))
     return rows.reshape(c.layout.num_chunks, c.layout.chunk_size)
 
 
