@@ -27,6 +27,7 @@ from .fit import Shard, fit, refine, refit_maps_, to_stored_precision_
 from .format.layout import ChunkLayout
 from .format.v2 import HEADER_BYTES_PER_TENSOR, code_side_parts
 from .importance import mean_normalised_fisher
+from .lattice import moves
 from .latents import CodedTensor, Latents
 from .output_aware import RATE_SCALE, layer_factor, linear_latent_symbols, output_aware_symbols
 from .rate import Allocation, allocate, estimate_tensor_bits, steps_for
@@ -227,6 +228,8 @@ def _allocate(state_dict: dict[str, torch.Tensor], coded: list[CodedTensor], sid
     def learn(steps: list[float]) -> _Quantizer:
         transform = build_transform(config.transform, config.chunk_size, config.hidden_size, len(coded))
         fit(transform, [c.chunks for c in coded], steps, config.fit, config.seed, progress, shard)
+        if config.latent_quantizer != "scalar":  # fitted with scalar rounding, then coded on the lattice
+            transform.use_lattice_(config.latent_quantizer)
         return quantizer(transform)
 
     identity = build_transform("identity", config.chunk_size, config.hidden_size, len(coded))
@@ -347,11 +350,14 @@ def _latents(state_dict: dict[str, torch.Tensor], c: CodedTensor, step: float, d
     """The latents of ``c`` at ``step`` through its map ``decoder``, chosen in GPTQ's loop: the
     fitted encoder's rounding of each fed-back chunk. (Nearest plane on the map's lattice, what
     :func:`linear_latent_symbols` does without an encoder, lacks the encoder's learned dead zone:
-    it coded more bytes at more output error on tests/test_vae_gptq.py's model, dev.)"""
+    it coded more bytes at more output error on tests/test_vae_gptq.py's model, dev.) Lattice latents
+    (``config.latent_quantizer``) start at the lattice point closest to the encoder's latent and move
+    to a lattice neighbour while that lowers the chunk's output error."""
     factors = (c.scales.double() * step).float()
     factor = layer_factor(calibration, c.name, c.layout.chunk_size)
     rows = linear_latent_symbols(state_dict[c.name], factors, factor, decoder, transform.symbol_limit(index),
-                                 lambda x: transform.encode(x * step, step, index))
+                                 lambda x: transform.encode(x * step, step, index),
+                                 moves(transform.latent_quantizer, c.layout.chunk_size))
     return rows.reshape(c.layout.num_chunks, c.layout.chunk_size)
 
 

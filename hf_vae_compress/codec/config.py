@@ -6,14 +6,27 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .format.limits import MAX_CHUNK_SIZE, MAX_HIDDEN_SIZE
+from .lattice import LATENT_QUANTIZERS
 
 class JsonConfig:
-    """Round-trips a dataclass through plain JSON, refusing unknown fields."""
+    """Round-trips a dataclass through plain JSON, refusing unknown fields.
+
+    A field named in ``RECORDED_IF_SET`` is left out of the dict while it holds its default: a
+    field added after containers were written (which store the config) keeps the bytes of every
+    container that does not use it, and readers from before it still read those."""
+
+    RECORDED_IF_SET: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in self.RECORDED_IF_SET:
+            if data[name] == defaults[name]:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict):
@@ -32,6 +45,7 @@ class JsonConfig:
 
 
 TRANSFORMS = ("vae", "vae-int", "identity", "auto")
+LINEAR_DECODERS = ("vae-int", "auto")  # the transforms whose latents decode through a linear map
 # The bits per weight a compression may be asked for. Below the floor every weight rounds to zero on
 # real models (0.01 coded a classifier to chance); above the ceiling the container is larger than an
 # fp16 checkpoint of the same weights. The rate search's bracket (search.SEARCH_RANGE_BPW) starts
@@ -105,6 +119,15 @@ class VAECompressionConfig(JsonConfig):
     correct_norms: bool = False
     seed: int = 0
     modules_to_not_convert: list[str] = field(default_factory=list)
+    # How a linear decoder's latents are quantized (vae-int, auto): "scalar" (rounded to integers)
+    # or on a lattice, "d4" or "e8" (:mod:`.lattice`): the container stores the lattice's latents as
+    # the scalar latents of the map times the lattice's basis, and decodes them as any vae-int
+    # container. Only the encoder changes. Not the default: the container's coder codes the basis
+    # coordinates one by one, not the lattice point, which costs more than the lattice gains on
+    # i.i.d. sources (lattice.py; benchmarks/results/vae_gptq.json, lattice_source_model).
+    latent_quantizer: str = "scalar"
+
+    RECORDED_IF_SET = ("latent_quantizer",)
 
     def __post_init__(self) -> None:
         if isinstance(self.fit, dict):  # from JSON: a stored config names the nested fields
@@ -117,6 +140,11 @@ class VAECompressionConfig(JsonConfig):
                 raise ValueError(f"{name} must be a positive finite number, got {value}")
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {self.transform!r}")
+        if self.latent_quantizer not in LATENT_QUANTIZERS:
+            raise ValueError(f"latent_quantizer must be one of {LATENT_QUANTIZERS}, got {self.latent_quantizer!r}")
+        if self.latent_quantizer != "scalar" and self.transform not in LINEAR_DECODERS:
+            raise ValueError(f"latent_quantizer={self.latent_quantizer!r} quantizes a linear decoder's latents: it needs "
+                             f"transform in {LINEAR_DECODERS}, got {self.transform!r}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if self.normalization not in NORMALIZATIONS:

@@ -156,7 +156,8 @@ def _columns(weight: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -
 
 def linear_latent_symbols(weight: torch.Tensor, factors: torch.Tensor, factor: tuple[torch.Tensor, torch.Tensor],
                           decoder: torch.Tensor, limit: int = (1 << 31) - 1,
-                          encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                          encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                          moves: torch.Tensor | None = None) -> torch.Tensor:
     """Integer latents for ``weight`` under a linear chunk decoder, chosen inside GPTQ's column loop.
 
     A chunk is ``c = decoder.shape[0]`` consecutive columns of a row (a 3x3 kernel of one input
@@ -172,6 +173,12 @@ def linear_latent_symbols(weight: torch.Tensor, factors: torch.Tensor, factor: t
     own rounding in latent space (Babai's nearest plane on that lattice). The chunk's weight
     error is then pushed onto the later columns exactly as GPTQ pushes a column's. With the
     identity decoder ``V = U_BB`` and the symbols are GPTQ's (with the same factor).
+
+    With ``encode`` (the fitted encoder's quantizer, fed each chunk after the feedback) its latents
+    are the start instead of nearest plane's. With ``moves`` (integer latent steps, moves x c:
+    a lattice's shortest vectors in its basis, :func:`~.lattice.moves`) the start is then improved
+    by :func:`_neighbour_search` in the chunk's output-error metric: nearest plane reaches only a
+    parallelepiped cell of the lattice, the neighbours of a lattice point its Voronoi cell's.
 
     A short last chunk (the row's end) has padding latents that decode to nothing: they get a
     negligible weight in the metric and target zero. Returns (rows, chunks per row * c) int32
@@ -195,6 +202,8 @@ def linear_latent_symbols(weight: torch.Tensor, factors: torch.Tensor, factor: t
                     z = _nearest_plane(w[:, a:b], grid[:, a:b], u[:, a:b, a:b], inverse)
                 else:
                     z = _encoded(w[:, a:b], grid[:, a:b], size, encode)
+                if moves is not None:
+                    z = _neighbour_search(w[:, a:b], grid[:, a:b], u[:, a:b, a:b], decoder, z, moves)
                 z.clamp_(-limit, limit)
                 q = torch.einsum("kj,gjr->gkr", decoder, z.double()).float()[:, : b - a] * grid[:, a:b]
                 for j in range(a, b):
@@ -242,6 +251,47 @@ def _nearest_plane(w: torch.Tensor, grid: torch.Tensor, u: torch.Tensor, inverse
     z = torch.empty_like(y)
     _round_block(y, grid, v.float(), z)
     return z
+
+
+def chunk_output_error(w: torch.Tensor, grid: torch.Tensor, u: torch.Tensor, decoder: torch.Tensor,
+                       z: torch.Tensor) -> torch.Tensor:
+    """Per group and row (groups x rows), a chunk's share of the layer's output error with latents
+    ``z`` (groups x c x rows): ``|U_BB^-T (w_B - q_B)|^2`` (:func:`linear_latent_symbols`), what the
+    GPTQ pushes of its columns' errors sum to."""
+    m = w.shape[1]
+    q = torch.einsum("kj,gjr->gkr", decoder.double(), z.double())[:, :m] * grid.double()
+    return _whitened(u, w.double() - q).pow(2).sum(1)
+
+
+def _whitened(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``U^-T x`` per group (``u`` upper triangular, groups x m x m; ``x`` groups x m x n)."""
+    return torch.linalg.solve_triangular(u.double().transpose(1, 2), x, upper=False)
+
+
+def _neighbour_search(w: torch.Tensor, grid: torch.Tensor, u: torch.Tensor, decoder: torch.Tensor, z: torch.Tensor,
+                      moves: torch.Tensor) -> torch.Tensor:
+    """Latents ``z`` (groups x c x rows) of one chunk moved, row by row, to the neighbour (``z`` plus
+    one of ``moves``) with the least :func:`chunk_output_error`, as long as one is strictly better
+    (at most c rounds: each round lowers every moved row's error).
+
+    The error of ``z + v`` is ``|r - f P v|^2`` with ``r`` the whitened residual of ``z``, ``f`` the
+    row's factor and ``P = U^-T D_m`` (``D_m`` the decoder's first m rows): one matrix product per
+    round for all rows and moves."""
+    m = w.shape[1]
+    factor = grid[:, 0].double()  # one factor per row: a chunk is part of one row
+    p = _whitened(u, decoder.double()[:m].expand(len(u), -1, -1)) @ moves.T  # groups x m x moves
+    norms = p.pow(2).sum(1)  # groups x moves
+    z = z.double()
+    for _ in range(z.shape[1]):
+        q = torch.einsum("kj,gjr->gkr", decoder.double(), z)[:, :m] * grid.double()
+        r = _whitened(u, w.double() - q)
+        gain = 2 * factor[:, :, None] * torch.einsum("gmr,gmv->grv", r, p) - factor[:, :, None] ** 2 * norms[:, None]
+        best, index = gain.max(-1)  # groups x rows
+        better = best > 0
+        if not better.any():
+            break
+        z = z + torch.where(better[:, None], moves.T[:, index].permute(1, 0, 2), 0.0)
+    return z.float()
 
 
 def rate_penalties(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

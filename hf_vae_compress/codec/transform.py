@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import lattice
 from .format import identity, linear
 from .format.layout import ChunkLayout, from_chunks
 from .quantize import dequantize, quantize
@@ -247,6 +248,10 @@ class PortableVAE(LearnedTransform):
     exponent and evaluated in integer arithmetic (:mod:`.format.linear`). While fitting, the
     maps are float parameters (``decoder.linear``); :meth:`quantize_decoder_` fixes them to what
     the container stores, and from then on ``decoder.linear`` is their exact float view.
+
+    Its latents are rounded to integers, or with :meth:`use_lattice_` quantized on a lattice
+    (:mod:`.lattice`): the maps then decode the lattice's basis coordinates, and the container
+    is the same kind of container, decoded the same way.
     """
 
     kind = "vae-int"
@@ -258,6 +263,18 @@ class PortableVAE(LearnedTransform):
         self.encoder = Analysis(chunk_size, hidden_size, num_tensors)
         self.decoder = LinearSynthesis(chunk_size, num_tensors)
         self.maps: dict[int, tuple[np.ndarray, int]] = {}  # tensor -> (int16 matrix, exponent)
+        self.latent_quantizer = "scalar"  # :data:`~.lattice.LATENT_QUANTIZERS`: how the encoder quantizes mapped latents
+
+    @torch.no_grad()
+    def use_lattice_(self, name: str) -> None:
+        """Quantize the latents of every tensor with a map on lattice ``name`` from now on: each
+        fitted map ``D`` becomes ``D B`` (``B`` the chunk's lattice basis, :func:`~.lattice.chunk_basis`),
+        the map of the lattice point's basis coordinates, stored as any map is."""
+        basis = lattice.chunk_basis(name, self.decoder.linear.shape[1])
+        for t in self.active_maps:
+            self.decoder.linear[t] = (self.decoder.linear[t].double() @ basis).float()
+        self.latent_quantizer = name
+        self.quantize_decoder_()
 
     @torch.no_grad()
     def quantize_decoder_(self) -> None:
@@ -288,8 +305,13 @@ class PortableVAE(LearnedTransform):
         self.maps = {t: m for t, m in self.maps.items() if t in indices}
 
     def encode(self, chunks: torch.Tensor, step: float, index: int) -> torch.Tensor:
-        """The encoder's symbols, clipped where a huge symbol would leave the decoder's exact range."""
-        symbols = super().encode(chunks, step, index)
+        """The encoder's symbols (a mapped tensor's on its lattice, :meth:`use_lattice_`), clipped where
+        a huge symbol would leave the decoder's exact range."""
+        if self.latent_quantizer == "scalar" or index not in self.maps:
+            symbols = super().encode(chunks, step, index)
+        else:
+            latents = self.encoder(chunks, math.log(step), index).detach() / step
+            symbols = lattice.coordinates(self.latent_quantizer, latents).to(torch.int32)
         limit = self.symbol_limit(index)
         if limit < (1 << 31) - 1:
             symbols.clamp_(-limit, limit)
