@@ -87,23 +87,16 @@ class Synthesis(nn.Module):
 
 
 class LinearSynthesis(nn.Module):
-    """The portable decoder while it trains: the per-tensor linear map alone (no MLP, no step)."""
+    """The portable decoder: each tensor's linear map alone (no MLP, no step). While fitting the maps
+    are parameters; a frozen copy (``trainable=False``) holds them as a buffer, the stored maps' float
+    view that fine-tuning trains the latents through and leaves as stored."""
 
-    def __init__(self, chunk_size: int, num_tensors: int):
+    def __init__(self, maps: torch.Tensor, trainable: bool = True):
         super().__init__()
-        self.linear = nn.Parameter(torch.eye(chunk_size).repeat(num_tensors, 1, 1))
-
-    def forward(self, y: torch.Tensor, log_step, index) -> torch.Tensor:
-        return _per_tensor_linear(self.linear, y, index)
-
-
-class FixedLinearSynthesis(nn.Module):
-    """The stored integer maps' float view, frozen (a buffer: fine-tuning trains latents through it
-    and leaves the maps as stored)."""
-
-    def __init__(self, maps: torch.Tensor):
-        super().__init__()
-        self.register_buffer("linear", maps.detach().clone())
+        if trainable:
+            self.linear = nn.Parameter(maps)
+        else:
+            self.register_buffer("linear", maps.detach().clone())
 
     def forward(self, y: torch.Tensor, log_step, index) -> torch.Tensor:
         return _per_tensor_linear(self.linear, y, index)
@@ -261,7 +254,7 @@ class PortableVAE(LearnedTransform):
     def __init__(self, chunk_size: int, hidden_size: int, num_tensors: int):
         super().__init__()
         self.encoder = Analysis(chunk_size, hidden_size, num_tensors)
-        self.decoder = LinearSynthesis(chunk_size, num_tensors)
+        self.decoder = LinearSynthesis(torch.eye(chunk_size).repeat(num_tensors, 1, 1))
         self.maps: dict[int, tuple[np.ndarray, int]] = {}  # tensor -> (int16 matrix, exponent)
         self.latent_quantizer = "scalar"  # :data:`~.lattice.LATENT_QUANTIZERS`: how the encoder quantizes mapped latents
 
@@ -363,7 +356,7 @@ class PortableVAE(LearnedTransform):
 
     def trainable_decoder(self) -> nn.Module:
         """The stored maps, frozen: fine-tuning trains the latents against exactly this decoder."""
-        return FixedLinearSynthesis(self.decoder.linear)
+        return LinearSynthesis(self.decoder.linear, trainable=False)
 
 
 class IdentityTransform(Transform):
