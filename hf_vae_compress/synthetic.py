@@ -11,10 +11,16 @@ does, and a rate needs a check. Without data both come from the model:
   This covers CNNs and the BatchNorm backbones of detectors.
 * **A prior for models without BatchNorm** (a ViT): nothing stores data statistics, so images are
   inverted towards classes instead ("class inversion with a smoothness prior", after DeepInversion's
-  image priors, Yin et al., CVPR 2020): cross-entropy towards target classes taken round-robin, so
-  every class is represented, plus the mean absolute difference of neighbouring pixels (total
-  variation) so the images are smooth rather than adversarial noise. The two terms are weighted
-  equally; the weights were not tuned on any model.
+  image priors, Yin et al., CVPR 2020): cross-entropy towards a target distribution, plus the mean
+  absolute difference of neighbouring pixels (total variation) so the images are smooth rather than
+  adversarial noise. The two terms are weighted equally; the weights were not tuned on any model.
+  The target is not one class (which drives every image to the model's most confident output, far
+  from any decision boundary, where no small weight error flips a prediction and an agreement check
+  sees nothing) but a mixture of two classes, after the boundary-supporting samples of Qimera (Choi
+  et al., NeurIPS 2021): probability ``p`` on a class taken round-robin (every class is represented),
+  ``1 - p`` on another drawn at random, ``p`` drawn uniformly from [1/2, 1]. The images' top-two
+  probability margins ``2p - 1`` then spread evenly from the decision boundary to full confidence,
+  a prior with no preferred confidence, chosen a priori, not measured on any model.
 
 Images live in the model's input space (after its preprocessing) and are clamped, after every
 step, to what the preprocessing can produce: between the preprocessed all-black and all-white
@@ -47,7 +53,7 @@ logger = logging.getLogger(__name__)
 # data is unknown; half the budget is kept in reserve. Chosen a priori (not measured on any model).
 SYNTHETIC_BUDGET_SHARE = 0.5
 PRIOR_BATCHNORM = "batchnorm-statistics"
-PRIOR_CLASS_INVERSION = "class-inversion-smoothness"
+PRIOR_CLASS_INVERSION = "class-mixture-inversion-smoothness"
 PRIOR_SMOOTHNESS = "smoothness-only"
 
 
@@ -132,6 +138,21 @@ def _smoothness(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
 
 
+def _mixture_targets(offset: int, size: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """Target distributions of images ``offset`` to ``offset + size`` (see the module docstring):
+    ``p ~ U[1/2, 1]`` on class ``index mod num_classes``, ``1 - p`` on another class drawn uniformly."""
+    first = torch.arange(offset, offset + size) % num_classes
+    targets = torch.zeros(size, num_classes)
+    if num_classes == 1:
+        return targets.fill_(1.0)
+    second = (first + torch.randint(1, num_classes, (size,), generator=generator)) % num_classes
+    p = 0.5 + 0.5 * torch.rand(size, generator=generator)
+    rows = torch.arange(size)
+    targets[rows, first] = p
+    targets[rows, second] = 1 - p
+    return targets
+
+
 def synthesize(model: nn.Module, bounds: tuple[torch.Tensor, torch.Tensor], config: SyntheticConfig,
                num_classes: int | None, call=None, progress: bool = True) -> SyntheticImages:
     """Images optimised for ``model`` (see the module docstring), within ``bounds`` (from
@@ -156,7 +177,7 @@ def synthesize(model: nn.Module, bounds: tuple[torch.Tensor, torch.Tensor], conf
         starts = range(0, total, config.batch_size)
         for offset in tqdm(starts, desc="synthetic images", disable=not progress, leave=False):
             size = min(config.batch_size, total - offset)
-            targets = (torch.arange(offset, offset + size) % num_classes) if num_classes else None
+            targets = _mixture_targets(offset, size, num_classes, generator) if num_classes else None
             x, losses = _optimise(model, call, size, low, high, config, generator, statistics, targets)
             batches.append(x)
             first.append(losses[0])

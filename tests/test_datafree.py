@@ -17,7 +17,9 @@ from hf_vae_compress.cli import main
 from hf_vae_compress.codec import CompressedModel
 from hf_vae_compress.loading import find_container
 from hf_vae_compress.models import load_model
-from hf_vae_compress.synthetic import PRIOR_BATCHNORM, PRIOR_CLASS_INVERSION, SYNTHETIC_BUDGET_SHARE, SyntheticConfig
+from hf_vae_compress.synthetic import (
+    PRIOR_BATCHNORM, PRIOR_CLASS_INVERSION, SYNTHETIC_BUDGET_SHARE, SyntheticConfig, _mixture_targets,
+)
 from hf_vae_compress.tasks import CHECK_SYNTHETIC, CHECK_UNLABELLED, synthetic_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +54,9 @@ def test_a_tiny_model_without_data_gets_synthetic_calibration_and_an_agreement_c
     validation = result["validation"]
     assert result["check"] == validation["check"] == CHECK_SYNTHETIC and not result["accuracy_checked"]
     assert validation["examples"] == 48 and validation["synthetic"]["calibration_images"] == 16
-    assert validation["synthetic"]["seconds"] > 0 and validation["base"] == 1.0  # the original agrees with itself
+    # expected agreement: the original's own score is its mean top probability
+    assert validation["metric"] == "expected_agreement" and 0.1 <= validation["base"] <= 1
+    assert validation["synthetic"]["seconds"] > 0
     assert validation["allowed_pt"] == pytest.approx(SYNTHETIC_BUDGET_SHARE * validation["budget_pt"])
     assert "not accuracy" in result["warning"] and "not accuracy" in captured.err
     probes = result["rate_search"]
@@ -63,6 +67,42 @@ def test_a_tiny_model_without_data_gets_synthetic_calibration_and_an_agreement_c
     assert CompressedModel.load(find_container(out)).header["config"]["rounding"] == "output_aware"
     card = (out / "README.md").read_text().split("## How accuracy was checked", 1)[1].split("##", 1)[0]
     assert f"**{CHECK_SYNTHETIC}**" in card and "not an accuracy check" in card
+
+
+def test_images_without_batchnorm_are_inverted_towards_two_class_mixtures_of_every_confidence():
+    """The class-inversion prior's targets: ``p`` in [1/2, 1] on the round-robin class, ``1 - p`` on
+    one other class, so margins ``2p - 1`` spread from the decision boundary to full confidence."""
+    targets = _mixture_targets(5, 2000, 10, torch.Generator().manual_seed(0))
+    assert torch.allclose(targets.sum(1), torch.ones(2000)) and ((targets > 0).sum(1) == 2).all()
+    first = targets[torch.arange(2000), (torch.arange(2000) + 5) % 10]
+    assert (first >= 0.5).all() and torch.equal(first, targets.max(1).values)
+    margins = 2 * first - 1
+    assert margins.min() < 0.05 and margins.max() > 0.95 and abs(float(margins.mean()) - 0.5) < 0.05
+    assert torch.equal(targets, _mixture_targets(5, 2000, 10, torch.Generator().manual_seed(0)))
+
+
+def test_expected_agreement_charges_a_changed_prediction_the_originals_probability_margin(timm_folder):
+    """On synthetic images a classifier's drop is the original's top probability less its probability
+    of the compressed model's class: 0 for the original, and at most the disagreement rate."""
+    model = load_model(timm_folder).eval()
+    task = synthetic_task(model, TINY, progress=False)
+    assert task.expected and task.metric == "expected_agreement"
+    held = task.prepare(model, task.check_images)
+    images, labels, probabilities = held
+    own = task.own_scores(held)
+    assert np.allclose(own, probabilities.max(-1).values.numpy()) and np.allclose(task.per_example(model, held), own)
+    other = load_model(timm_folder).eval()
+    with torch.no_grad():  # a classifier that always says the original's least likely class
+        head = other.get_classifier()
+        head.weight.neg_()
+        head.bias.neg_()
+    scores = task.per_example(other, held)
+    least = probabilities.argmin(-1)
+    assert np.allclose(scores, probabilities[torch.arange(len(labels)), least].numpy())
+    drop = own - scores
+    disagree = (torch.as_tensor(task.base.per_example(other, held[:2])) == 0).numpy()
+    assert (drop >= -1e-12).all() and (drop <= disagree + 1e-12).all() and drop.mean() > 0
+    assert task.score(other, held)["expected_agreement"] == pytest.approx(scores.mean())
 
 
 def test_no_synthetic_images_keeps_the_unchecked_fixed_rate(timm_folder, tmp_path, capsys):
