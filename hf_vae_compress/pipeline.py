@@ -229,8 +229,8 @@ class Source:
             self._held_out = task.prepare(self.model, task.load(chosen.split))
             self._order = np.random.default_rng(SCORING_SEED).permutation(task.num_examples(self._held_out))
         with timed(self.stage_seconds, "base_scoring"):
-            own = task.own_scores(self._held_out)
-            self._base = (float(own.mean()), own) if own is not None else self._measure(self.model)
+            own = task.own_scores(self._held_out)  # in the data's order: probes are scored in _order
+            self._base = (float(own.mean()), own[self._order]) if own is not None else self._measure(self.model)
             self._scorer = copy.deepcopy(self.model)
         if task.check != CHECK_LABELLED:
             return self._agreement_selection(chosen)

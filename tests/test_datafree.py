@@ -14,9 +14,10 @@ import torch
 
 from hf_vae_compress import data
 from hf_vae_compress.cli import main
-from hf_vae_compress.codec import CompressedModel
+from hf_vae_compress.codec import CompressedModel, VAECompressionConfig
 from hf_vae_compress.loading import find_container
 from hf_vae_compress.models import load_model
+from hf_vae_compress.pipeline import Source
 from hf_vae_compress.synthetic import (
     PRIOR_BATCHNORM, PRIOR_CLASS_INVERSION, SYNTHETIC_BUDGET_SHARE, SyntheticConfig, _mixture_targets,
 )
@@ -103,6 +104,18 @@ def test_expected_agreement_charges_a_changed_prediction_the_originals_probabili
     disagree = (torch.as_tensor(task.base.per_example(other, held[:2])) == 0).numpy()
     assert (drop >= -1e-12).all() and (drop <= disagree + 1e-12).all() and drop.mean() > 0
     assert task.score(other, held)["expected_agreement"] == pytest.approx(scores.mean())
+
+
+def test_the_originals_expected_agreement_is_paired_with_each_probes_in_the_scoring_order(timm_folder):
+    """The base's per-example scores (its top probabilities, known without scoring) are in the order
+    probes are scored in: scoring the original itself as a probe gives a drop of exactly 0 +- 0."""
+    src = Source.open(timm_folder, None, 1, progress=False, synthetic=TINY)
+    assert len(set(src.base_scores.round(6))) > 1  # not all alike, so the order matters
+    compressed = src.compress(VAECompressionConfig(transform="identity", target_bits_per_weight=4.0,
+                                                   calibration_batches=1), progress=False)
+    compressed.decode = lambda: src.model.state_dict()  # the original's own weights, as a probe
+    result = src.validation_drop(compressed)
+    assert result["drop_pt"] == pytest.approx(0, abs=1e-9) and result["drop_se_pt"] == pytest.approx(0, abs=1e-9)
 
 
 def test_no_synthetic_images_keeps_the_unchecked_fixed_rate(timm_folder, tmp_path, capsys):
