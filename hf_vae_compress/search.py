@@ -8,10 +8,12 @@ opened :class:`~hf_vae_compress.pipeline.Source` (one shared calibration), judge
 A probe is scored on a growing seeded subset of the split and stops as soon as the whole split's
 verdict is decided (:mod:`hf_vae_compress.sequential`: a probe far from the budget costs a
 fraction of a pass). A probe still undecided after its share of one screening pass gets a
-provisional verdict, which steers the bisection only when it is far from the budget; a probe nearer
-is scored on to a sound verdict first. At the end the smallest candidate still provisional is
-scored on to a sound verdict (the whole split, judged by the same rule as before, at the latest),
-the next larger while it fails.
+provisional verdict that steers the bisection: a guessed accept at once (every later probe of its
+bracket is smaller, so it is scored on only where none of them holds), a guessed reject once it is
+sure at the steering error (it is scored on until it is). At the end the smallest provisional
+accept is scored on to a sound verdict (the whole split, judged by the same rule as before, at the
+latest); where that overturns it, the bracket above it is bisected with the probes spent below it,
+and the next smallest candidate is taken the same way.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from tqdm.auto import tqdm
 from .codec import CompressedModel, VAECompressionConfig
 from .finetune import FinetuneConfig
 from .pipeline import Source, UncheckedAccuracyError, is_main, timed
-from .sequential import guess_is_decisive, screening_size
+from .sequential import look_sizes, screening_size, steering_verdict
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +68,9 @@ def describe_probe(probe: dict, budget_pt: float) -> str:
     rate, the measured drop (with its standard error where the metric has one), the verdict with
     how many examples decided it (fewer than the split's when it was decided early, or when it is
     only provisional), and how long the rest of the search should take at the pace measured so far.
-    A probe verified after the search gets a second line, its final verdict and what the
-    verification took; one verified before the bisection steered on it says so on its one line."""
+    A probe verified later, as a candidate, gets a second line, its final verdict and what the
+    verification took; one scored on past its screen before the bisection steered on it says so on
+    its one line, and a probe of a bracket bisected again names the probe whose accept was overturned."""
     se = probe["validation_drop_se_pt"]
     drop = f"{probe['validation_drop_pt']:.2f}" + ("" if se is None else f" ± {se:.2f}")
     verdict = "accepted" if probe["accepted"] else "rejected"
@@ -79,9 +82,11 @@ def describe_probe(probe: dict, budget_pt: float) -> str:
     elif scored is not None:
         verdict += f" on all {scored:,} examples"
     if probe.get("verified_before_steering"):
-        verdict += f" (its screen of {probe['screening_examples']:,} was too close to the budget to steer on)"
+        verdict += f" (its screen of {probe['screening_examples']:,} read a reject too close to the budget to steer on)"
+    if probe.get("reprobe_of"):
+        verdict += f" (bisecting above probe {probe['reprobe_of']}, whose accept the whole split overturned)"
     left = probe["probes"] - probe["probe"]
-    if probe.get("verified") and not probe.get("verified_before_steering"):
+    if probe.get("verified_later"):
         kind, pace = "verification of probe", f"verified in {probe['verify_seconds']:.0f} s"
     else:
         kind = "probe"
@@ -98,15 +103,34 @@ def _duration(seconds: float) -> str:
 
 @dataclass
 class _Candidate:
-    """A probe accepted, or not yet soundly rejected, kept until the search ends: its container
+    """A probe accepted (soundly or provisionally), kept until the search ends: its container
     (coded bytes; decoded again to be scored on, rather than holding a model per probe), its
-    validation and per-example scores so far (empty on processes that do not score), and its log
-    entry, which a verification updates."""
+    validation and per-example scores so far (empty on processes that do not score), its log
+    entry, which a verification updates, and where the bisection left it: the upper end of the
+    bracket it halved (log bits per weight) and how many probes the bracket had after it, all
+    below it, which is what bisecting above it again costs where its accept is overturned."""
 
     compressed: CompressedModel
     validation: dict
     scores: np.ndarray | None
     entry: dict
+    upper: float
+    after: int
+    above: "_Candidate | None"  # the candidate at ``upper`` (None: the search range's end)
+    final: bool  # its verdict is sound (the same on every process)
+
+
+@dataclass
+class _Bracket:
+    """A bracket to bisect (log bits per weight) with ``probes`` probes; ``above`` is the candidate
+    at its upper end (None: the search range's end), ``reprobe_of`` names the probe whose
+    overturned accept it lies above (None: the search's own range)."""
+
+    low: float
+    high: float
+    probes: int
+    above: _Candidate | None = None
+    reprobe_of: int | None = None
 
 
 def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_pt: float, dataset: str | None,
@@ -123,37 +147,51 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
     compression (and fine-tuning, when configured) from one shared calibration pass, judged on
     the selection split (``validation_split``, or the automatic rule: see :mod:`hf_vae_compress.pipeline`).
 
-    **Screen, then verify** (:mod:`hf_vae_compress.sequential`). On top-1 or agreement a probe is
-    scored on a growing seeded subset and keeps a verdict decided soundly on part of the split
+    **Screen, steer, verify** (:mod:`hf_vae_compress.sequential`). On top-1 or agreement a probe
+    is scored on a growing seeded subset and keeps a verdict decided soundly on part of the split
     (``early_stop``; at most :data:`~hf_vae_compress.sequential.STOPPING_ERROR` chance that the
     whole split would say otherwise), but is scored on at most ``screening_examples``
     (:func:`~hf_vae_compress.sequential.screening_size`: all probes together, one pass of the
-    split). A probe undecided there is ``provisional``: its ``accepted`` is the rule applied to
-    the examples scored, a guess that steers the bisection and is never returned as it is. The
-    search steers on a guess only when it lies far from the budget
-    (:func:`~hf_vae_compress.sequential.guess_is_decisive`: more than its own error allows, at
-    :data:`~hf_vae_compress.sequential.STEERING_ERROR` per search); a probe nearer is scored on at
-    once, from where its screen paused, to a sound verdict (``verified`` and
-    ``verified_before_steering``), and the bisection steers on that. A wrong guess near the budget
-    is the likely one, and it would cost every rate on the other side of the probe. After
-    the last probe, the smallest accepted probe is the answer if its verdict is final; if it is
-    provisional its scoring resumes where it paused (its scores are kept, the container decoded
-    again) to a sound verdict, the whole split's rule at the latest, and the entry is updated
-    (``verified``, and ``accepted``, ``examples_scored``, the drop and ``early_stop`` are then
-    final); while that rejects, the next larger candidate is taken the same way. A provisionally
-    *rejected* probe is a candidate too (only a sound early reject or the whole split's rule rules
-    a probe out): near the budget a screen of a few hundred examples errs either way, and a wrong
-    reject would otherwise cost the search the smaller rate for good. So the container returned is
-    the smallest probe that passed the whole split's rule or an early accept, as if every probe
-    had been scored whole, and the search's scoring is the base's pass, the screening, and one
-    verification per candidate smaller than the answer (stopped early where the bounds decide)
-    plus the one that holds. An unverified entry that is still ``provisional`` belongs to a larger
-    probe than the one returned.
+    split). A probe undecided there is ``provisional``: its ``accepted`` is the whole split's rule
+    predicted from the examples scored, a guess that steers the bisection and is never returned as
+    it is.
+
+    - A guessed **accept** steers down at once. Every later probe of its bracket is smaller, so it
+      is scored on only where none of them holds, and then it is verified like any candidate.
+    - A guessed **reject** steers up for good: a wrong one costs every rate below it (on
+      fmnist-vit, 1.27x the bytes). So its looks resume at once, one at a time, from where its
+      screen paused, while it is a reject that
+      :func:`~hf_vae_compress.sequential.steering_verdict` is not sure of (exact bounds at
+      :data:`~hf_vae_compress.sequential.STEERING_ERROR` per search), to a sure or sound verdict or
+      until it guesses an accept (``verified_before_steering``; ``verified`` where the verdict is
+      final). A sure reject is ruled out; it returns nothing, so it needs no sound verdict. But
+      first, where the accept at the upper end of its bracket is provisional, that accept is
+      verified (below a rate that fails, the sound bisection never probes, and a probe there is
+      near the budget: scoring three such probes on cost fmnist-vit over two passes of its split).
+
+    A provisional accept is verified (scored on from where its scoring paused, its scores kept and
+    the container decoded again, to a sound verdict, the whole split's rule at the latest; the entry
+    then has ``verified`` and ``verified_later``, and a final ``accepted``, ``examples_scored``,
+    drop and ``early_stop``) when a guessed reject below it is to be scored on, and after the
+    bisection, smallest candidate first, until one holds: the answer. Where a verdict overturns the
+    accept, the bisection left the bracket above the probe for a wrong guess: that bracket is
+    bisected with as many probes as it spent below (their entries name the probe as
+    ``reprobe_of``; ``probes`` counts every probe planned so far), and the search goes on from
+    there. So the container returned is a probe that passed the whole split's rule or a sound early
+    accept, and the bisection's path is the one sound verdicts would have steered except where a
+    sure reject is wrong (at most the steering error per search) or where a probe below an
+    overturned guess holds (the answer is then smaller). The search's scoring is the base's pass,
+    the screens, the scoring on of guessed rejects to a sure verdict, and one verification per
+    provisional accept below a guessed reject or from the smallest up to the one that holds:
+    accepts larger than the answer and above no guessed reject are not scored past their screens.
+    An entry still ``provisional`` is a sure reject, a guessed reject below an overturned accept,
+    or an accept larger than the probe returned.
 
     Each entry also has ``examples_scored`` of ``split_examples``, its ``compress_seconds`` and
     ``score_seconds`` (the screen; and the compressor's ``compress_stage_seconds`` where it records
-    them), and a verified one ``verify_seconds`` (part of its ``seconds`` when verified before
-    steering; ``stage_seconds["verify"]`` sums both kinds). The best container is saved to ``out_dir`` (when given), its
+    them), and one scored on past its screen ``verify_seconds`` (part of its ``seconds`` when scored
+    on before steering, plus its verification later; ``stage_seconds["verify"]`` sums
+    both kinds). The best container is saved to ``out_dir`` (when given), its
     drop in ``stats["validation"]``.
 
     A probe takes minutes on a busy machine, so the search is never silent: with ``progress`` a
@@ -186,75 +224,207 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
               if seconds > before.get(name, 0.0)}  # what opening and checking cost inside this call
     if not selection["rate_checked"]:
         raise UncheckedAccuracyError(f"no rate search: {selection['warning']}")
-    allowed = max_drop_pt * src.task.budget_share  # what each probe's drop plus its standard error must fit
-    screen = screening_size(src.split_examples, probes)
-    main_process = is_main(accelerator)
-    lo, hi = math.log(bpw_range[0]), math.log(bpw_range[1])
-    log, candidates = [], []
-    probes_start = time.perf_counter()
-    bar = tqdm(total=probes, desc="rate search", unit="probe", disable=not (progress and main_process))
-    for index in range(1, probes + 1):
-        bpw = math.exp((lo + hi) / 2)
-        probe_start = time.perf_counter()
-        bar.set_description(f"rate search: compressing at {bpw:.3f} bits/weight")
-        probe = src.compress(dataclasses.replace(config, target_bits_per_weight=bpw, beta=None), finetune_config,
-                             accelerator, progress=progress)
-        compressed_at = time.perf_counter()
-        bar.set_description(f"rate search: scoring {bpw:.3f} bits/weight on {selection['split']!r}")
-        validation, scores, verify_seconds = _screen(src, probe, max_drop_pt, screen, allowed, probes) \
-            if main_process else ({}, None, 0.0)
-        inline = _agreed(accelerator, validation.get("verified", False))
-        accepted = _agreed(accelerator, validation.get("within_budget", False))
-        provisional = _agreed(accelerator, validation.get("provisional", False))
-        report = probe.report()
-        seconds = time.perf_counter() - probe_start
-        compress_seconds = compressed_at - probe_start
-        score_seconds = seconds - compress_seconds - verify_seconds
-        stages["compress"] = stages.get("compress", 0.0) + compress_seconds
-        stages["score"] = stages.get("score", 0.0) + score_seconds
-        if inline:
-            stages["verify"] = stages.get("verify", 0.0) + verify_seconds
-        log.append(dict(probe=index, probes=probes, target_bits_per_weight=bpw,
-                        bits_per_weight=report["bits_per_weight"], bytes=report["total_bytes"],
-                        accepted=accepted, **_scoring_fields(validation, src.paired),
-                        screening_examples=screen, verified=inline, verified_before_steering=inline,
-                        seconds=round(seconds, 2), compress_seconds=round(compress_seconds, 2),
-                        score_seconds=round(score_seconds, 2),
-                        compress_stage_seconds=probe.stats.get("stage_seconds"),
-                        estimated_seconds_left=round((probes - index) * (time.perf_counter() - probes_start) / index, 1)))
-        if inline:
-            log[-1]["verify_seconds"] = round(verify_seconds, 2)
-        if main_process:
-            _report_probe(log[-1], allowed, bar, on_probe)
-        if accepted or provisional:  # a provisional reject is a guess too: verified if it is the smallest left
-            candidates.append(_Candidate(probe, validation, scores, log[-1]))
-        if accepted:
-            hi = math.log(bpw)
-        else:
-            lo = math.log(bpw)
-    bar.close()
-    best, best_validation = _verified_smallest(src, candidates, max_drop_pt, allowed, accelerator, stages, on_probe)
-    if best is not None and out_dir is not None and main_process:
+    search = _Search(src, config, finetune_config, max_drop_pt, probes, accelerator, progress, on_probe, stages)
+    brackets, best = [_Bracket(math.log(bpw_range[0]), math.log(bpw_range[1]), probes)], None
+    while brackets:
+        overturned = search.bisect(brackets.pop())
+        if overturned is None:
+            best, overturned = search.verified_smallest()
+        if overturned is not None:  # the bracket above it, left for a wrong guess, with the probes spent below it
+            above = overturned.above if overturned.above in search.candidates else None
+            brackets.append(_Bracket(math.log(overturned.entry["target_bits_per_weight"]), overturned.upper,
+                                     overturned.after, above, overturned.entry["probe"]))
+    search.close()
+    best_validation = best.validation if best is not None else None
+    best = best.compressed if best is not None else None
+    if best is not None and out_dir is not None and search.main_process:
         with timed(stages, "save"):
             src.save(best, out_dir)
     seconds = time.perf_counter() - start
     stages["other"] = max(seconds - sum(stages.values()), 0.0)
-    return SearchResult(best, best_validation, log, seconds, {name: round(t, 3) for name, t in stages.items()})
+    return SearchResult(best, best_validation, search.log, seconds, {name: round(t, 3) for name, t in stages.items()})
 
 
-def _screen(src: Source, probe: CompressedModel, max_drop_pt: float, screen: int, allowed: float,
-            probes: int) -> tuple[dict, np.ndarray | None, float]:
-    """A probe's validation and scores after its screen, and the seconds spent scoring it on: a
-    provisional guess too close to the budget to steer on
-    (:func:`~hf_vae_compress.sequential.guess_is_decisive`) is scored on at once, from where the
-    screen paused, to a sound verdict (its validation is then ``verified``)."""
-    validation, scores = src.judge(probe, max_drop_pt, early_stop=True, screen=screen)
-    if not validation["provisional"] or guess_is_decisive(src.base_scores[:len(scores)], scores,
-                                                          src.split_examples, allowed, probes):
-        return validation, scores, 0.0
-    began = time.perf_counter()
-    validation, scores = src.judge(probe, max_drop_pt, scored=scores)
-    return validation, scores, time.perf_counter() - began
+class _Search:
+    """The probes of one :func:`search_smallest`: the bisection of each bracket (:meth:`bisect`),
+    each probe screened and steered on (:meth:`_screen`), and the verification of the candidates
+    after it (:meth:`verified_smallest`). ``log`` holds every probe's entry, ``candidates`` the
+    probes accepted and not yet overturned; ``stages`` gets the compress, score and verify seconds."""
+
+    def __init__(self, src: Source, config: VAECompressionConfig, finetune_config: FinetuneConfig | None,
+                 max_drop_pt: float, probes: int, accelerator, progress: bool, on_probe: ProbeReport | None,
+                 stages: dict[str, float]):
+        self.src, self.config, self.finetune_config, self.accelerator = src, config, finetune_config, accelerator
+        self.max_drop_pt, self.probes, self.on_probe, self.stages, self.progress = \
+            max_drop_pt, probes, on_probe, stages, progress
+        self.allowed = max_drop_pt * src.task.budget_share  # what each probe's drop plus its standard error must fit
+        self.screen = screening_size(src.split_examples, probes)
+        self.main_process = is_main(accelerator)
+        self.split = src.check_selection()["split"]
+        self.log: list[dict] = []
+        self.candidates: list[_Candidate] = []
+        self.planned = 0  # probes of every bracket so far
+        self.began = time.perf_counter()
+        self.bar = tqdm(total=0, desc="rate search", unit="probe", disable=not (progress and self.main_process))
+
+    def bisect(self, bracket: _Bracket) -> _Candidate | None:
+        """``bracket.probes`` probes, each at the middle of the bracket left (on a log scale), which
+        moves down after a probe accepted (soundly or provisionally) and up after one rejected.
+        Returns the provisional accept at the bracket's upper end where it is overturned before a
+        guessed reject below it is scored on (:meth:`_probe`): the bracket is then abandoned, the
+        rest of it lying below a rate that fails."""
+        self.planned += bracket.probes
+        self.bar.total = self.planned
+        low, high, above = bracket.low, bracket.high, bracket.above
+        for after in range(bracket.probes - 1, -1, -1):
+            bpw = math.exp((low + high) / 2)
+            candidate, overturned = self._probe(bpw, bracket.reprobe_of, high, after, above)
+            if overturned is not None:
+                return overturned
+            if candidate is not None:
+                high, above = math.log(bpw), candidate
+            else:
+                low = math.log(bpw)
+        return None
+
+    def _probe(self, bpw: float, reprobe_of: int | None, upper: float, after: int,
+               above: _Candidate | None) -> tuple[_Candidate | None, _Candidate | None]:
+        """Compress at ``bpw``, screen and steer, log the entry: ``(candidate, None)`` when the probe
+        is accepted (soundly or provisionally), ``(None, None)`` when it is rejected, and
+        ``(None, above)`` when its guessed reject would be scored on but the provisional accept
+        ``above`` it is verified first and fails (a guessed reject is scored on only below a sound
+        accept: below a failing rate the sound bisection never probes, and scoring three such
+        probes on, near the budget, cost fmnist-vit over two passes of its split)."""
+        src, index = self.src, len(self.log) + 1
+        probe_start = time.perf_counter()
+        self.bar.set_description(f"rate search: compressing at {bpw:.3f} bits/weight")
+        probe = src.compress(dataclasses.replace(self.config, target_bits_per_weight=bpw, beta=None),
+                             self.finetune_config, self.accelerator, progress=self.progress)
+        compressed_at = time.perf_counter()
+        self.bar.set_description(f"rate search: scoring {bpw:.3f} bits/weight on {self.split!r}")
+        validation, scores, unsure = self._screen(probe) if self.main_process else ({}, None, False)
+        overturned, inline, verify_seconds, above_seconds = None, False, 0.0, 0.0
+        if _agreed(self.accelerator, unsure):
+            began = time.perf_counter()
+            if above is not None and not self._verify(above):
+                overturned, above_seconds = above, time.perf_counter() - began  # the above probe's verification
+            else:
+                above_seconds = time.perf_counter() - began
+                began, inline = time.perf_counter(), True
+                validation, scores = self._score_on(probe, validation, scores) if self.main_process else ({}, None)
+                verify_seconds = time.perf_counter() - began
+        accepted = _agreed(self.accelerator, validation.get("within_budget", False))
+        report = probe.report()
+        seconds = time.perf_counter() - probe_start - above_seconds
+        compress_seconds = compressed_at - probe_start
+        score_seconds = seconds - compress_seconds - verify_seconds
+        self.stages["compress"] = self.stages.get("compress", 0.0) + compress_seconds
+        self.stages["score"] = self.stages.get("score", 0.0) + score_seconds
+        if inline:
+            self.stages["verify"] = self.stages.get("verify", 0.0) + verify_seconds
+        elapsed = time.perf_counter() - self.began
+        entry = dict(probe=index, probes=self.planned, target_bits_per_weight=bpw,
+                     bits_per_weight=report["bits_per_weight"], bytes=report["total_bytes"], accepted=accepted,
+                     **_scoring_fields(validation, src.paired), screening_examples=self.screen,
+                     verified=inline and not validation.get("provisional", False), verified_before_steering=inline,
+                     verified_later=False, reprobe_of=reprobe_of, seconds=round(seconds, 2),
+                     compress_seconds=round(compress_seconds, 2), score_seconds=round(score_seconds, 2),
+                     compress_stage_seconds=probe.stats.get("stage_seconds"),
+                     estimated_seconds_left=round((self.planned - index) * elapsed / index, 1))
+        if inline:
+            entry["verify_seconds"] = round(verify_seconds, 2)
+        self.log.append(entry)
+        if self.main_process:
+            self._report(entry, self.bar)
+        if not accepted or overturned is not None:
+            return None, overturned
+        final = _agreed(self.accelerator, self.main_process and not validation["provisional"])
+        candidate = _Candidate(probe, validation, scores, entry, upper, after, above, final)
+        self.candidates.append(candidate)
+        return candidate, None
+
+    def _screen(self, probe: CompressedModel) -> tuple[dict, np.ndarray | None, bool]:
+        """A probe's validation and scores after its screen, and whether it is to be scored on: a
+        provisional guess of a reject that :func:`~hf_vae_compress.sequential.steering_verdict` is
+        not sure of. Where the bounds are sure, the provisional ``within_budget`` is their verdict
+        rather than the guess."""
+        validation, scores = self.src.judge(probe, self.max_drop_pt, early_stop=True, screen=self.screen)
+        validation, unsure = self._steering(validation, scores)
+        return validation, scores, unsure
+
+    def _steering(self, validation: dict, scores: np.ndarray | None) -> tuple[dict, bool]:
+        """The verdict to steer on and whether it is an unsure guessed reject (see :meth:`_screen`)."""
+        if not validation["provisional"]:
+            return validation, False
+        sure = steering_verdict(self.src.base_scores[:len(scores)], scores, self.src.split_examples, self.allowed,
+                                self.probes, self.screen)
+        if sure is not None:
+            return dict(validation, within_budget=sure), False
+        return validation, not validation["within_budget"]
+
+    def _score_on(self, probe: CompressedModel, validation: dict, scores: np.ndarray) -> tuple[dict, np.ndarray]:
+        """An unsure guessed reject's looks resumed from where they paused, one at a time, until it
+        is sure (:meth:`_steering`), decided soundly, or guessed an accept: a reject steers the
+        bisection up for good, so it must be sure; an accept steers down, and every later probe of
+        its bracket is smaller (it is verified only where none of them holds)."""
+        later = [size for size in look_sizes(self.src.split_examples) if size > len(scores)]
+        unsure = True
+        while unsure:
+            validation, scores = self.src.judge(probe, self.max_drop_pt, early_stop=True, screen=later.pop(0),
+                                                scored=scores)
+            validation, unsure = self._steering(validation, scores)
+        return validation, scores
+
+    def _verify(self, candidate: _Candidate) -> bool:
+        """Whether ``candidate``'s final verdict is an accept: a provisional one is scored on from
+        where its scoring paused (:meth:`~hf_vae_compress.pipeline.Source.judge` with its ``scored``)
+        to a sound verdict, its entry updated (``verified_later``) and reported again; one that
+        fails is no candidate any more. Only the main process scores; every process takes its verdict."""
+        src = self.src
+        if not candidate.final:
+            if self.main_process:
+                began = time.perf_counter()
+                with timed(self.stages, "verify"):
+                    candidate.validation, candidate.scores = src.judge(candidate.compressed, self.max_drop_pt,
+                                                                       scored=candidate.scores)
+                entry = candidate.entry
+                entry.update(accepted=candidate.validation["within_budget"],
+                             **_scoring_fields(candidate.validation, src.paired), verified=True, verified_later=True,
+                             verify_seconds=round(time.perf_counter() - began + entry.get("verify_seconds", 0.0), 2))
+                self._report(entry, None)
+            candidate.final = True
+        accepted = _agreed(self.accelerator, candidate.validation.get("within_budget", False))
+        if not accepted:
+            self.candidates.remove(candidate)
+            candidate.entry["accepted"] = False
+        return accepted
+
+    def verified_smallest(self) -> tuple[_Candidate | None, _Candidate | None]:
+        """The smallest candidate whose final verdict is an accept (:meth:`_verify`, smallest
+        first), or the first whose provisional accept its final verdict overturns while its bracket
+        had probes after it, all below it (the bracket above it is then to be bisected again with as
+        many): ``(answer, None)``, ``(None, overturned)``, or ``(None, None)`` when none holds."""
+        for candidate in sorted(self.candidates, key=lambda c: c.entry["bytes"]):
+            if self._verify(candidate):
+                return candidate, None
+            if candidate.after:
+                return None, candidate
+        return None, None
+
+    def _report(self, probe: dict, bar: tqdm | None) -> None:
+        """Log a finished (or verified) probe, show its verdict on the bar, and hand it to the caller's
+        report."""
+        logger.info(describe_probe(probe, self.allowed))
+        if bar is not None:
+            bar.set_description("rate search")
+            bar.set_postfix_str(f"last {probe['bits_per_weight']:.3f} bits/weight: "
+                                f"{'accepted' if probe['accepted'] else 'rejected'}", refresh=False)
+            bar.update()
+        if self.on_probe is not None:
+            self.on_probe(probe)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _scoring_fields(validation: dict, paired: bool) -> dict:
@@ -267,48 +437,11 @@ def _scoring_fields(validation: dict, paired: bool) -> dict:
                 provisional=validation.get("provisional", False))
 
 
-def _verified_smallest(src: Source, candidates: list[_Candidate], max_drop_pt: float, allowed: float, accelerator,
-                       stages: dict[str, float], on_probe: ProbeReport | None) -> tuple[CompressedModel | None,
-                                                                                         dict | None]:
-    """The smallest candidate whose final verdict is an accept, and its validation: a provisional
-    one (accepted or rejected on its screen) is scored on from where its screening paused
-    (:meth:`~hf_vae_compress.pipeline.Source.judge` with its ``scored``), smallest first, until one holds; a final accept is
-    taken as it is. Only the main process scores;
-    every process takes the main process's verdicts in the same order."""
-    main_process = is_main(accelerator)
-    for candidate in sorted(candidates, key=lambda c: c.entry["bytes"]):
-        validation = candidate.validation
-        if main_process and validation["provisional"]:
-            began = time.perf_counter()
-            with timed(stages, "verify"):
-                validation, candidate.scores = src.judge(candidate.compressed, max_drop_pt, scored=candidate.scores)
-            entry = candidate.entry
-            entry.update(accepted=validation["within_budget"], **_scoring_fields(validation, src.paired),
-                         verified=True, verify_seconds=round(time.perf_counter() - began, 2))
-            _report_probe(entry, allowed, None, on_probe)
-        if _agreed(accelerator, validation.get("within_budget", False)):
-            return candidate.compressed, validation
-    return None, None
-
-
 def _agreed(accelerator, accepted: bool) -> bool:
     """The main process's verdict on every process: only it scores, the others hold False."""
     if accelerator is None:
         return bool(accepted)
     return float(accelerator.reduce(torch.tensor(float(accepted)), reduction="sum")) > 0.5
-
-
-def _report_probe(probe: dict, budget_pt: float, bar: tqdm | None, on_probe: ProbeReport | None) -> None:
-    """Log a finished (or verified) probe, show its verdict on the bar, and hand it to the caller's
-    report."""
-    logger.info(describe_probe(probe, budget_pt))
-    if bar is not None:
-        bar.set_description("rate search")
-        bar.set_postfix_str(f"last {probe['bits_per_weight']:.3f} bits/weight: "
-                            f"{'accepted' if probe['accepted'] else 'rejected'}", refresh=False)
-        bar.update()
-    if on_probe is not None:
-        on_probe(probe)
 
 
 __all__ = ["SEARCH_PROBES", "SEARCH_RANGE_BPW", "ProbeReport", "SearchResult", "describe_probe", "search_smallest"]

@@ -28,19 +28,23 @@ split's own verdict, not a looser one, so a probe the full split rejects by any 
 early with at most that probability. The same holds for early rejects. Scores other than 0/1 are
 never stopped early (:func:`binary`); mAP has no per-example scores and is always scored whole.
 
-**Screen, then verify.** Near the budget no sound rule accepts before most of the split is scored
-(at 1,000 examples and 0.5 pt, five lost examples can hide among any 125 unscored ones), so a
+**Screen, steer, verify.** Near the budget no sound rule accepts before most of the split is
+scored (at 1,000 examples and 0.5 pt, five lost examples can hide among any 125 unscored ones), so a
 search that scored every undecided probe whole would pay a pass per probe. The rate search instead
 pauses each probe's looks at :func:`screening_size`: a probe still undecided there gets a
 *provisional* verdict, the full-split rule predicted from the examples scored (their drop plus the
 standard error the whole split would have: their own, shrunk by ``sqrt(n / N)``), which only steers
-the bisection, and only when it lies far enough from the budget (:func:`guess_is_decisive`);
-nearer, the probe's looks resume at once, to a sound verdict, before the search steers. The search then resumes the looks of the smallest probe not yet soundly rejected
-(provisionally accepted *or* rejected: near the budget a screen errs both ways) from where they
-paused, on to a sound verdict (the full split at the latest), and falls back to the next larger
-candidate while that verdict is a reject. Pausing adds no look and a provisional verdict is
-never returned, so every final verdict is one today's sequential scoring of that probe would give:
-the guarantee above holds unchanged.
+the bisection. A guessed accept steers it down at once: every later probe of its bracket is smaller,
+so it is scored on only if none of them holds. A guessed reject steers it up for good, so it must
+first be sure: its looks resume while it is a reject that :func:`steering_verdict` is not sure of (a
+bound at :data:`STEERING_ERROR`, far looser than the stopping error, since a reject returns
+nothing), once the accept above it is sound. A provisional accept's looks resume from where they
+paused, on to a sound verdict (the full split at the latest), when a guessed reject below it is to
+be scored on, and after the bisection, smallest first, until one holds; where the verdict
+overturns the accept, the bracket above it, which the bisection left for the guess, is bisected
+with the probes it spent below. Pausing adds no look and
+a provisional verdict is never returned, so every final verdict is one today's sequential scoring
+of that probe would give: the guarantee above holds unchanged.
 """
 
 from __future__ import annotations
@@ -65,10 +69,9 @@ SCORING_SEED = 0  # the order examples are scored in: the same for the base and 
 # of the container it returns (a near-budget probe is only decided near the whole split); screening
 # as much again keeps the search's scoring a fixed number of passes however many probes it makes.
 SCREENING_PASSES = 1.0
-# Chance, per search, that the bisection steers the wrong way on a paused probe's guess: a guess
-# nearer the budget than its own error allows (guess_is_decisive) is scored on to a sound verdict
-# before the search steers on it. A wrong steer is not unsound (every answer is verified) but costs
-# the smaller rates on the other side of the probe for good.
+# Chance, per search, that the bisection steers up on a reject the whole split would not make
+# (steering_verdict): a guessed reject is scored on until it is this sure. A wrong steer is not
+# unsound (every answer is verified) but costs the smaller rates below the probe for good.
 STEERING_ERROR = 0.05
 
 
@@ -185,18 +188,27 @@ def early_verdict(base: np.ndarray, probe: np.ndarray, total: int, allowed_pt: f
                   early_looks)
 
 
-def guess_is_decisive(base: np.ndarray, probe: np.ndarray, total: int, allowed_pt: float, probes: int) -> bool:
-    """Whether a paused probe's guess (:func:`provisional_accept`) is sure enough for a search of
-    ``probes`` probes to steer on, rather than score the probe on first; ``base`` and ``probe`` are
-    the two models' scores on the first examples of the scoring order, as in :func:`early_verdict`.
+def steering_looks(total: int, screen: int) -> int:
+    """How many looks a probe screened on ``screen`` of ``total`` examples may be steered on at:
+    the screen and each later early look (:func:`look_sizes`), where a probe whose guess is a
+    reject not yet sure is scored on (see :func:`steering_verdict`)."""
+    return sum(screen <= size < total for size in look_sizes(total))
 
-    The guess is sure when :func:`decide`'s bounds, at level :data:`STEERING_ERROR` shared by the
-    search's probes (one look: the screen), put the whole split's rule on the guess's side of the
-    budget: then the bisection steers the wrong way on some guess with at most that chance. The
-    bounds are exact (hypergeometric), so a screen that saw few or no discordant examples is not
-    taken for a sure one: a normal interval around its estimated SE of about 0 would be. With
-    every example scored the guess is the rule itself, always sure; scores that are not 0/1 have
-    no bounds, so their guess is never sure.
+
+def steering_verdict(base: np.ndarray, probe: np.ndarray, total: int, allowed_pt: float, probes: int,
+                     screen: int) -> bool | None:
+    """The whole split's rule where it is sure enough for a search of ``probes`` probes to steer on
+    (True: it keeps the budget, False: it does not), None where it is not; ``base`` and ``probe``
+    are the two models' scores on the first examples of the scoring order, as in
+    :func:`early_verdict`, at one of the looks from the ``screen`` on.
+
+    Sure means :func:`decide`'s bounds at level :data:`STEERING_ERROR` shared by the search's probes
+    and by each probe's looks from the screen on (:func:`steering_looks`: a union bound, as for the
+    stopping error) put the whole split's rule on one side of the budget: then the bisection steers
+    the wrong way on some sure verdict with at most that chance. The bounds are exact
+    (hypergeometric), so a screen that saw few or no discordant examples is not taken for a sure
+    one: a normal interval around its estimated SE of about 0 would be. With every example scored it
+    is the rule itself; scores that are not 0/1 have no bounds, so they are never sure early.
 
     Why: a guess steers the bisection for good. On fmnist-vit a probe read 0.59 pt on its 512
     screened examples against a 0.5 pt budget (the whole split: 0.18 +- 0.11); the search moved
@@ -204,17 +216,16 @@ def guess_is_decisive(base: np.ndarray, probe: np.ndarray, total: int, allowed_p
     (benchmarks/results/default_compress.json)."""
     scored = len(probe)
     if scored >= total:
-        return True
+        differences = 100 * (base - probe)
+        return provisional_accept(float(differences.mean()), float(differences.std(ddof=1) / math.sqrt(scored)),
+                                  scored, total, allowed_pt)
     if not (binary(base) and binary(probe)):
-        return False
-    differences = 100 * (base - probe)
-    guess = provisional_accept(float(differences.mean()), float(differences.std(ddof=1) / math.sqrt(scored)),
-                               scored, total, allowed_pt)
-    sure = decide(int((differences > 0).sum()), int((differences < 0).sum()), scored, total, allowed_pt,
-                  early_looks=1, error=STEERING_ERROR / probes)
-    return sure.accepted is not None and sure.accepted == guess
+        return None
+    differences = base - probe
+    return decide(int((differences > 0).sum()), int((differences < 0).sum()), scored, total, allowed_pt,
+                  early_looks=steering_looks(total, screen), error=STEERING_ERROR / probes).accepted
 
 
 __all__ = ["FIRST_LOOK", "SCORING_SEED", "SCREENING_PASSES", "STEERING_ERROR", "STOPPING_ERROR", "Verdict", "binary",
-           "decide", "drop_statistic_pt", "early_verdict", "guess_is_decisive", "look_sizes", "provisional_accept",
-           "screening_size"]
+           "decide", "drop_statistic_pt", "early_verdict", "look_sizes", "provisional_accept", "screening_size",
+           "steering_looks", "steering_verdict"]
