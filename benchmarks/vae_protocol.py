@@ -27,10 +27,12 @@ partial run keeps what it measured, and models not run keep their rows.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,13 +68,23 @@ def config_fields(name: str, lattice: str) -> dict:
     return dict(CONFIGS[name], latent_quantizer=lattice) if name == STRUCTURED else dict(CONFIGS[name])
 
 
+@functools.cache
+def code_version() -> dict:
+    """The commit this process's code was loaded at (first call: the start of :func:`main`) and the
+    library files the working tree had changed from it: a row says what ran, not what HEAD became
+    while a long run went on in a tree others commit to."""
+    changed = subprocess.run(["git", "status", "--porcelain", "--", "hf_vae_compress"], capture_output=True,
+                             text=True, cwd=ROOT).stdout.splitlines()
+    return dict(commit=_commit(), library_changes=[line.strip() for line in changed if line.strip()])
+
+
 def unavailable(fields: dict, fit: FitConfig) -> str | None:
     """None when this checkout's config accepts ``fields``, else why not (the field or value is
     not there yet): the row is then recorded, not measured."""
     try:
         VAECompressionConfig(fit=fit, **fields)
     except (TypeError, ValueError) as error:
-        return f"not available at {_commit()[:7]}: {error}"
+        return f"not available at {code_version()['commit'][:7]}: {error}"
     return None
 
 
@@ -87,7 +99,7 @@ def measure(src: Source, name: str, fields: dict, fit: FitConfig, test, base: fl
     config = VAECompressionConfig(fit=fit, **fields)
     load_before = os.getloadavg()[0]
     result = search_smallest(src, out, src.task.budget_pt, "default", config, progress=False)
-    row = dict(config=fields, commit=_commit(), fit_steps=fit.train_steps,
+    row = dict(config=fields, **code_version(), fit_steps=fit.train_steps,
                search_seconds_dev_loaded=round(result.seconds, 1),
                compress_seconds_dev_loaded=round(result.stage_seconds.get("compress", 0.0), 1),
                load_average=[round(load_before, 1), round(os.getloadavg()[0], 1)],
@@ -166,6 +178,7 @@ def main() -> None:
                         help="the VAE fit's steps (recorded in every row; the library's default unless lowered)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logger.info("code: %s", code_version())
     fit = FitConfig(train_steps=args.fit_steps)
     previous = json.loads(OUTPUT.read_text()) if OUTPUT.exists() else {}
     models = dict(previous.get("models", {}))
