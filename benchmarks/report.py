@@ -375,13 +375,16 @@ def hub_lines(path: Path) -> list[str]:
     lines = ["#### Hub round trip", "",
              "`benchmarks/hub_roundtrip.py`: each headline container is pushed with its model card to a loopback "
              "Hub server (the real `huggingface_hub` client), then loaded in a fresh process with the user's call "
-             "and evaluated on the test split; the fp32 model is pushed and loaded the same way in the same run.", "",
-             "| model | loader | top-1 equals local decode | logits bit-identical | load s (ours / fp32) |",
-             "|---|---|---|---|---|"]
+             "and evaluated on the test split; the fp32 model is pushed and loaded the same way in the same run. "
+             "*vae-int* rows are portable-VAE containers written for the round trip (not headline artifacts).", "",
+             "| model | transform | loader | top-1 equals local decode | logits bit-identical | load s (ours / fp32) |",
+             "|---|---|---|---|---|---|"]
     for row in json.loads(path.read_text())["rows"]:
         for p in row["paths"]:
-            lines.append(f"| {row['model']} | {p['loader']} | {p['top1_equal']} | {p['logits_bit_identical']} "
-                         f"| {p['load_s']:.2f} / {p['fp32_load_s']:.2f} ({p['load_ratio']:.2f}x) |")
+            loaded = " (loaded machine)" if row.get("machine_loaded") else ""
+            lines.append(f"| {row['model']} | {row.get('transform', 'identity')} | {p['loader']} | {p['top1_equal']} "
+                         f"| {p['logits_bit_identical']} "
+                         f"| {p['load_s']:.2f} / {p['fp32_load_s']:.2f} ({p['load_ratio']:.2f}x){loaded} |")
     return lines + [""]
 
 
