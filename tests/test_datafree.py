@@ -3,6 +3,7 @@ a folder of the user's unlabelled images, both deciding the rate by agreement wi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -55,8 +56,8 @@ def test_a_tiny_model_without_data_gets_synthetic_calibration_and_an_agreement_c
     validation = result["validation"]
     assert result["check"] == validation["check"] == CHECK_SYNTHETIC and not result["accuracy_checked"]
     assert validation["examples"] == 48 and validation["synthetic"]["calibration_images"] == 16
-    # expected agreement: the original's own score is its mean top probability
-    assert validation["metric"] == "expected_agreement" and 0.1 <= validation["base"] <= 1
+    # BatchNorm-statistics images keep 0/1 agreement: the original agrees with itself
+    assert validation["metric"] == "agreement" and validation["base"] == 1.0
     assert validation["synthetic"]["seconds"] > 0
     assert validation["allowed_pt"] == pytest.approx(SYNTHETIC_BUDGET_SHARE * validation["budget_pt"])
     assert "not accuracy" in result["warning"] and "not accuracy" in captured.err
@@ -82,12 +83,15 @@ def test_images_without_batchnorm_are_inverted_towards_two_class_mixtures_of_eve
     assert torch.equal(targets, _mixture_targets(5, 2000, 10, torch.Generator().manual_seed(0)))
 
 
-def test_expected_agreement_charges_a_changed_prediction_the_originals_probability_margin(timm_folder):
-    """On synthetic images a classifier's drop is the original's top probability less its probability
-    of the compressed model's class: 0 for the original, and at most the disagreement rate."""
+def test_expected_agreement_charges_a_changed_prediction_the_originals_probability_margin(timm_folder, vit_folder):
+    """On class-mixture images a classifier's drop is the original's top probability less its
+    probability of the compressed model's class: 0 for the original, at most the disagreement rate."""
+    assert synthetic_task(load_model(vit_folder), TINY, progress=False).expected  # no BatchNorm: mixture images
     model = load_model(timm_folder).eval()
-    task = synthetic_task(model, TINY, progress=False)
-    assert task.expected and task.metric == "expected_agreement"
+    plain = synthetic_task(model, TINY, progress=False)
+    assert not plain.expected and plain.metric == "agreement"  # BatchNorm images: 0/1 agreement
+    task = dataclasses.replace(plain, expected=True)
+    assert task.metric == "expected_agreement"
     held = task.prepare(model, task.check_images)
     images, labels, probabilities = held
     own = task.own_scores(held)
@@ -106,10 +110,10 @@ def test_expected_agreement_charges_a_changed_prediction_the_originals_probabili
     assert task.score(other, held)["expected_agreement"] == pytest.approx(scores.mean())
 
 
-def test_the_originals_expected_agreement_is_paired_with_each_probes_in_the_scoring_order(timm_folder):
+def test_the_originals_expected_agreement_is_paired_with_each_probes_in_the_scoring_order(vit_folder):
     """The base's per-example scores (its top probabilities, known without scoring) are in the order
     probes are scored in: scoring the original itself as a probe gives a drop of exactly 0 +- 0."""
-    src = Source.open(timm_folder, None, 1, progress=False, synthetic=TINY)
+    src = Source.open(vit_folder, None, 1, progress=False, synthetic=TINY)
     assert len(set(src.base_scores.round(6))) > 1  # not all alike, so the order matters
     compressed = src.compress(VAECompressionConfig(transform="identity", target_bits_per_weight=4.0,
                                                    calibration_batches=1), progress=False)
