@@ -118,6 +118,24 @@ def equal_error(rows: list[dict]) -> list[dict]:
     return out
 
 
+def equal_rate(rows: list[dict]) -> list[dict]:
+    """Per rate, each lattice variant's bytes and output error against scalar latents' and the
+    identity's at the same target rate (what a rate with no second lattice row still compares)."""
+    by = {(r["variant"], r["target_bpw"]): r for r in rows}
+    out = []
+    for (variant, rate), row in sorted(by.items(), key=lambda item: (item[0][1], item[0][0])):
+        if variant not in LATTICE_VARIANTS:
+            continue
+        entry = dict(target_bpw=rate, variant=variant, bytes=row["bytes"], output_error=row["output_error"])
+        for reference in (SCALAR_LATENTS, "identity"):
+            if (reference, rate) in by:
+                ref = by[reference, rate]
+                entry[f"bytes_vs_{reference}_pct"] = _pct(row["bytes"], ref["bytes"])
+                entry[f"error_vs_{reference}"] = round(row["output_error"] / ref["output_error"], 3)
+        out.append(entry)
+    return out
+
+
 def _round(value: float | None) -> int | None:
     return None if value is None else round(value)
 
@@ -181,15 +199,16 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--fit-steps", type=int, default=FitConfig.train_steps)
     parser.add_argument("--source-model", action="store_true", help="add the lattices on i.i.d. sources")
+    parser.add_argument("--output", type=Path, default=OUTPUT, help="the JSON (kept rows are read from it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     fit = FitConfig(train_steps=args.fit_steps)
-    previous = json.loads(OUTPUT.read_text()) if OUTPUT.exists() else {}
+    previous = json.loads(args.output.read_text()) if args.output.exists() else {}
     models = dict(previous.get("models", {}))
     extra = {k: previous[k] for k in ("lattice_source_model",) if k in previous}
     if args.source_model:
         extra["lattice_source_model"] = source_model()
-        _write(models, extra)
+        _write(args.output, models, extra)
     for name in args.models:
         torch.manual_seed(0)
         src = Source.open(ROOT / "reference_models" / name, "default", VAECompressionConfig.calibration_batches,
@@ -202,8 +221,8 @@ def main() -> None:
                 rows = [r for r in rows if (r["variant"], r["target_bpw"]) != (variant, rate)]
                 rows.append(measure(src, variant, rate, fit, test, base))
                 models[name] = dict(metric=src.task.metric, budget_pt=src.task.budget_pt, fit_steps=args.fit_steps,
-                                    rows=rows, equal_error=equal_error(rows))
-                _write(models, extra)
+                                    rows=rows, equal_error=equal_error(rows), equal_rate=equal_rate(rows))
+                _write(args.output, models, extra)
         print(json.dumps(models[name]["equal_error"], indent=2))
 
 
@@ -220,8 +239,8 @@ def _commit(short: bool = False) -> str:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
-def _write(models: dict, extra: dict) -> None:
-    OUTPUT.write_text(json.dumps(dict(
+def _write(output: Path, models: dict, extra: dict) -> None:
+    output.write_text(json.dumps(dict(
         models=models, protocol="fixed target rates, one shared calibration; no rate-search (protocol) rows",
         **extra, commit=_commit(),
         torch=torch.__version__, machine=platform.machine(), processor=platform.processor(), cpu=_cpu(),
