@@ -177,7 +177,8 @@ def synthesize(model: nn.Module, bounds: tuple[torch.Tensor, torch.Tensor], conf
         starts = range(0, total, config.batch_size)
         for offset in tqdm(starts, desc="synthetic images", disable=not progress, leave=False):
             size = min(config.batch_size, total - offset)
-            targets = _mixture_targets(offset, size, num_classes, generator) if num_classes else None
+            # drawn only where used: BatchNorm images take the seed's stream from its start
+            targets = _mixture_targets(offset, size, num_classes, generator) if num_classes and not has_norms else None
             x, losses = _optimise(model, call, size, low, high, config, generator, statistics, targets)
             batches.append(x)
             first.append(losses[0])
