@@ -20,7 +20,9 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
         "codec.format.linear",
         "codec.format.streams",
     )),
-    ("config", ("codec.config",)),
+    # lattice.py is pure arithmetic with no package imports: the config validates its names, and the
+    # transform and output-aware rounding use its closest-point decoders
+    ("config", ("codec.lattice", "codec.config")),
     ("select", ("codec.select",)),
     ("chunk", ("codec.chunking",)),
     ("transform", ("codec.quantize", "codec.transform", "codec.fit")),

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import lattice
+from .lattice import chunk_basis, coordinates
 from .format import identity, linear
 from .format.layout import ChunkLayout, from_chunks
 from .quantize import dequantize, quantize
@@ -263,7 +263,7 @@ class PortableVAE(LearnedTransform):
         """Quantize the latents of every tensor with a map on lattice ``name`` from now on: each
         fitted map ``D`` becomes ``D B`` (``B`` the chunk's lattice basis, :func:`~.lattice.chunk_basis`),
         the map of the lattice point's basis coordinates, stored as any map is."""
-        basis = lattice.chunk_basis(name, self.decoder.linear.shape[1])
+        basis = chunk_basis(name, self.decoder.linear.shape[1])
         for t in self.active_maps:
             self.decoder.linear[t] = (self.decoder.linear[t].double() @ basis).float()
         self.latent_quantizer = name
@@ -304,7 +304,7 @@ class PortableVAE(LearnedTransform):
             symbols = super().encode(chunks, step, index)
         else:
             latents = self.encoder(chunks, math.log(step), index).detach() / step
-            symbols = lattice.coordinates(self.latent_quantizer, latents).to(torch.int32)
+            symbols = coordinates(self.latent_quantizer, latents).to(torch.int32)
         limit = self.symbol_limit(index)
         if limit < (1 << 31) - 1:
             symbols.clamp_(-limit, limit)
