@@ -36,7 +36,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from hf_vae_compress import CONTAINER_NAME
@@ -46,6 +45,7 @@ from hf_vae_compress.search import search_smallest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from default_compress import REFERENCES, UNSEEN, _commit, model_folder  # noqa: E402
+from posthoc_quality import _plain  # noqa: E402
 from vae_gptq import _cpu, output_error, test_drop  # noqa: E402
 
 logger = logging.getLogger("vae_protocol")
@@ -197,14 +197,8 @@ def _write(models: dict) -> None:
         protocol="search_smallest per configuration from one shared Source per model: smallest probe whose "
                  "validation drop + 1 SE fits the task's budget (mAP: no SE); drop reported on test",
         models=models, summary=summary(models), torch=torch.__version__, cpu=_cpu(), threads=torch.get_num_threads(),
-        note="seconds measured on a shared 2-core machine with other jobs running (dev, loaded)"),
+        note="seconds are indicative: each row records the load average before and after it (load_average)"),
         indent=1, default=_plain) + "\n")
-
-
-def _plain(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    raise TypeError(type(value))
 
 
 if __name__ == "__main__":
