@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from report import artifact_link, reference_lines, vae_gptq_lines  # noqa: E402
+from report import artifact_link, reference_lines, vae_gptq_lines, vae_protocol_lines  # noqa: E402
 
 
 def test_reference_table_has_one_row_per_trained_model_with_its_measured_metric(tmp_path):
@@ -43,3 +43,22 @@ def test_the_learned_transform_table_shows_each_rates_change_against_identity_an
     assert rows == ["| `m` | 2.0 | 1,000 | +12.35 % | -0.50 % | 1 of 5 |",
                     "| `m` | 3.0 | 1,000 | n/a | n/a |  |"]
     assert vae_gptq_lines(tmp_path / "absent.json") == []
+
+
+def test_the_protocol_table_shows_each_configurations_search_result_and_what_was_not_measured(tmp_path):
+    def row(config, nbytes, drop, maps=0):
+        return dict(config=config, bytes=nbytes, ratio_vs_fp32=4000 / nbytes, test_drop_pt=drop, maps_kept=maps,
+                    fit_steps=800, commit="abcdef1234")
+    rows = {"identity": row(dict(transform="identity"), 1000, 0.25),
+            "vae-int": row(dict(transform="vae-int"), 1200, 0.125),
+            "vae-int-structured": dict(config=dict(transform="vae-int"), not_available="no lattice here"),
+            "auto": row(dict(transform="auto"), 999, 0.3, maps=2)}
+    summary = dict(rule="r", auto_models=1, models_compared=1, auto_never_loses=True, learned_wins_on_references=0,
+                   learned_wins_required=2)
+    data = dict(protocol="p", summary=summary, models={"m": dict(metric="top1", rows=rows)})
+    path = tmp_path / "vae_protocol.json"
+    path.write_text(json.dumps(data))
+    assert [line for line in vae_protocol_lines(path) if line.startswith("| `")] == [
+        "| `m` | 1,000 (4.0x), 0.25 pt | 1,200 (3.3x), 0.12 pt | no lattice here | 999 (4.0x), 0.30 pt, 2 maps "
+        "| 800 | `abcdef1` |"]
+    assert vae_protocol_lines(tmp_path / "absent.json") == []
