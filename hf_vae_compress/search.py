@@ -13,7 +13,10 @@ bracket is smaller, so it is scored on only where none of them holds), a guessed
 sure at the steering error (it is scored on until it is). At the end the smallest provisional
 accept is scored on to a sound verdict (the whole split, judged by the same rule as before, at the
 latest); where that overturns it, the bracket above it is bisected with the probes spent below it,
-and the next smallest candidate is taken the same way.
+and the next smallest candidate is taken the same way. A bracket is bisected no further once it is
+resolved: by default once the split can no longer tell the probes at its two ends apart (the
+``resolution`` of :func:`search_smallest`), so a search whose bracket closes in on a flat stretch of
+the drop makes fewer probes.
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ from tqdm.auto import tqdm
 from .codec import CompressedModel, VAECompressionConfig
 from .finetune import FinetuneConfig
 from .pipeline import Source, UncheckedAccuracyError, is_main, timed
-from .sequential import look_sizes, screening_size, steering_verdict
+from .sequential import indistinguishable, look_sizes, screening_size, steering_verdict
 
 logger = logging.getLogger(__name__)
 
 SEARCH_RANGE_BPW = (0.125, 8.0)
-SEARCH_PROBES = 6
+SEARCH_PROBES = 6  # at most, per bracket: (0.125, 8) halved 6 times on a log scale is a 6.7 % rate gap
+# When a bracket is resolved (see search_smallest): None, when the split scored can no longer tell
+# its two ends apart; a number, when their measured bits per weight are within that relative gap.
+SEARCH_RESOLUTION: float | None = None
 
 
 @dataclass
@@ -121,15 +127,26 @@ class _Candidate:
 
 
 @dataclass
+class _Rejected:
+    """A probe rejected at a bracket's lower end: its log entry and per-example scores (None on
+    processes that do not score), what :meth:`_Search.resolved` compares with the accept above."""
+
+    entry: dict
+    scores: np.ndarray | None
+
+
+@dataclass
 class _Bracket:
-    """A bracket to bisect (log bits per weight) with ``probes`` probes; ``above`` is the candidate
-    at its upper end (None: the search range's end), ``reprobe_of`` names the probe whose
-    overturned accept it lies above (None: the search's own range)."""
+    """A bracket to bisect (log bits per weight) with at most ``probes`` probes; ``above`` is the
+    candidate at its upper end and ``below`` the probe rejected at its lower end (None: the search
+    range's end), ``reprobe_of`` names the probe whose overturned accept it lies above (None: the
+    search's own range)."""
 
     low: float
     high: float
     probes: int
     above: _Candidate | None = None
+    below: _Rejected | _Candidate | None = None
     reprobe_of: int | None = None
 
 
@@ -137,7 +154,8 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
                     config: VAECompressionConfig, finetune_config: FinetuneConfig | None = None,
                     bpw_range: tuple[float, float] = SEARCH_RANGE_BPW, probes: int = SEARCH_PROBES,
                     accelerator=None, progress: bool = True, validation_split: str | None = None,
-                    on_probe: ProbeReport | None = None) -> SearchResult:
+                    on_probe: ProbeReport | None = None,
+                    resolution: float | None = SEARCH_RESOLUTION) -> SearchResult:
     """The smallest container whose task-metric drop (top-1 or mAP, in points) on the held-out
     split is at most ``max_drop_pt`` (times the check's ``budget_share``: less on synthetic images).
 
@@ -146,6 +164,31 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
     :meth:`~hf_vae_compress.pipeline.Source.validation_drop`) and up after one that does not. Each probe is a full
     compression (and fine-tuning, when configured) from one shared calibration pass, judged on
     the selection split (``validation_split``, or the automatic rule: see :mod:`hf_vae_compress.pipeline`).
+
+    **Resolution.** A bracket is bisected with at most ``probes`` probes, and no further once it is
+    *resolved*: a probe accepted at its upper end, one rejected at its lower end (a range end is
+    no probe, so a bracket reaching one is never resolved), and
+
+    - with ``resolution`` None (the default), the split cannot tell the two apart: on the examples
+      both were scored on, the accept's mean score exceeds the reject's by no more than one
+      standard error of the whole split (:func:`~hf_vae_compress.sequential.indistinguishable`;
+      the accept is verified to a sound verdict and this is checked again on its scores before the
+      bracket is left; a reject that steers is sound or sure, so scored on past its screen where
+      near the budget). Why this rate gap and no fixed one:
+      the rate the budget allows is itself known only to within the rate step over which the drop
+      moves by the acceptance rule's one standard error (the slope of the drop between the two
+      ends, times their gap); a probe between two such ends is accepted or rejected by which
+      examples the split happens to hold, not by its rate, so a further probe buys noise. The
+      step depends on the model and the rate (a steep drop resolves a gap of a few percent, a
+      flat one not 20 %), which no fixed gap can know; a metric without per-example scores (mAP)
+      has no standard error, and its brackets are bisected with every probe;
+    - with ``resolution`` a number, the accept's measured bits per weight are within that relative
+      gap of the reject's (0: never, every probe is made, as before there was a resolution).
+
+    The answer is still a probe verified as below, so this changes how many probes are made,
+    never the guarantee; the container returned is at most the bracket's gap larger than one that
+    bisecting on would have found. An entry's ``probes`` is the plan when it was logged; a resolved
+    bracket takes the probes it does not make out of the plan (logged, and counted in later entries).
 
     **Screen, steer, verify** (:mod:`hf_vae_compress.sequential`). On top-1 or agreement a probe
     is scored on a growing seeded subset and keeps a verdict decided soundly on part of the split
@@ -224,7 +267,10 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
               if seconds > before.get(name, 0.0)}  # what opening and checking cost inside this call
     if not selection["rate_checked"]:
         raise UncheckedAccuracyError(f"no rate search: {selection['warning']}")
-    search = _Search(src, config, finetune_config, max_drop_pt, probes, accelerator, progress, on_probe, stages)
+    if resolution is not None and not resolution >= 0:
+        raise ValueError(f"resolution must be None or a relative bits-per-weight gap >= 0, not {resolution!r}")
+    search = _Search(src, config, finetune_config, max_drop_pt, probes, accelerator, progress, on_probe, stages,
+                     resolution)
     brackets, best = [_Bracket(math.log(bpw_range[0]), math.log(bpw_range[1]), probes)], None
     while brackets:
         overturned = search.bisect(brackets.pop())
@@ -233,7 +279,7 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
         if overturned is not None:  # the bracket above it, left for a wrong guess, with the probes spent below it
             above = overturned.above if overturned.above in search.candidates else None
             brackets.append(_Bracket(math.log(overturned.entry["target_bits_per_weight"]), overturned.upper,
-                                     overturned.after, above, overturned.entry["probe"]))
+                                     overturned.after, above, overturned, overturned.entry["probe"]))
     search.close()
     best_validation = best.validation if best is not None else None
     best = best.compressed if best is not None else None
@@ -253,10 +299,11 @@ class _Search:
 
     def __init__(self, src: Source, config: VAECompressionConfig, finetune_config: FinetuneConfig | None,
                  max_drop_pt: float, probes: int, accelerator, progress: bool, on_probe: ProbeReport | None,
-                 stages: dict[str, float]):
+                 stages: dict[str, float], resolution: float | None):
         self.src, self.config, self.finetune_config, self.accelerator = src, config, finetune_config, accelerator
         self.max_drop_pt, self.probes, self.on_probe, self.stages, self.progress = \
             max_drop_pt, probes, on_probe, stages, progress
+        self.resolution = resolution
         self.allowed = max_drop_pt * src.task.budget_share  # what each probe's drop plus its standard error must fit
         self.screen = screening_size(src.split_examples, probes)
         self.main_process = is_main(accelerator)
@@ -268,31 +315,66 @@ class _Search:
         self.bar = tqdm(total=0, desc="rate search", unit="probe", disable=not (progress and self.main_process))
 
     def bisect(self, bracket: _Bracket) -> _Candidate | None:
-        """``bracket.probes`` probes, each at the middle of the bracket left (on a log scale), which
-        moves down after a probe accepted (soundly or provisionally) and up after one rejected.
-        Returns the provisional accept at the bracket's upper end where it is overturned before a
-        guessed reject below it is scored on (:meth:`_probe`): the bracket is then abandoned, the
-        rest of it lying below a rate that fails."""
+        """At most ``bracket.probes`` probes, each at the middle of the bracket left (on a log
+        scale), which moves down after a probe accepted (soundly or provisionally) and up after one
+        rejected, until the bracket is :meth:`resolved`. Returns the provisional accept at the
+        bracket's upper end where it is overturned before a guessed reject below it is scored on
+        (:meth:`_probe`), or where the bracket looks resolved and that accept, verified then (it is
+        the smallest candidate, the one verified next anyway), fails: the bracket is then
+        abandoned, the rest of it lying below a rate that fails. A resolved bracket whose accept
+        holds stops only if it is still resolved on the scores of the verification."""
         self.planned += bracket.probes
         self.bar.total = self.planned
-        low, high, above = bracket.low, bracket.high, bracket.above
+        low, high, above, below = bracket.low, bracket.high, bracket.above, bracket.below
+        made: list[_Candidate] = []  # this bracket's candidates, whose ``after`` counts the probes planned below them
         for after in range(bracket.probes - 1, -1, -1):
+            if self.resolved(below, above):  # its accept is verified first: the smallest candidate, verified next anyway
+                if not self._verify(above):
+                    return above
+                if self.resolved(below, above):  # on the scores it was verified on
+                    self._save(after + 1, made, below, above)
+                    break
             bpw = math.exp((low + high) / 2)
-            candidate, overturned = self._probe(bpw, bracket.reprobe_of, high, after, above)
+            candidate, overturned, rejected = self._probe(bpw, bracket.reprobe_of, high, after, above)
             if overturned is not None:
                 return overturned
             if candidate is not None:
                 high, above = math.log(bpw), candidate
+                made.append(candidate)
             else:
-                low = math.log(bpw)
+                low, below = math.log(bpw), rejected
         return None
 
+    def resolved(self, below: _Rejected | _Candidate | None, above: _Candidate | None) -> bool:
+        """Whether a bracket whose ends are the probe rejected ``below`` and the candidate
+        ``above`` needs no further probe (see ``resolution`` in :func:`search_smallest`); never
+        where an end is the search range's."""
+        if below is None or above is None:
+            return False
+        if self.resolution is not None:  # 0: never (not even where the codec's rate is not monotone in its target)
+            return self.resolution > 0 and \
+                above.entry["bits_per_weight"] <= (1 + self.resolution) * below.entry["bits_per_weight"]
+        return _agreed(self.accelerator, self.main_process and self.src.paired and
+                       indistinguishable(above.scores, below.scores, self.src.split_examples))
+
+    def _save(self, saved: int, made: list[_Candidate], below: _Rejected | _Candidate, above: _Candidate) -> None:
+        """Take the ``saved`` probes a resolved bracket does not make out of the plan (and out of
+        the probes below each of its candidates), and say so."""
+        self.planned -= saved
+        self.bar.total = self.planned
+        for candidate in made:
+            candidate.after -= saved
+        logger.info("rate search: the bracket %.3f-%.3f bits/weight is resolved (%s); %d probe%s saved",
+                    below.entry["bits_per_weight"], above.entry["bits_per_weight"],
+                    "the split cannot tell its ends apart" if self.resolution is None
+                    else f"within {self.resolution:.0%}", saved, "s" * (saved != 1))
+
     def _probe(self, bpw: float, reprobe_of: int | None, upper: float, after: int,
-               above: _Candidate | None) -> tuple[_Candidate | None, _Candidate | None]:
-        """Compress at ``bpw``, screen and steer, log the entry: ``(candidate, None)`` when the probe
-        is accepted (soundly or provisionally), ``(None, None)`` when it is rejected, and
-        ``(None, above)`` when its guessed reject would be scored on but the provisional accept
-        ``above`` it is verified first and fails (a guessed reject is scored on only below a sound
+               above: _Candidate | None) -> tuple[_Candidate | None, _Candidate | None, _Rejected | None]:
+        """Compress at ``bpw``, screen and steer, log the entry: ``(candidate, None, None)`` when
+        the probe is accepted (soundly or provisionally), ``(None, None, rejected)`` when it is
+        rejected, and ``(None, above, None)`` when its guessed reject would be scored on but the
+        provisional accept ``above`` it is verified first and fails (a guessed reject is scored on only below a sound
         accept: below a failing rate the sound bisection never probes, and scoring three such
         probes on, near the budget, cost fmnist-vit over two passes of its split)."""
         src, index = self.src, len(self.log) + 1
@@ -336,12 +418,14 @@ class _Search:
         self.log.append(entry)
         if self.main_process:
             self._report(entry, self.bar)
-        if not accepted or overturned is not None:
-            return None, overturned
+        if overturned is not None:
+            return None, overturned, None
+        if not accepted:
+            return None, None, _Rejected(entry, scores)
         final = _agreed(self.accelerator, self.main_process and not validation["provisional"])
         candidate = _Candidate(probe, validation, scores, entry, upper, after, above, final)
         self.candidates.append(candidate)
-        return candidate, None
+        return candidate, None, None
 
     def _screen(self, probe: CompressedModel) -> tuple[dict, np.ndarray | None, bool]:
         """A probe's validation and scores after its screen, and whether it is to be scored on: a
@@ -444,4 +528,4 @@ def _agreed(accelerator, accepted: bool) -> bool:
     return float(accelerator.reduce(torch.tensor(float(accepted)), reduction="sum")) > 0.5
 
 
-__all__ = ["SEARCH_PROBES", "SEARCH_RANGE_BPW", "ProbeReport", "SearchResult", "describe_probe", "search_smallest"]
+__all__ = ["SEARCH_PROBES", "SEARCH_RANGE_BPW", "SEARCH_RESOLUTION", "ProbeReport", "SearchResult", "describe_probe", "search_smallest"]

@@ -16,8 +16,8 @@ from hf_vae_compress.codec import VAECompressionConfig
 from hf_vae_compress.pipeline import Source
 from hf_vae_compress.search import describe_probe, search_smallest
 from hf_vae_compress.sequential import (
-    FIRST_LOOK, STEERING_ERROR, STOPPING_ERROR, decide, drop_statistic_pt, early_verdict, look_sizes, provisional_accept,
-    screening_size, steering_looks, steering_verdict,
+    FIRST_LOOK, STEERING_ERROR, STOPPING_ERROR, decide, drop_statistic_pt, early_verdict, indistinguishable, look_sizes,
+    provisional_accept, screening_size, steering_looks, steering_verdict,
 )
 from hf_vae_compress.data import load_fashion_mnist
 from hf_vae_compress.hub import _validation_summary
@@ -234,9 +234,10 @@ class _Scripted:
         return self._script(self.current)[index.numpy()]
 
 
-def _scripted_search(timm_folder, unlabelled, monkeypatch, script_for, probes=4, budget_pt=0.5):
+def _scripted_search(timm_folder, unlabelled, monkeypatch, script_for, probes=4, budget_pt=0.5, resolution=0.0):
     """A rate search on a tiny model whose probes score as ``script_for(order, screen)(bpw)`` says;
-    returns the result, the scripted task, the split's size, the screen and the lines reported."""
+    returns the result, the scripted task, the split's size, the screen and the lines reported.
+    Every probe is made unless a ``resolution`` is given (the paths the tests below trace)."""
     src = Source.open(timm_folder, str(unlabelled), calibration_batches=1, progress=False)
     total = src.split_examples
     screen = screening_size(total, probes)
@@ -259,7 +260,8 @@ def _scripted_search(timm_folder, unlabelled, monkeypatch, script_for, probes=4,
     lines = []
     config = VAECompressionConfig(transform="identity", calibration_batches=1, rounding="nearest")
     result = search_smallest(src, None, budget_pt, None, config, probes=probes, progress=False,
-                             on_probe=lambda probe: lines.append(describe_probe(probe, budget_pt)))
+                             on_probe=lambda probe: lines.append(describe_probe(probe, budget_pt)),
+                             resolution=resolution)
     return result, task, total, screen, lines
 
 
@@ -408,6 +410,78 @@ def test_a_guessed_reject_is_scored_on_only_below_a_sound_accept(timm_folder, un
     assert _full_rule(np.ones(total), task._script(answer["target_bits_per_weight"])) <= 0.5
     assert lines[1].startswith("rate search verification of probe 1/4") and "rejected" in lines[1]  # before 2/4
     assert lines[2].startswith("rate search probe 2/4") and "rejected provisionally" in lines[2]
+
+
+def _one_or_two_lost(lower_lost: str):
+    """Scores by rate: from 1.2 bits/weight one example is lost (0.35 pt on the tiny split, within
+    0.5), below it ``lower_lost``: "two" others (0.60 pt, over), or "half" of them (far over)."""
+
+    def script_for(order, screen):
+        def script(bpw):
+            scores = np.ones(len(order))
+            if bpw >= 1.2:
+                scores[order[0]] = 0
+            elif lower_lost == "two":
+                scores[order[[1, 2]]] = 0
+            else:
+                scores[::2] = 0
+            return scores
+        return script
+    return script_for
+
+
+def test_two_probes_the_split_cannot_tell_apart_resolve_their_bracket_and_save_its_probes(timm_folder, unlabelled,
+                                                                                          monkeypatch):
+    # 1.0 bits/weight loses two examples (rejected), 2.83 one other (accepted): their paired
+    # difference, one example net of three discordant, is within one whole-split standard error,
+    # so the bracket (1.0, 2.83) is resolved and its two remaining probes are not made. Bisected
+    # on (resolution 0), 1.68 and 1.30 are accepted too, 1.30 the answer.
+    resolved, task, total, _, _ = _scripted_search(timm_folder, unlabelled, monkeypatch, _one_or_two_lost("two"),
+                                                   resolution=None)
+    bisected, *_ = _scripted_search(timm_folder, unlabelled, monkeypatch, _one_or_two_lost("two"))
+    assert [round(p["target_bits_per_weight"], 3) for p in bisected.probes] == [1.0, 2.828, 1.682, 1.297]
+    assert [round(p["target_bits_per_weight"], 3) for p in resolved.probes] == [1.0, 2.828]
+    reject, answer = resolved.probes
+    assert not reject["accepted"] and not reject["provisional"]
+    assert answer["accepted"] and answer["verified"] and not answer["provisional"]
+    assert resolved.compressed.report()["total_bytes"] == answer["bytes"]
+    assert _full_rule(np.ones(total), task._script(answer["target_bits_per_weight"])) <= 0.5
+    # the price: at most the resolved bracket's gap over the bisected answer
+    assert bisected.compressed.report()["total_bytes"] < answer["bytes"]
+
+
+def test_a_bracket_whose_ends_the_split_tells_apart_is_bisected_with_every_probe(timm_folder, unlabelled,
+                                                                                  monkeypatch):
+    rates = []
+    for resolution in (None, 0.0):
+        result, *_ = _scripted_search(timm_folder, unlabelled, monkeypatch, _one_or_two_lost("half"),
+                                      resolution=resolution)
+        rates.append([round(p["target_bits_per_weight"], 3) for p in result.probes])
+    assert rates[0] == rates[1] == [1.0, 2.828, 1.682, 1.297]
+
+
+def test_a_relative_resolution_stops_at_the_measured_bits_per_weight_gap(timm_folder, unlabelled, monkeypatch):
+    # with the ends 1.0 and 2.83 bits/weight apart (measured), a resolution of 3 (300 %) stops there, 0.5 does not
+    for resolution, made in ((3.0, 2), (0.5, 4)):
+        result, *_ = _scripted_search(timm_folder, unlabelled, monkeypatch, _one_or_two_lost("half"),
+                                      resolution=resolution)
+        assert len(result.probes) == made
+    with pytest.raises(ValueError, match="resolution"):
+        _scripted_search(timm_folder, unlabelled, monkeypatch, _one_or_two_lost("half"), resolution=-0.1)
+
+
+def test_two_probes_are_indistinguishable_within_one_standard_error_of_the_whole_split():
+    total = 1000
+    lower, upper = np.ones(total), np.ones(total)
+    lower[[1, 2]] = 0
+    upper[0] = 0  # one net of three discordant: mean 0.001, SE sqrt(0.003) / sqrt(1000) ~ 0.0017
+    assert indistinguishable(upper, lower, total)
+    lower[3:6] = 0  # four net of six: mean 0.004, SE ~ 0.0024
+    assert not indistinguishable(upper, lower, total)
+    # a prefix uses the whole split's error: 4 net of 6 on 100 scored examples is told apart
+    assert not indistinguishable(upper[:100], lower[:100], total)
+    assert indistinguishable(upper, upper, total)  # the same scores
+    assert not indistinguishable(upper[:1], lower[:1], total)  # too few examples to have an error
 
 
 def test_a_verdict_is_steered_on_only_where_exact_bounds_at_the_steering_error_are_sure_of_it():
