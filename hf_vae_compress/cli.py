@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .codec import CompressedModel, ContainerError, FitConfig, VAECompressionConfig
-from .codec.config import ROUNDINGS, TRANSFORMS, check_target_rate
+from .codec.config import LATENT_QUANTIZERS, LINEAR_DECODERS, ROUNDINGS, TRANSFORMS, check_target_rate
 from .data import DataNotFoundError, is_unlabelled
 from .finetune import FinetuneConfig, check_resume, run_identity
 from .hub import CardInfo, check_output, push_to_hub, save_pretrained
@@ -53,6 +53,10 @@ def _check_compress_args(args: argparse.Namespace, fixed_rate: bool) -> None:
                             ("--validation-split", bool(args.validation_split))):
             if given:
                 raise ValueError(f"{flag} needs a dataset with labels ({what}): pass one or drop {flag}")
+    if args.latent_quantizer != "scalar" and args.transform not in LINEAR_DECODERS:
+        raise ValueError(f"--latent-quantizer {args.latent_quantizer} quantizes the latents of a learned linear "
+                         f"decoder, and --transform {args.transform} has none: pass --transform "
+                         f"{' or '.join(LINEAR_DECODERS)}, or drop --latent-quantizer")
     if (args.checkpoint_dir or args.resume_from) and not fixed_rate:
         raise ValueError("--checkpoint-dir and --resume-from need a fixed rate (--target-bpw or --beta): "
                          "a rate search fine-tunes many candidates")
@@ -93,7 +97,8 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
     check_output(args.out_dir, folder, args.overwrite)
     fields = dict(transform=args.transform, chunk_size=args.chunk_size, hidden_size=args.hidden_size,
                   fit=FitConfig(train_steps=args.train_steps), seed=args.seed, calibration_batches=args.calibration_batches,
-                  rounding=args.rounding, correct_biases=args.correct_biases, correct_norms=args.correct_norms)
+                  rounding=args.rounding, correct_biases=args.correct_biases, correct_norms=args.correct_norms,
+                  latent_quantizer=args.latent_quantizer)
     if args.beta is not None:
         fields.update(beta=args.beta, target_bits_per_weight=None)
     else:
@@ -300,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "learned transform with an integer decoder, also bit-identical everywhere; vae: the learned "
                          "transform with a float decoder network, verified only where the float kernels match the "
                          "writer's")
+    co.add_argument("--latent-quantizer", choices=LATENT_QUANTIZERS, default=VAECompressionConfig.latent_quantizer,
+                    help="how the learned linear decoder's latents are quantized (--transform vae-int or auto): "
+                         "scalar rounds each to an integer (default); d4 and e8 quantize them on that lattice (not "
+                         "the default: the container codes the lattice's coordinates one by one, which has cost more "
+                         "bytes than the lattice gains; benchmarks/results/vae_gptq.json)")
     co.add_argument("--chunk-size", type=int, default=VAECompressionConfig.chunk_size)
     co.add_argument("--hidden-size", type=int, default=VAECompressionConfig.hidden_size)
     co.add_argument("--train-steps", type=int, default=FitConfig.train_steps)

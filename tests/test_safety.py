@@ -378,3 +378,25 @@ def test_an_integer_buffer_decoded_as_floats_is_refused_not_cast():
         fit_state_dict(decoded, expected, "model")
     decoded["bn.num_batches_tracked"] = counter  # the float weight is still cast to the model's dtype
     assert fit_state_dict(decoded, expected, "model")["bn.weight"].dtype == torch.float32
+
+
+def test_a_latent_quantizer_without_latents_is_refused_up_front(source, tmp_path, capsys, no_long_work):
+    out = str(tmp_path / "out")
+    for transform in (["--transform", "identity"], [], ["--transform", "vae"]):  # [] is the default, identity
+        refused(["compress", str(source), out, *BLIND, *transform, "--latent-quantizer", "d4"], capsys,
+                "--latent-quantizer d4", "--transform vae-int or auto")
+    with pytest.raises(SystemExit) as exit_:
+        main(["compress", str(source), out, *BLIND, "--latent-quantizer", "a2"])
+    assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_latent_quantizer_reaches_the_container(source, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["compress", str(source), str(out), "--dataset", "none", "--synthetic-images", "0", "--target-bpw", "4",
+            "--calibration-batches", "1", "--transform", "vae-int", "--train-steps", "20", "--latent-quantizer", "e8",
+            "--json"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["latent_quantizer"] == "e8"
