@@ -198,6 +198,7 @@ def test_a_detector_without_data_checks_against_its_own_boxes(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     validation = result["validation"]
     assert validation["metric"] == "map_vs_original" and validation["synthetic"]["prior"] == PRIOR_BATCHNORM
+    assert "don't care" in validation["selection"]  # the boxes the original is unsure of (see test_detection)
     assert result["check"] == CHECK_SYNTHETIC and not result["accuracy_checked"]
     if not validation["rate_checked"]:
         assert "nothing to agree on" in result["warning"]

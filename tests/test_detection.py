@@ -121,6 +121,36 @@ def test_map_is_one_on_ground_truth_and_lower_on_shifted_boxes(scenes):
     assert wrong_class["map"] == 0.0
 
 
+def _detections(scores: list[float], boxes: list[list[float]] | None = None) -> dict:
+    """One image's detections of class 1, xyxy, at the given scores."""
+    boxes = boxes or [[10, 10, 40, 40], [60, 60, 90, 90], [20, 70, 50, 100], [80, 10, 110, 40]]
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.tensor(scores),
+            "labels": torch.ones(len(scores), dtype=torch.long)}
+
+
+def test_boxes_the_original_is_unsure_of_are_dont_care_and_a_lost_sure_box_still_counts():
+    """A sure box (0.9), two unsure ones either side of 0.5 and a rejected one (0.2). A weight change
+    that only swaps the unsure boxes across 0.5 costs mAP against the boxes thresholded at 0.5, not
+    against the sure boxes with the unsure ones don't care; losing the sure box costs both."""
+    original = [_detections([0.9, 0.55, 0.45, 0.2])]
+    swapped = [_detections([0.88, 0.45, 0.55, 0.2])]
+    lost = [_detections([0.88, 0.45, 0.55, 0.2], [[70, 10, 100, 40], [60, 60, 90, 90], [20, 70, 50, 100],
+                                                    [80, 10, 110, 40]])]
+    thresholded = detection.own_boxes(original)
+    banded = detection.own_boxes(original, *detection.UNSURE_SCORES)
+    assert banded[0]["category"] == [1, 1, 1] and banded[0]["iscrowd"] == [0, 1, 1]
+    assert mean_average_precision(original, thresholded)["map"] == mean_average_precision(original, banded)["map"] == 1
+    assert mean_average_precision(swapped, thresholded)["map"] < 0.9  # a false positive ranked above a match
+    assert mean_average_precision(swapped, banded)["map"] == pytest.approx(1.0)
+    assert mean_average_precision(lost, banded)["map"] == 0.0
+
+
+def test_without_a_sure_box_there_is_nothing_to_agree_on():
+    unsure = [_detections([0.6, 0.55, 0.45, 0.2]), _detections([0.5, 0.4, 0.3, 0.1])]
+    assert detection.own_boxes(unsure, *detection.UNSURE_SCORES) == [{"bbox": [], "category": [], "iscrowd": []}] * 2
+    assert [len(o["category"]) for o in detection.own_boxes(unsure)] == [2, 1]
+
+
 def test_collate_gives_normalised_cxcywh_labels_the_loss_takes(scenes):
     rows = [scenes[i] for i in range(4)]
     batch = detection_collate(processor(), mode="L")(rows)
