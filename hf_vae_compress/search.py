@@ -14,9 +14,10 @@ sure at the steering error (it is scored on until it is). At the end the smalles
 accept is scored on to a sound verdict (the whole split, judged by the same rule as before, at the
 latest); where that overturns it, the bracket above it is bisected with the probes spent below it,
 and the next smallest candidate is taken the same way. A bracket is bisected no further once it is
-resolved: by default once the split can no longer tell the probes at its two ends apart (the
-``resolution`` of :func:`search_smallest`), so a search whose bracket closes in on a flat stretch of
-the drop makes fewer probes.
+resolved: once the measured bits per weight of the probes at its two ends are within the
+``resolution`` of :func:`search_smallest` (by default the gap the whole range halved by every probe
+reaches), so a bracket bisected again above an overturned accept stops as soon as it is as fine as
+the search's own first bracket, rather than spending as many probes as it spent below.
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ from tqdm.auto import tqdm
 from .codec import CompressedModel, VAECompressionConfig
 from .finetune import FinetuneConfig
 from .pipeline import Source, UncheckedAccuracyError, is_main, timed
-from .sequential import indistinguishable, look_sizes, screening_size, steering_verdict
+from .sequential import look_sizes, screening_size, steering_verdict
 
 logger = logging.getLogger(__name__)
 
 SEARCH_RANGE_BPW = (0.125, 8.0)
-SEARCH_PROBES = 6  # at most, per bracket: (0.125, 8) halved 6 times on a log scale is a 6.7 % rate gap
-# When a bracket is resolved (see search_smallest): None, when the split scored can no longer tell
-# its two ends apart; a number, when their measured bits per weight are within that relative gap.
+SEARCH_PROBES = 6  # at most, per bracket
+# A bracket is resolved once its ends' measured bits per weight are within this relative gap (see
+# search_smallest); None: the gap SEARCH_PROBES halvings of the range reach, (8 / 0.125)^(1/64) - 1 = 6.7 %.
 SEARCH_RESOLUTION: float | None = None
 
 
@@ -128,11 +129,10 @@ class _Candidate:
 
 @dataclass
 class _Rejected:
-    """A probe rejected at a bracket's lower end: its log entry and per-example scores (None on
-    processes that do not score), what :meth:`_Search.resolved` compares with the accept above."""
+    """A probe rejected at a bracket's lower end: its log entry, whose measured bits per weight
+    :meth:`_Search.resolved` compares with the accept above."""
 
     entry: dict
-    scores: np.ndarray | None
 
 
 @dataclass
@@ -166,29 +166,24 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
     the selection split (``validation_split``, or the automatic rule: see :mod:`hf_vae_compress.pipeline`).
 
     **Resolution.** A bracket is bisected with at most ``probes`` probes, and no further once it is
-    *resolved*: a probe accepted at its upper end, one rejected at its lower end (a range end is
-    no probe, so a bracket reaching one is never resolved), and
-
-    - with ``resolution`` None (the default), the split cannot tell the two apart: on the examples
-      both were scored on, the accept's mean score exceeds the reject's by no more than one
-      standard error of the whole split (:func:`~hf_vae_compress.sequential.indistinguishable`;
-      the accept is verified to a sound verdict and this is checked again on its scores before the
-      bracket is left; a reject that steers is sound or sure, so scored on past its screen where
-      near the budget). Why this rate gap and no fixed one:
-      the rate the budget allows is itself known only to within the rate step over which the drop
-      moves by the acceptance rule's one standard error (the slope of the drop between the two
-      ends, times their gap); a probe between two such ends is accepted or rejected by which
-      examples the split happens to hold, not by its rate, so a further probe buys noise. The
-      step depends on the model and the rate (a steep drop resolves a gap of a few percent, a
-      flat one not 20 %), which no fixed gap can know; a metric without per-example scores (mAP)
-      has no standard error, and its brackets are bisected with every probe;
-    - with ``resolution`` a number, the accept's measured bits per weight are within that relative
-      gap of the reject's (0: never, every probe is made, as before there was a resolution).
-
-    The answer is still a probe verified as below, so this changes how many probes are made,
-    never the guarantee; the container returned is at most the bracket's gap larger than one that
-    bisecting on would have found. An entry's ``probes`` is the plan when it was logged; a resolved
-    bracket takes the probes it does not make out of the plan (logged, and counted in later entries).
+    *resolved*: a probe accepted at its upper end, one rejected at its lower end (a range end is no
+    probe, so a bracket reaching one is never resolved), and the accept's measured bits per weight
+    within ``resolution`` (relative) of the reject's. The default (None) is the search's own
+    granularity, ``(bpw_range[1] / bpw_range[0]) ** (1 / 2 ** probes) - 1`` (6.7 % for the default
+    range and probes): what ``probes`` halvings of the whole range promise, and no finer. Why not a
+    finer or coarser number: a first bracket already stops there, so the default changes nothing
+    on it; it stops the brackets that do not start from the whole range (above an overturned
+    accept, bisected with as many probes as were spent below it) once they are as fine, and any
+    bracket whose probes' measured rates land closer than their targets. A gap read from the
+    split's standard error (stop once the two ends' paired scores differ by less than one) was
+    measured and rejected: on fmnist-vit the drop is flat between 1.85 and 2.88 bits/weight
+    (0.32 and 0.16 pt), so it stopped on a 56 % gap and returned a container 27 % larger
+    (a probe between them keeps the budget). A larger ``resolution`` makes fewer probes; 0 makes
+    every probe, as before there was a resolution. The answer is still a probe verified as below,
+    so this changes how many probes are made, never the guarantee; the container returned is at
+    most the resolved bracket's gap larger than one bisecting on could have found. An entry's
+    ``probes`` is the plan when it was logged; a resolved bracket takes the probes it does not
+    make out of the plan (logged, and counted in later entries).
 
     **Screen, steer, verify** (:mod:`hf_vae_compress.sequential`). On top-1 or agreement a probe
     is scored on a growing seeded subset and keeps a verdict decided soundly on part of the split
@@ -267,7 +262,9 @@ def search_smallest(source: str | Source, out_dir: str | Path | None, max_drop_p
               if seconds > before.get(name, 0.0)}  # what opening and checking cost inside this call
     if not selection["rate_checked"]:
         raise UncheckedAccuracyError(f"no rate search: {selection['warning']}")
-    if resolution is not None and not resolution >= 0:
+    if resolution is None:
+        resolution = (bpw_range[1] / bpw_range[0]) ** (1 / 2 ** probes) - 1
+    if not resolution >= 0:
         raise ValueError(f"resolution must be None or a relative bits-per-weight gap >= 0, not {resolution!r}")
     search = _Search(src, config, finetune_config, max_drop_pt, probes, accelerator, progress, on_probe, stages,
                      resolution)
@@ -299,7 +296,7 @@ class _Search:
 
     def __init__(self, src: Source, config: VAECompressionConfig, finetune_config: FinetuneConfig | None,
                  max_drop_pt: float, probes: int, accelerator, progress: bool, on_probe: ProbeReport | None,
-                 stages: dict[str, float], resolution: float | None):
+                 stages: dict[str, float], resolution: float):
         self.src, self.config, self.finetune_config, self.accelerator = src, config, finetune_config, accelerator
         self.max_drop_pt, self.probes, self.on_probe, self.stages, self.progress = \
             max_drop_pt, probes, on_probe, stages, progress
@@ -319,21 +316,15 @@ class _Search:
         scale), which moves down after a probe accepted (soundly or provisionally) and up after one
         rejected, until the bracket is :meth:`resolved`. Returns the provisional accept at the
         bracket's upper end where it is overturned before a guessed reject below it is scored on
-        (:meth:`_probe`), or where the bracket looks resolved and that accept, verified then (it is
-        the smallest candidate, the one verified next anyway), fails: the bracket is then
-        abandoned, the rest of it lying below a rate that fails. A resolved bracket whose accept
-        holds stops only if it is still resolved on the scores of the verification."""
+        (:meth:`_probe`): the bracket is then abandoned, the rest of it lying below a rate that fails."""
         self.planned += bracket.probes
         self.bar.total = self.planned
         low, high, above, below = bracket.low, bracket.high, bracket.above, bracket.below
         made: list[_Candidate] = []  # this bracket's candidates, whose ``after`` counts the probes planned below them
         for after in range(bracket.probes - 1, -1, -1):
-            if self.resolved(below, above):  # its accept is verified first: the smallest candidate, verified next anyway
-                if not self._verify(above):
-                    return above
-                if self.resolved(below, above):  # on the scores it was verified on
-                    self._save(after + 1, made, below, above)
-                    break
+            if self.resolved(below, above):
+                self._save(after + 1, made, below, above)
+                break
             bpw = math.exp((low + high) / 2)
             candidate, overturned, rejected = self._probe(bpw, bracket.reprobe_of, high, after, above)
             if overturned is not None:
@@ -349,13 +340,9 @@ class _Search:
         """Whether a bracket whose ends are the probe rejected ``below`` and the candidate
         ``above`` needs no further probe (see ``resolution`` in :func:`search_smallest`); never
         where an end is the search range's."""
-        if below is None or above is None:
+        if below is None or above is None or self.resolution == 0:  # 0: never, even where rates cross their targets
             return False
-        if self.resolution is not None:  # 0: never (not even where the codec's rate is not monotone in its target)
-            return self.resolution > 0 and \
-                above.entry["bits_per_weight"] <= (1 + self.resolution) * below.entry["bits_per_weight"]
-        return _agreed(self.accelerator, self.main_process and self.src.paired and
-                       indistinguishable(above.scores, below.scores, self.src.split_examples))
+        return above.entry["bits_per_weight"] <= (1 + self.resolution) * below.entry["bits_per_weight"]
 
     def _save(self, saved: int, made: list[_Candidate], below: _Rejected | _Candidate, above: _Candidate) -> None:
         """Take the ``saved`` probes a resolved bracket does not make out of the plan (and out of
@@ -366,8 +353,7 @@ class _Search:
             candidate.after -= saved
         logger.info("rate search: the bracket %.3f-%.3f bits/weight is resolved (%s); %d probe%s saved",
                     below.entry["bits_per_weight"], above.entry["bits_per_weight"],
-                    "the split cannot tell its ends apart" if self.resolution is None
-                    else f"within {self.resolution:.0%}", saved, "s" * (saved != 1))
+                    f"within {self.resolution:.1%}", saved, "s" * (saved != 1))
 
     def _probe(self, bpw: float, reprobe_of: int | None, upper: float, after: int,
                above: _Candidate | None) -> tuple[_Candidate | None, _Candidate | None, _Rejected | None]:
@@ -421,7 +407,7 @@ class _Search:
         if overturned is not None:
             return None, overturned, None
         if not accepted:
-            return None, None, _Rejected(entry, scores)
+            return None, None, _Rejected(entry)
         final = _agreed(self.accelerator, self.main_process and not validation["provisional"])
         candidate = _Candidate(probe, validation, scores, entry, upper, after, above, final)
         self.candidates.append(candidate)

@@ -126,26 +126,6 @@ def provisional_accept(drop_pt: float, se_pt: float, scored: int, total: int, al
     return drop_pt + se_pt * math.sqrt(scored / total) <= allowed_pt
 
 
-def indistinguishable(upper: np.ndarray, lower: np.ndarray, total: int) -> bool:
-    """Whether the whole split of ``total`` examples cannot tell two probes apart: on the examples
-    both were scored on (the first of the scoring order; at least two), the higher-rate probe's
-    (``upper``) mean score exceeds the lower-rate one's by no more than one standard error of
-    their paired difference over the whole split, ``std(upper - lower, ddof=1) / sqrt(total)``.
-
-    The rate search's resolution (:func:`~hf_vae_compress.search.search_smallest`): one standard
-    error is what the acceptance rule itself adds to a drop, so a probe between two such rates is
-    accepted or rejected by the split's sampling, not by its rate. The pairing is between the
-    probes, not with the base: two nearby rates mostly agree, so their difference has a far
-    smaller error than either's drop, and the rule stops only where the rates are truly close in
-    effect. The whole split's error (not the scored examples' own, larger one) keeps a bracket
-    whose ends were decided early on few examples from being taken for resolved."""
-    scored = min(len(upper), len(lower))
-    if scored < 2:
-        return False
-    differences = upper[:scored] - lower[:scored]
-    return float(differences.mean()) <= float(differences.std(ddof=1)) / math.sqrt(total)
-
-
 def binary(scores: np.ndarray) -> bool:
     """Whether per-example scores are 0/1, the case the bounds are exact for."""
     return bool(np.isin(scores, (0.0, 1.0)).all())
@@ -247,5 +227,5 @@ def steering_verdict(base: np.ndarray, probe: np.ndarray, total: int, allowed_pt
 
 
 __all__ = ["FIRST_LOOK", "SCORING_SEED", "SCREENING_PASSES", "STEERING_ERROR", "STOPPING_ERROR", "Verdict", "binary",
-           "decide", "drop_statistic_pt", "early_verdict", "indistinguishable", "look_sizes", "provisional_accept",
-           "screening_size", "steering_looks", "steering_verdict"]
+           "decide", "drop_statistic_pt", "early_verdict", "look_sizes", "provisional_accept", "screening_size",
+           "steering_looks", "steering_verdict"]
