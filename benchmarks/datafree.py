@@ -80,6 +80,7 @@ def measure(name: str, kind: str, row: dict, default_rows: dict) -> dict:
     except RuntimeError as err:  # e.g. no rate kept the check's budget: the CLI's own error, kept as the result
         logger.warning("%s %s failed: %s", name, kind, str(err)[-300:])
         return dict(args=args, failed=str(err)[-1500:], commit=_commit())
+    load_end = os.getloadavg()[0]
     score = task.score(load_any(out)[0], test)[task.metric]
     validation = run["validation"] or {}
     result = dict(args=args, bytes=run["total_bytes"], ratio_vs_fp32=run["ratio_vs_fp32"],
@@ -88,7 +89,9 @@ def measure(name: str, kind: str, row: dict, default_rows: dict) -> dict:
                   check_drop_pt=validation.get("drop_pt"), check_drop_se_pt=validation.get("drop_se_pt"),
                   allowed_pt=validation.get("allowed_pt"), check_examples=validation.get("examples"),
                   synthetic=validation.get("synthetic"), rounding=_rounding(out),
-                  compress_seconds=run["wall_seconds"], load_average_1min_at_start=load, probes=run["rate_search"], commit=_commit())
+                  compress_seconds=run["wall_seconds"], load_average_1min_at_start=load,
+                  load_average_1min_at_end=load_end, machine_loaded=machine_loaded(load, load_end),
+                  probes=run["rate_search"], commit=_commit())
     default = default_rows.get(name, {}).get("default")
     if default is not None:
         result["labelled_default_ratio"] = default["ratio_vs_fp32"]
@@ -99,6 +102,12 @@ def measure(name: str, kind: str, row: dict, default_rows: dict) -> dict:
     logger.info("%s %s: %.1fx, test drop %.2f pt, %.0f s (%s)", name, kind, run["ratio_vs_fp32"],
                 result["test_drop_pt"], run["wall_seconds"], run["check"])
     return result
+
+
+def machine_loaded(*loads: float) -> bool:
+    """Whether other jobs competed for the cores during a run (a 1-minute load average above their
+    number at its start or end): its seconds are then a development figure, not a result."""
+    return max(loads) > (os.cpu_count() or 1)
 
 
 def _rounding(out: Path) -> str:
