@@ -290,7 +290,8 @@ class Source:
         warning = None
         decidable = not task.detector or any(len(o["category"]) for o in self._held_out[1])
         if not decidable:
-            warning = (f"the original detector finds no box it scores at least {OWN_BOX_SCORE} on the "
+            bar = task.unsure_scores[1] if task.unsure_scores else OWN_BOX_SCORE  # synthetic images: sure boxes only
+            warning = (f"the original detector finds no box it scores at least {bar:.2f} on the "
                        f"{task.num_examples(self._held_out):,} {chosen.split} images: there is nothing to agree on, so "
                        "no rate can be checked there. Give --dataset with images of what it detects, or a fixed rate.")
             logger.warning(warning)
