@@ -1,6 +1,6 @@
 """The portable VAE (``transform="vae-int"``): a learned transform whose decoder is exact everywhere.
 
-Its decoder is an int16 linear map per tensor accumulated in int64, then fixed IEEE roundings
+Its decoder is an int16 linear map per tensor whose products are exact by a proven bound, then fixed IEEE roundings
 (:mod:`hf_vae_compress.codec.format.linear`). These tests compress a small model whose conv kernels
 are correlated (so the transform keeps a learned map for them) and whose linear layer is white (so
 it keeps the identity there), and check that the decode is the integer arithmetic, bit for bit, on
