@@ -11,7 +11,8 @@ committed container.
 * :mod:`.layout`: chunk geometry, chunks back to tensors;
 * :mod:`.grid`: row scales, stored steps, float symbols;
 * :mod:`.identity`: the identity transform's decode arithmetic;
-* :mod:`.linear`: the portable VAE's (``vae-int``) decode arithmetic: int16 maps, a float product exact by a bound proved before decoding;
+* :mod:`.linear`: the portable VAE's (``vae-int``) decode arithmetic: int16 maps, a float product
+  exact by a bound proved before decoding;
 * :mod:`.streams`: pcodec entropy coding;
 * :mod:`.fields`: checked reads of header fields, shared by the readers;
 * :mod:`.v1` (frozen, read only), :mod:`.v2` (written), :mod:`.registry` (which reads which).
