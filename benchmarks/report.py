@@ -407,7 +407,7 @@ def default_lines(path: Path) -> list[str]:
              "a full `save_pretrained` folder that `from_pretrained` loads with `hf_vae_compress` imported, and the "
              "portable headline that `make test` decodes under two simulated machines.", "",
              "| model | default: bytes (x fp32) | validation drop | test drop | probes | time vs fixed rate "
-             "| data-free: bits/weight, x fp32, test drop | measured at commit |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| data-free: bits/weight, x fp32, test drop (its commit) | measured at commit |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in json.loads(path.read_text())["rows"]:
         d, free = r["default"], r["data_free"]
         unit = _unit(r["metric"])
@@ -416,7 +416,8 @@ def default_lines(path: Path) -> list[str]:
         lines.append(f"| {name} | {d['bytes']:,} ({d['ratio_vs_fp32']:.1f}x) | {d['validation']['drop_pt']:.2f} {unit} "
                      f"| {d['test_drop_pt']:.2f} {unit} | {d['probes']} | {d['compress_seconds']:.0f} s "
                      f"({r['default_time_vs_fixed_rate']:.1f}x) | {free['bits_per_weight']:.1f}, {free['ratio_vs_fp32']:.1f}x, "
-                     f"{free['test_drop_pt']:.2f} {unit} | `{(d.get('commit') or '?')[:7]}` |")
+                     f"{free['test_drop_pt']:.2f} {unit} (`{(free.get('commit') or '?')[:7]}`) "
+                     f"| `{(d.get('commit') or '?')[:7]}` |")
     return lines + [""]
 
 
@@ -507,7 +508,7 @@ def vae_protocol_lines(path: Path) -> list[str]:
              f"library's rate search ({data['protocol']}). Each cell: bytes (ratio to fp32), test drop. "
              f"Rule: {summary['rule']}. `auto` within the margin on every one of the {summary['auto_models']} "
              f"models it ran on: {'yes' if summary['auto_never_loses'] else 'no'}; the VAE or "
-             f"`auto` at least 5 % smaller on {summary['learned_wins_on_references']} reference models "
+             f"`auto` at least 5 % smaller on {summary['learned_wins_on_references']} reference model(s) "
              f"(needed {summary['learned_wins_required']}). Where a learned configuration kept no map, its tensors "
              "are coded as the identity's: a difference in bytes there is the rate search's verdict on a nearly "
              "identical container near the budget (the validation check's sampling noise), not a gain of the learned "
