@@ -57,6 +57,9 @@ def _check_compress_args(args: argparse.Namespace, fixed_rate: bool) -> None:
         raise ValueError(f"--latent-quantizer {args.latent_quantizer} quantizes the latents of a learned linear "
                          f"decoder, and --transform {args.transform} has none: pass --transform "
                          f"{' or '.join(LINEAR_DECODERS)}, or drop --latent-quantizer")
+    if args.rate_resolution is not None and fixed_rate:
+        raise ValueError("--rate-resolution sets how finely the rate search bisects, and a fixed rate (--target-bpw "
+                         "or --beta) runs no search: drop one of them")
     if (args.checkpoint_dir or args.resume_from) and not fixed_rate:
         raise ValueError("--checkpoint-dir and --resume-from need a fixed rate (--target-bpw or --beta): "
                          "a rate search fine-tunes many candidates")
@@ -126,7 +129,8 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
         budget = src.task.budget_pt if budget is None else budget
         allowed = budget * src.task.budget_share
         result = search_smallest(src, None, budget, args.dataset, config, tuning, accelerator=accelerator,
-                                 on_probe=lambda probe: _show_probe(probe, allowed), **split)
+                                 on_probe=lambda probe: _show_probe(probe, allowed), resolution=args.rate_resolution,
+                                 **split)
         if result.compressed is None:
             raise ValueError(f"no rate tried kept the validation drop within {allowed:g} pt "
                              f"(probes: {result.probes}); give --target-bpw to choose a rate yourself")
@@ -255,6 +259,13 @@ def _positive(text: str) -> float:
     return value
 
 
+def _gap(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a relative gap must be at least 0, got {text}")
+    return value
+
+
 def _budget_pt(text: str) -> float:
     value = _finite(text)
     if not 0 <= value < 100:
@@ -286,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("--max-accuracy-drop", type=_budget_pt, metavar="PT",
                       help="the smallest container whose metric drop on the validation split is at most PT "
                            "(default when no rate is given: the task's budget, 0.5 pt top-1 or 1 pt mAP)")
+    co.add_argument("--rate-resolution", type=_gap, metavar="GAP",
+                    help="the rate search stops bisecting between an accepted and a rejected rate once their bits "
+                         "per weight are within this relative gap (0.1: 10 %%): larger makes fewer probes for a "
+                         "container up to that much larger; 0 makes every probe (default: the gap the search's "
+                         "own halvings reach)")
     co.add_argument("--dataset", default=DEFAULT_DATASET,
                     help="data for Fisher bit allocation and the accuracy check: a Hub id, a save_to_disk folder or "
                          "an imagefolder directory; 'default' is the task's own (fashion_mnist, or "

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -20,7 +21,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
-from hf_vae_compress import ContainerError, VAECompressionConfig, compress, hub, pipeline, save_pretrained
+from hf_vae_compress import ContainerError, VAECompressionConfig, cli, compress, hub, pipeline, save_pretrained
 from hf_vae_compress.cli import main
 from hf_vae_compress.codec import CONTAINER_NAME
 from hf_vae_compress.finetune import FinetuneConfig, RUN_FILE, run_identity
@@ -400,3 +401,25 @@ def test_the_latent_quantizer_reaches_the_container(source, tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["latent_quantizer"] == "e8"
+
+
+def test_a_rate_resolution_needs_a_rate_search_and_reaches_it(source, tmp_path, capsys, no_long_work, monkeypatch):
+    out = str(tmp_path / "out")
+    refused(["compress", str(source), out, *BLIND, "--rate-resolution", "0.1"], capsys, "--rate-resolution",
+            "--target-bpw")
+    with pytest.raises(SystemExit) as exit_:
+        main(["compress", str(source), out, "--rate-resolution", "-0.1"])
+    assert exit_.value.code == 2 and "at least 0" in capsys.readouterr().err
+    seen = {}
+
+    def search(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop after the search was called")
+
+    monkeypatch.setattr(cli, "search_smallest", search)
+    monkeypatch.setattr(pipeline.Source, "open", lambda *a, **k: types.SimpleNamespace(
+        task=types.SimpleNamespace(budget_pt=0.5, budget_share=1.0), stage_seconds={}))
+    with pytest.raises(RuntimeError, match="stop after"):
+        main(["compress", str(source), out, *FAST, "--rate-resolution", "0.125"])
+    assert seen["resolution"] == 0.125
+    assert not (tmp_path / "out").exists()
