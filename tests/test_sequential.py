@@ -289,6 +289,19 @@ def _bands(good_from: float, deceptive_from: float):
     return script_for
 
 
+OVERTURNED_RATES = [1.0, 0.354, 0.21, 0.273, 0.595, 0.459, 0.771]
+
+
+def _rates(result) -> list[float]:
+    return [round(p["target_bits_per_weight"], 3) for p in result.probes]
+
+
+def _overturned_search(timm_folder, unlabelled, monkeypatch, **kwargs):
+    """The search of the overturned scenario below: good from 0.7 bits/weight, deceptive (a screen
+    that looks surely fine) from 0.3, a wide budget."""
+    return _scripted_search(timm_folder, unlabelled, monkeypatch, _bands(0.7, 0.3), budget_pt=WIDE_PT, **kwargs)
+
+
 def test_an_overturned_provisional_accept_has_the_bracket_above_it_bisected_as_sound_verdicts_would(
         timm_folder, unlabelled, monkeypatch):
     # Good from 0.7 bits/weight, deceptive (a screen that looks surely fine) from 0.3. Bisection over
@@ -296,10 +309,8 @@ def test_an_overturned_provisional_accept_has_the_bracket_above_it_bisected_as_s
     # Verifying 0.354 overturns it: the two probes spent below it bisect (0.354, 1.0) instead, at
     # 0.595 and 0.459 (deceptive again, both overturned), then (0.595, 1.0) with the one spent below
     # 0.595: 0.771 holds. Sound verdicts would have steered the same path: 1.0, 0.354, 0.595, 0.771.
-    result, task, total, screen, lines = _scripted_search(timm_folder, unlabelled, monkeypatch, _bands(0.7, 0.3),
-                                                          budget_pt=WIDE_PT)
-    rates = [round(p["target_bits_per_weight"], 3) for p in result.probes]
-    assert rates == [1.0, 0.354, 0.21, 0.273, 0.595, 0.459, 0.771]
+    result, task, total, screen, lines = _overturned_search(timm_folder, unlabelled, monkeypatch)
+    assert _rates(result) == OVERTURNED_RATES
     first, deceptive, *bad, above, below, answer = result.probes
     assert [above["reprobe_of"], below["reprobe_of"], answer["reprobe_of"]] == [2, 2, 5]
     assert all(p["early_stop"] == "rejected" and p["examples_scored"] <= screen and not p["verified"] for p in bad)
@@ -418,19 +429,16 @@ def test_a_bracket_bisected_again_stops_at_the_resolution_and_the_default_is_the
     # spends the two probes it spent below (0.595, 0.459), then 0.771. With a resolution as wide as
     # the measured gap of the (0.354, 1.0) bracket, that bracket is resolved before its first probe:
     # 1.0 is the answer, two probes fewer.
-    bisected, task, total, _, _ = _scripted_search(timm_folder, unlabelled, monkeypatch, _bands(0.7, 0.3),
-                                                   budget_pt=WIDE_PT)
-    rates = [round(p["target_bits_per_weight"], 3) for p in bisected.probes]
-    assert rates == [1.0, 0.354, 0.21, 0.273, 0.595, 0.459, 0.771]
+    bisected, task, total, _, _ = _overturned_search(timm_folder, unlabelled, monkeypatch)
+    assert _rates(bisected) == OVERTURNED_RATES
     by_rate = {round(p["target_bits_per_weight"], 3): p for p in bisected.probes}
     gap = by_rate[1.0]["bits_per_weight"] / by_rate[0.354]["bits_per_weight"] - 1
     first_gap = by_rate[0.354]["bits_per_weight"] / by_rate[0.273]["bits_per_weight"] - 1  # the first bracket's last
     assert first_gap < gap
-    resolved, *_ = _scripted_search(timm_folder, unlabelled, monkeypatch, _bands(0.7, 0.3), budget_pt=WIDE_PT,
-                                    resolution=gap)
+    resolved, *_ = _overturned_search(timm_folder, unlabelled, monkeypatch, resolution=gap)
     # (0.210, 0.354) is resolved after 0.210 (a narrower gap), which saves 0.273; verifying 0.354
     # overturns it, and the bracket above it, (0.354, 1.0), is resolved before its first probe
-    assert [round(p["target_bits_per_weight"], 3) for p in resolved.probes] == [1.0, 0.354, 0.21]
+    assert _rates(resolved) == [1.0, 0.354, 0.21]
     answer = resolved.probes[0]
     assert answer["accepted"] and answer["verified"] and not answer["provisional"]
     assert resolved.compressed.report()["total_bytes"] == answer["bytes"]
@@ -441,9 +449,8 @@ def test_a_bracket_bisected_again_stops_at_the_resolution_and_the_default_is_the
     # the default, what 4 halvings of (0.125, 8) reach, (8 / 0.125) ** (1 / 2 ** 4) - 1 = 29.7 %, is
     # finer than every bracket here before its last probe (measured: 0.366 and 0.471 bits/weight, 29 %
     # apart, are its finest): the same probes as bisecting on
-    default, *_ = _scripted_search(timm_folder, unlabelled, monkeypatch, _bands(0.7, 0.3), budget_pt=WIDE_PT,
-                                   resolution=None)
-    assert [round(p["target_bits_per_weight"], 3) for p in default.probes] == rates
+    default, *_ = _overturned_search(timm_folder, unlabelled, monkeypatch, resolution=None)
+    assert _rates(default) == OVERTURNED_RATES
 
 
 def test_a_relative_resolution_stops_at_the_measured_bits_per_weight_gap(timm_folder, unlabelled, monkeypatch):
