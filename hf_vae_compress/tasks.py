@@ -45,7 +45,7 @@ from .detection import (
     FASHION_MNIST_SCENES, OWN_BOX_SCORE, UNSURE_SCORES, box_labels, detect, detection_collate, evaluate_detection,
     is_detection_model, load_detection_dataset, mean_average_precision, own_boxes, scenes_selection,
 )
-from .evaluate import Batches, HeldImages, evaluate, held_tensors, logits_of, predict
+from .evaluate import SCORING_BATCH, Batches, HeldImages, evaluate, held_tensors, logits_of, predict
 from .synthetic import (
     PRIOR_CLASS_INVERSION, SYNTHETIC_BUDGET_SHARE, SyntheticConfig, SyntheticImages, input_bounds, synthesize,
 )
@@ -113,7 +113,7 @@ class Classification:
         """The base model's per-example scores when the data fixes them without scoring: never for labels."""
         return None
 
-    def score(self, model: torch.nn.Module, data, batch_size: int = 256, progress: bool = False) -> dict:
+    def score(self, model: torch.nn.Module, data, batch_size: int = SCORING_BATCH, progress: bool = False) -> dict:
         if not isinstance(data, tuple):  # a dataset, not tensors from `prepare`
             data = fit_labels(model, data)
         return evaluate(model, data, batch_size=batch_size, progress=progress)
@@ -347,7 +347,7 @@ class Agreement:
             return images, own_boxes(detect(model, images), *(self.unsure_scores or (OWN_BOX_SCORE,)))
         model.eval()
         with torch.no_grad():
-            probabilities = torch.cat([logits_of(model(batch)).float().softmax(-1) for batch in images.split(256)])
+            probabilities = torch.cat([logits_of(model(batch)).float().softmax(-1) for batch in images.split(SCORING_BATCH)])
         labels = probabilities.argmax(-1)
         return (images, labels, probabilities) if self.expected else (images, labels)
 
@@ -374,7 +374,7 @@ class Agreement:
             return None
         return data[2].max(-1).values.double().numpy() if self.expected else np.ones(self.num_examples(data))
 
-    def score(self, model: torch.nn.Module, data, batch_size: int = 256, progress: bool = False) -> dict:
+    def score(self, model: torch.nn.Module, data, batch_size: int = SCORING_BATCH, progress: bool = False) -> dict:
         if self.detector:
             return {self.metric: mean_average_precision(detect(model, data[0]), data[1])["map"]}
         scores = evaluate(model, data[:2], batch_size=batch_size, progress=progress)

@@ -158,3 +158,33 @@ def test_calibration_batches_are_held_as_uint8_and_are_the_float_loader_s(small_
     assert torch.equal(batches[-1], expected[-1]) and len(batches[0:2]) == 2
     with pytest.raises(IndexError):
         batches[3]
+
+
+class _Recorder(torch.nn.Module):
+    """Classifies images as given and records the layout each batch reached it in; with ``flat``
+    it views its input as an MLP on pixels would, which only a contiguous batch allows."""
+
+    def __init__(self, flat: bool):
+        super().__init__()
+        self.flat, self.layouts = flat, []
+        self.head = torch.nn.Linear(3 * 8 * 8, 5)
+
+    def forward(self, x):
+        self.layouts.append("channels_last" if not x.is_contiguous() else "contiguous")
+        return self.head(x.view(x.shape[0], -1) if self.flat else x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_scoring_lays_batches_out_channels_last_and_falls_back_for_a_model_that_views_them(flat):
+    torch.manual_seed(0)
+    images, labels = torch.randn(150, 3, 8, 8), torch.randint(0, 5, (150,))
+    model = _Recorder(flat).eval()
+    with torch.no_grad():
+        expected = model.head(images.reshape(150, -1)).argmax(-1).numpy()
+    model.layouts.clear()
+    preds, true = predict(model, (images, labels), batch_size=64, progress=False)
+    np.testing.assert_array_equal(true, labels.numpy())
+    np.testing.assert_array_equal(preds, expected)
+    # three batches; the viewing model refuses the first channels-last batch once, then gets contiguous ones
+    assert model.layouts == (["channels_last", "contiguous", "contiguous", "contiguous"] if flat
+                             else ["channels_last"] * 3)
