@@ -138,7 +138,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
         stages.update(result.stage_seconds)
     else:
         began = time.perf_counter()
-        compressed = src.compress(config, tuning, accelerator, args.checkpoint_dir, args.resume_from)
+        compressed = src.compress(config, tuning, accelerator, args.checkpoint_dir, args.resume_from, last=True)
         stages["compress"] = time.perf_counter() - began
         validation = src.validation_drop(compressed) if src.task is not None and main_process else None
         stages["score"] = time.perf_counter() - began - stages["compress"]

@@ -165,6 +165,20 @@ def test_a_rate_search_factors_each_layer_once(monkeypatch):
     assert layer_factor(calibration, name) is layer_factor(calibration, name)
 
 
+def test_a_single_use_calibration_keeps_no_factor_and_codes_the_same_container():
+    model = tiny_timm().eval()
+    kept = calibrate(model, [torch.randn(8, 1, 28, 28)], 1, Classification.fisher_loss(), progress=False)
+    single = calibrate(model, [torch.randn(8, 1, 28, 28)], 1, Classification.fisher_loss(), progress=False)
+    single.layers, single.fisher, single.keep_factors = kept.layers, kept.fisher, False
+    config = VAECompressionConfig(target_bits_per_weight=2.0)
+    a = compress(model, config, calibration=kept, progress=False)
+    b = compress(model, config, calibration=single, progress=False)
+    assert kept.factors and not single.factors
+    assert a.report()["total_bytes"] == b.report()["total_bytes"]
+    decoded_a, decoded_b = a.decode(), b.decode()
+    assert all(torch.equal(decoded_a[k], decoded_b[k]) for k in decoded_a)
+
+
 def test_rounding_is_validated_and_round_trips():
     config = VAECompressionConfig(rounding="nearest", correct_norms=True)
     assert VAECompressionConfig.from_json(config.to_json()) == config

@@ -13,7 +13,7 @@ import torch
 
 from hf_vae_compress import data, pipeline
 from hf_vae_compress.cli import main
-from hf_vae_compress.codec import CONTAINER_NAME
+from hf_vae_compress.codec import CONTAINER_NAME, VAECompressionConfig
 from hf_vae_compress.data import DatasetError, load_image_dataset
 from hf_vae_compress.pipeline import UNCHECKED_BPW
 from tests.conftest import tiny_timm
@@ -130,6 +130,19 @@ def test_fixed_rate_still_reports_the_drop_and_no_data_warns(timm_folder, train_
     assert not result["accuracy_checked"] and result["validation"] is None
     assert "accuracy was not checked" in result["warning"] and "accuracy was not checked" in captured.err
     assert abs(result["bits_per_weight"] - UNCHECKED_BPW) < 0.1 * UNCHECKED_BPW  # the conservative rate
+
+
+def test_a_last_compression_releases_the_calibration_and_refuses_another(timm_folder, train_test_folder):
+    src = pipeline.Source.open(timm_folder, str(train_test_folder), calibration_batches=1, progress=False)
+    config = VAECompressionConfig(target_bits_per_weight=3.0, calibration_batches=1)
+    probe = src.compress(config, progress=False)
+    assert src.calibration.factors  # a rate search's probe keeps them for the next one
+    last = src.compress(config, progress=False, last=True)
+    assert src.calibration is None
+    assert last.report()["total_bytes"] == probe.report()["total_bytes"]
+    assert src.validation_drop(last)["examples"] > 0  # the accuracy report needs no calibration
+    with pytest.raises(RuntimeError, match="released"):
+        src.compress(config, progress=False)
 
 
 def test_imagefolder_directory_works(tmp_path, timm_folder, capsys):

@@ -106,12 +106,16 @@ def layer_factor(calibration: Calibration, name: str, chunk: int = 1) -> tuple[t
     but always against the same inputs. The factor is kept in float32, the precision GPTQ's
     updates use it in (:func:`output_aware_symbols`): the same symbols, and half the memory of
     float64 factors (951 MiB for resnet50's layers, the top of a fixed-rate compress's RSS).
-    A chunk-ordered factor (``chunk > 1``) is kept under its own key."""
+    A chunk-ordered factor (``chunk > 1``) is kept under its own key. Nothing is kept where the
+    calibration says no later compression will use it (``keep_factors``)."""
     key = name if chunk == 1 else f"{name}#chunk{chunk}"
-    if key not in calibration.factors:
-        order, u = inverse_cholesky(calibration.layers[name], chunk=chunk)
-        calibration.factors[key] = order, u.float()
-    return calibration.factors[key]
+    if key in calibration.factors:
+        return calibration.factors[key]
+    order, u = inverse_cholesky(calibration.layers[name], chunk=chunk)
+    factor = order, u.float()
+    if calibration.keep_factors:
+        calibration.factors[key] = factor
+    return factor
 
 
 def output_aware_symbols(weight: torch.Tensor, factors: torch.Tensor, factor: tuple[torch.Tensor, torch.Tensor],
