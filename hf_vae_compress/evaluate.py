@@ -138,6 +138,19 @@ def predict(model: torch.nn.Module, data, transform: Callable | None = None, bat
     return torch.cat(preds).numpy(), torch.cat(labels).numpy()
 
 
+@torch.no_grad()
+def batch_logits(model: torch.nn.Module, images, batch_size: int = SCORING_BATCH) -> torch.Tensor:
+    """``model``'s float logits over ``images`` (a tensor or :class:`HeldImages`), computed as
+    :func:`predict` computes them: the labels a model gives itself must be the predictions that
+    scoring it again gives, to the bit."""
+    model.eval()
+    logits, channels_last = [], True
+    for batch in images.split(batch_size):
+        output, channels_last = _forward(model, batch, channels_last)
+        logits.append(logits_of(output).float())
+    return torch.cat(logits)
+
+
 def _forward(model: torch.nn.Module, images: torch.Tensor, channels_last: bool):
     """``model(images)``, with a 4-D batch laid out channels-last while ``channels_last`` holds, and
     whether to keep doing so. Why: the same values in NHWC order run convolutions 1.5-2x faster on

@@ -45,7 +45,7 @@ from .detection import (
     FASHION_MNIST_SCENES, OWN_BOX_SCORE, UNSURE_SCORES, box_labels, detect, detection_collate, evaluate_detection,
     is_detection_model, load_detection_dataset, mean_average_precision, own_boxes, scenes_selection,
 )
-from .evaluate import SCORING_BATCH, Batches, HeldImages, evaluate, held_tensors, logits_of, predict
+from .evaluate import SCORING_BATCH, Batches, HeldImages, batch_logits, evaluate, held_tensors, logits_of, predict
 from .synthetic import (
     PRIOR_CLASS_INVERSION, SYNTHETIC_BUDGET_SHARE, SyntheticConfig, SyntheticImages, input_bounds, synthesize,
 )
@@ -345,9 +345,7 @@ class Agreement:
         confident boxes, a classifier's top-1 class and, for expected agreement, its probabilities."""
         if self.detector:
             return images, own_boxes(detect(model, images), *(self.unsure_scores or (OWN_BOX_SCORE,)))
-        model.eval()
-        with torch.no_grad():
-            probabilities = torch.cat([logits_of(model(batch)).float().softmax(-1) for batch in images.split(SCORING_BATCH)])
+        probabilities = batch_logits(model, images).softmax(-1)
         labels = probabilities.argmax(-1)
         return (images, labels, probabilities) if self.expected else (images, labels)
 
