@@ -314,14 +314,15 @@ class Source:
                  progress: bool = True, last: bool = False) -> CompressedModel:
         """Post-hoc compression at ``config``'s rate, then fine-tuning when ``finetune_config`` asks.
 
-        ``last``: no compression of this source follows (a fixed rate compresses once). Its GPTQ
-        factors are then not kept for later ones, and the calibration statistics are released
-        before fine-tuning and the accuracy report: a fixed-rate resnet50 at 224 px otherwise held
-        0.9 GB of them through its report's scoring, where its RSS peaked. A later call is refused."""
+        ``last``: no compression of this source follows (a fixed rate compresses once). Each
+        layer's input moments then make way for its GPTQ factor (:attr:`Calibration.single_use`),
+        and the calibration is released before fine-tuning and the accuracy report: a fixed-rate
+        resnet50 at 224 px otherwise held 0.9 GB of statistics through its report's scoring, where
+        its RSS peaked. A later call is refused."""
         if self._released:
             raise RuntimeError("this source's calibration was released by its last compression: open it again")
         if last and self.calibration is not None:
-            self.calibration.keep_factors = False
+            self.calibration.single_use = True
         compressed = compress(self.model, config, progress=progress, shard=accelerate_shard(accelerator),
                               calibration=self.calibration)
         if last:

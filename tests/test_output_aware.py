@@ -1,5 +1,7 @@
 """Output-aware rounding (GPTQ), the calibration statistics it needs, and the free corrections."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -165,15 +167,17 @@ def test_a_rate_search_factors_each_layer_once(monkeypatch):
     assert layer_factor(calibration, name) is layer_factor(calibration, name)
 
 
-def test_a_single_use_calibration_keeps_no_factor_and_codes_the_same_container():
+def test_a_single_use_calibration_trades_each_moment_for_its_factor_and_codes_the_same_container():
     model = tiny_timm().eval()
     kept = calibrate(model, [torch.randn(8, 1, 28, 28)], 1, Classification.fisher_loss(), progress=False)
-    single = calibrate(model, [torch.randn(8, 1, 28, 28)], 1, Classification.fisher_loss(), progress=False)
-    single.layers, single.fisher, single.keep_factors = kept.layers, kept.fisher, False
-    config = VAECompressionConfig(target_bits_per_weight=2.0)
+    single = dataclasses.replace(kept, layers={n: LayerInputs(x.second.clone(), x.mean.clone())
+                                               for n, x in kept.layers.items()}, factors={}, single_use=True)
+    config = VAECompressionConfig(target_bits_per_weight=2.0)  # output-aware, re-aimed once: each factor used twice
     a = compress(model, config, calibration=kept, progress=False)
     b = compress(model, config, calibration=single, progress=False)
-    assert kept.factors and not single.factors
+    assert all(x.second is not None for x in kept.layers.values())
+    # the rounded layers' moments made way for their factors; layers stored as floats keep theirs
+    assert {n for n, x in single.layers.items() if x.second is None} == set(single.factors) == set(kept.factors) != set()
     assert a.report()["total_bytes"] == b.report()["total_bytes"]
     decoded_a, decoded_b = a.decode(), b.decode()
     assert all(torch.equal(decoded_a[k], decoded_b[k]) for k in decoded_a)

@@ -54,12 +54,12 @@ class LayerInputs:
     for a convolution. Output rows ``g * out/groups`` to ``(g+1) * out/groups`` belong to group g
     (PyTorch's grouped convolution); an ungrouped layer has one group."""
 
-    second: torch.Tensor  # (groups, d, d)
+    second: torch.Tensor | None  # (groups, d, d); None once a single-use calibration has factored it
     mean: torch.Tensor  # (groups, d)
 
     @property
     def groups(self) -> int:
-        return len(self.second)
+        return len(self.mean)
 
 
 @dataclass
@@ -75,9 +75,11 @@ class Calibration:
     # rate, so :func:`.output_aware.layer_factor` computes them on first use and keeps them here,
     # where every probe of a rate search finds them
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
-    # False where no later compression will use them (a fixed rate compresses once): each factor is
-    # then dropped when its layer is rounded, instead of all of them held together (0.46 GB on resnet50)
-    keep_factors: bool = True
+    # True where no later compression will use it (a fixed rate compresses once): the identity's
+    # output-aware rounding then drops each layer's second moment once its factor is made (nothing
+    # reads it again; its re-aim reuses the factor), so the factors and the moments, 0.46 GB each on
+    # resnet50, are not held together
+    single_use: bool = False
     # wall seconds of the measurements, by stage ("fisher", "moments": the moments' share of the
     # Fisher's forward pass and their own passes), for the caller's timing report
     seconds: dict[str, float] = field(default_factory=dict)

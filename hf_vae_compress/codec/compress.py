@@ -333,6 +333,8 @@ def _round_output_aware(state_dict: dict[str, torch.Tensor], coded: list[CodedTe
             chosen.add(i)
         else:
             out[i] = levels
+        if calibration.single_use and (transform is None or not transform.linear_decoder):
+            calibration.layers[c.name].second = None  # factored, and read no more (Calibration.single_use)
     return out
 
 
