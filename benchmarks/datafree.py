@@ -37,7 +37,7 @@ from hf_vae_compress.pipeline import load_any
 from hf_vae_compress.tasks import Detection, task_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from default_compress import REFERENCES, UNSEEN, _commit, cli_compress, model_folder  # noqa: E402
+from default_compress import REFERENCES, UNSEEN, _commit, cli_compress, machine_loaded, model_folder  # noqa: E402
 
 logger = logging.getLogger("datafree")
 
@@ -102,12 +102,6 @@ def measure(name: str, kind: str, row: dict, default_rows: dict) -> dict:
     logger.info("%s %s: %.1fx, test drop %.2f pt, %.0f s (%s)", name, kind, run["ratio_vs_fp32"],
                 result["test_drop_pt"], run["wall_seconds"], run["check"])
     return result
-
-
-def machine_loaded(*loads: float) -> bool:
-    """Whether other jobs competed for the cores during a run (a 1-minute load average above their
-    number at its start or end): its seconds are then a development figure, not a result."""
-    return max(loads) > (os.cpu_count() or 1)
 
 
 def _rounding(out: Path) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -118,6 +119,12 @@ def measure(name: str, runs: tuple[str, ...], previous: dict | None) -> dict:
 
 def _commit() -> str:
     return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+
+def machine_loaded(*loads: float) -> bool:
+    """Whether other jobs competed for the cores during a run (a 1-minute load average above their
+    number at any of ``loads``): its seconds are then a development figure, not a result."""
+    return max(loads) > (os.cpu_count() or 1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,6 +44,7 @@ from hf_vae_compress.pipeline import load_any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load_speed import compare_loads  # noqa: E402
+from default_compress import machine_loaded  # noqa: E402
 from scale import WORK, cpu_model, model_folder  # noqa: E402
 
 logger = logging.getLogger("vae_decode_speed")
@@ -122,7 +123,7 @@ def main() -> None:
                               result["num_weights"], args.repeats)
     builds = result["builds"]
     best = max(b["decode_weights_per_s"] for b in builds.values())
-    loaded = result["load_average_before"][0] > os.cpu_count()
+    loaded = machine_loaded(result["load_average_before"][0])
     OUTPUT.write_text(json.dumps(dict(
         model=MODEL, container="vae-int, every coded tensor through its int16 KLT map (worst case)",
         coded_tensors=len(container.unpack().coded), maps=maps, maps_the_fit_keeps=kept,
