@@ -323,11 +323,13 @@ class Source:
             raise RuntimeError("this source's calibration was released by its last compression: open it again")
         if last and self.calibration is not None:
             self.calibration.single_use = True
-        compressed = compress(self.model, config, progress=progress, shard=accelerate_shard(accelerator),
-                              calibration=self.calibration)
-        if last:
-            self.calibration, self._released = None, True
-            release_freed_memory()
+        try:
+            compressed = compress(self.model, config, progress=progress, shard=accelerate_shard(accelerator),
+                                  calibration=self.calibration)
+        finally:  # a failed last compression has dropped moments too: a retry is refused, not run on them
+            if last:
+                self.calibration, self._released = None, True
+                release_freed_memory()
         if finetune_config is not None and finetune_config.steps > 0:
             if self.task is None:
                 raise ValueError("fine-tuning needs a dataset")
