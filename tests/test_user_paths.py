@@ -145,6 +145,21 @@ def test_a_last_compression_releases_the_calibration_and_refuses_another(timm_fo
         src.compress(config, progress=False)
 
 
+def test_a_failed_last_compression_still_releases_the_calibration(timm_folder, train_test_folder, monkeypatch):
+    src = pipeline.Source.open(timm_folder, str(train_test_folder), calibration_batches=1, progress=False)
+    config = VAECompressionConfig(target_bits_per_weight=3.0, calibration_batches=1)
+
+    def failing(*args, **kwargs):
+        raise MemoryError("out of memory half way")
+
+    monkeypatch.setattr(pipeline, "compress", failing)
+    with pytest.raises(MemoryError):
+        src.compress(config, progress=False, last=True)
+    assert src.calibration is None
+    with pytest.raises(RuntimeError, match="released"):  # a retry on half-dropped moments is refused
+        src.compress(config, progress=False)
+
+
 def test_imagefolder_directory_works(tmp_path, timm_folder, capsys):
     from PIL import Image
 
