@@ -160,3 +160,14 @@ def test_memory_freed_into_the_heap_is_given_back_after_calibration():
     calibration_module.release_freed_memory()
     assert before - _rss_bytes() > 200 << 20  # most of the 396 MB freed
     assert last.sum() == 1 << 20
+
+
+@pytest.mark.parametrize("d", [5, 8, 13, 40])
+def test_the_blocked_gram_is_the_symmetric_product_of_the_rows(d):
+    """Blocks above the diagonal are copied from below, so the result is exactly symmetric; every
+    entry is still the product of two columns (compared within float tolerance: block shapes may
+    pick other kernels). Block sizes that do not divide d leave no thin last block."""
+    rows = torch.randn(30, d, generator=torch.Generator().manual_seed(d))
+    result = calibration_module.gram(rows, block=4)
+    assert torch.equal(result, result.T)
+    assert torch.allclose(result, rows.T @ rows, rtol=1e-5, atol=1e-5)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .importance import ACTIVATION_BYTES, examples_per_backward, fisher_diagonal, model_inputs
+from .importance import ACTIVATION_BYTES, even_bounds, examples_per_backward, fisher_diagonal, model_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 # feature map adds little information about a d x d moment but costs n * d^2 to accumulate.
 MAX_ROWS_PER_BATCH = 2048
 MAX_STATISTICS_BYTES = 1 << 30
+# Columns per block of :func:`gram`'s products: wide enough that each is an efficient matrix product.
+GRAM_BLOCK = 512
 
 
 @dataclass
@@ -271,8 +273,27 @@ def _passes(layers: dict[str, nn.Module], max_bytes: int) -> list[list[str]]:
 def _moments(module: nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per group, the sums of x xᵀ (groups x d x d) and of x (groups x d) over ``rows``, and their count."""
     groups = input_groups(module)
+    if groups == 1:
+        return gram(rows).unsqueeze(0), rows.sum(0).unsqueeze(0), len(rows)
     per_group = rows.reshape(len(rows), groups, -1).transpose(0, 1)
     return grouped_matmul(per_group.transpose(1, 2), per_group), rows.sum(0).reshape(groups, -1), len(rows)
+
+
+def gram(rows: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """``rowsᵀ rows`` (d x d), by column blocks of ``block``: each block's products with itself and
+    the columns after it are computed, and the blocks above the diagonal are copied from those below
+    (the matrix is symmetric), which saves up to half of the product's cost. It is most of a large
+    layer's calibration time: a resnet50 at 224 px spent 2.0 s of each 32-image batch's moments in
+    products and 0.7 s in cutting out the rows. Each entry is still one dot product of two columns
+    over every row, as in the plain product."""
+    d = rows.shape[1]
+    if d <= block:
+        return rows.T @ rows
+    out = torch.empty(d, d, dtype=rows.dtype)
+    for start, stop in even_bounds(d, block):  # no thin last block, which a matrix-vector kernel would sum otherwise
+        out[start:, start:stop] = rows[:, start:].T @ rows[:, start:stop]
+        out[start:stop, stop:] = out[stop:, start:stop].T
+    return out
 
 
 class _MomentRecorder(_Recorder):
