@@ -48,9 +48,11 @@ MAX_RATE_TABLE = 1 << 20  # symbol ranges wider than this (a tiny step) are roun
 PAD_WEIGHT = 1e4  # a short chunk's padding latents: their factor, times the chunk's largest (output error ~1e-8)
 
 
-def inverse_cholesky(inputs: LayerInputs, damping: float = DAMPING, chunk: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_cholesky(inputs: LayerInputs, damping: float = DAMPING, chunk: int = 1,
+                     dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group of output rows, the column order (groups x d) and the upper Cholesky factor of
-    ``(H + damping * mean(diag H) * I)⁻¹`` (groups x d x d, float64, in that order).
+    ``(H + damping * mean(diag H) * I)⁻¹`` (groups x d x d, in that order; computed in float64 and
+    returned in ``dtype``: :func:`layer_factor` keeps float32).
 
     Columns go in order of decreasing input energy (GPTQ's "act order"): the weights that matter
     most are rounded first, while there are many columns left to absorb their error. In a dev
@@ -72,19 +74,24 @@ def inverse_cholesky(inputs: LayerInputs, damping: float = DAMPING, chunk: int =
     # The upper Cholesky factor U of h⁻¹ (h⁻¹ = Uᵀ U) from one Cholesky factorisation and one
     # triangular solve: with J the reversal, J h J = L Lᵀ gives U = J L⁻¹ J (upper, positive
     # diagonal, and Uᵀ U = J L⁻ᵀ L⁻¹ J = h⁻¹). Inverting h and factoring the inverse costs about four
-    # times as long for the same factor. J h J is h taken in the reversed order, in the same two
-    # gathers, and each groups x d x d float64 intermediate is dropped once used, inline rather than
-    # in a helper (whose caller would hold its argument): at resnet50's d = 4608 each is 170 MB, and
-    # one factor peaked 974 MB above its input, then 653 MB, now 510 MB (the same bits each time).
+    # times as long for the same factor. Memory: each groups x d x d float64 matrix is 170 MB at
+    # resnet50's d = 4608, and no more than two are held at once. J h J is gathered by advanced
+    # indexing (take_along_dim materialised a d x d index), each intermediate is dropped once used,
+    # inline rather than in a helper (whose caller would hold its argument), and L⁻¹ is solved in
+    # place into an identity laid out column-major as LAPACK writes (a plain solve held a third
+    # matrix). One factor peaked 974 MB above its input, then 653, 510, now 336 (the same bits each time).
     reversed_order = order.flip(-1)
-    rows = h.take_along_dim(reversed_order[:, :, None], 1)
+    groups = torch.arange(len(order))
+    rows = h[groups[:, None], reversed_order]
     del h
-    lower = rows.take_along_dim(reversed_order[:, None, :], 2)
+    lower = rows[groups[:, None, None], torch.arange(rows.shape[-1])[:, None], reversed_order[:, None, :]]
     del rows
     lower = torch.linalg.cholesky(lower)
-    identity = torch.eye(lower.shape[-1], dtype=lower.dtype).expand_as(lower)
-    inverse = torch.linalg.solve_triangular(lower, identity, upper=False)
-    del lower, identity
+    inverse = torch.zeros(lower.shape, dtype=lower.dtype).mT  # column-major
+    inverse.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+    torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
+    del lower
+    inverse = inverse.to(dtype)  # before the flip's copy: at float32 the float64 matrix is dropped first
     return order, inverse.flip(-1, -2)
 
 
@@ -113,8 +120,7 @@ def layer_factor(calibration: Calibration, name: str, chunk: int = 1) -> tuple[t
     A chunk-ordered factor (``chunk > 1``) is kept under its own key."""
     key = name if chunk == 1 else f"{name}#chunk{chunk}"
     if key not in calibration.factors:
-        order, u = inverse_cholesky(calibration.layers[name], chunk=chunk)
-        calibration.factors[key] = order, u.float()
+        calibration.factors[key] = inverse_cholesky(calibration.layers[name], chunk=chunk, dtype=torch.float32)
     return calibration.factors[key]
 
 
