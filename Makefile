@@ -40,6 +40,7 @@ bench: $(STAMP) data
 	$(PY) benchmarks/default_compress.py
 	$(PY) benchmarks/datafree.py
 	$(PY) benchmarks/portable_vae.py
+	$(PY) benchmarks/vae_protocol.py --fit-steps 200
 	$(PY) benchmarks/posthoc_quality.py --calibration-seeds 0 1 --timing
 	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/report.py
