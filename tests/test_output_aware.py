@@ -154,7 +154,7 @@ def test_compress_with_output_aware_rounding_cuts_the_output_error_and_is_determ
     assert stages["rounding"] > 0 and sum(stages.values()) == pytest.approx(compressed.stats["encode_seconds"], abs=0.01)
 
 
-def test_a_rate_search_factors_each_layer_once(monkeypatch):
+def test_a_rate_search_factors_each_layer_once_largest_first(monkeypatch):
     model = tiny_timm().eval()
     calibration = calibrate(model, [torch.randn(8, 1, 28, 28)], 1, Classification.fisher_loss(), progress=False)
     factored = []
@@ -163,6 +163,9 @@ def test_a_rate_search_factors_each_layer_once(monkeypatch):
     for bpw in (2.0, 3.0):  # two probes of a search
         compress(model, VAECompressionConfig(target_bits_per_weight=bpw), calibration=calibration, progress=False)
     assert len(factored) == len({id(inputs) for inputs in factored}) > 0  # 14 coded layers, not 28
+    # the largest factors are made first, while the compress holds least (model order would not be)
+    sizes = [inputs.entries for inputs in factored]
+    assert sizes == sorted(sizes, reverse=True) and sizes != [x.entries for x in calibration.layers.values()]
     name = next(iter(calibration.layers))
     assert layer_factor(calibration, name) is layer_factor(calibration, name)
 

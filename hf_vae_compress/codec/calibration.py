@@ -63,6 +63,11 @@ class LayerInputs:
     def groups(self) -> int:
         return len(self.mean)
 
+    @property
+    def entries(self) -> int:
+        """groups x d x d: the size of the second moment, and of the GPTQ factor made from it."""
+        return self.mean.numel() * self.mean.shape[-1]
+
 
 @dataclass
 class Calibration:

@@ -317,7 +317,11 @@ def _round_output_aware(state_dict: dict[str, torch.Tensor], coded: list[CodedTe
     out = list(symbols)
     if chosen is not None:
         chosen.clear()
-    measured = [i for i, c in enumerate(coded) if c.name in calibration.layers]
+    # largest factors first: each is made once, at a peak above what the compress holds, which is
+    # lowest early on (fewer rounded layers' symbols and factors are held yet); the order does not
+    # change any tensor's symbols
+    measured = sorted((i for i, c in enumerate(coded) if c.name in calibration.layers),
+                      key=lambda i: -calibration.layers[coded[i].name].entries)
     for i in tqdm(measured, desc="output-aware rounding", disable=not progress, leave=False):
         c = coded[i]
         decoder = transform.chunk_map(i) if transform is not None else None
