@@ -102,8 +102,8 @@ def test_micro_batches_keep_a_batch_s_share_of_the_moment_rows(monkeypatch):
     for name, budget in [("whole", 1 << 30), ("split", 3 * per_example)]:
         with monkeypatch.context() as patch:
             moments = calibration_module._moments
-            patch.setattr(calibration_module, "_moments",
-                          lambda module, rows: counted.setdefault(name, []).append(len(rows)) or moments(module, rows))
+            patch.setattr(calibration_module, "_moments", lambda module, sums, rows:
+                          counted.setdefault(name, []).append(len(rows)) or moments(module, sums, rows))
             calibrate(model, BATCHES, len(BATCHES), _loss, progress=False, activation_bytes=budget)
     assert counted["whole"] == [64, 64, 8] * len(BATCHES)  # two convolutions' 64 rows, the linear layer's 8
     # per micro-batch of 3 (then 2) examples: ceil(64 * 3 / 8) = 24 (then 16) rows: a batch keeps 64 as whole
@@ -163,11 +163,16 @@ def test_memory_freed_into_the_heap_is_given_back_after_calibration():
 
 
 @pytest.mark.parametrize("d", [5, 8, 13, 40])
-def test_the_blocked_gram_is_the_symmetric_product_of_the_rows(d):
-    """Blocks above the diagonal are copied from below, so the result is exactly symmetric; every
-    entry is still the product of two columns (compared within float tolerance: block shapes may
-    pick other kernels). Block sizes that do not divide d leave no thin last block."""
-    rows = torch.randn(30, d, generator=torch.Generator().manual_seed(d))
-    result = calibration_module.gram(rows, block=4)
+def test_the_blocked_gram_sums_the_symmetric_products_of_the_rows(d):
+    """Blocks on and below the diagonal are summed, and those above copied from below once the last
+    rows are in, so the result is exactly symmetric; every entry is still the sum of products of
+    two columns (compared within float tolerance: block shapes may pick other kernels)."""
+    g = torch.Generator().manual_seed(d)
+    parts = [torch.randn(30, d, generator=g) for _ in range(3)]
+    total = None
+    for rows in parts:
+        total = calibration_module.add_gram(total, rows, block=4)
+    result = calibration_module.mirror_gram(total, block=4)
     assert torch.equal(result, result.T)
-    assert torch.allclose(result, rows.T @ rows, rtol=1e-5, atol=1e-5)
+    every = torch.cat(parts)
+    assert torch.allclose(result, every.T @ every, rtol=1e-5, atol=1e-4)

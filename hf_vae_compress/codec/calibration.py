@@ -194,11 +194,12 @@ def _patches(x: torch.Tensor, kernel: tuple, dilation: tuple, padding: tuple, st
 
 
 class _Recorder:
-    """Forward pre-hooks that sum, per module of ``modules``, the tuple ``reduce(module, input)``
-    over every call while they are attached (:meth:`attached`): statistics without keeping
+    """Forward pre-hooks that keep, per module of ``modules``, sums over every call while they are
+    attached (:meth:`attached`): ``reduce(module, input, sums)`` returns the module's sums with the
+    input's added (``sums`` is None at the first call), so statistics are gathered without keeping
     activations, whichever forward passes run meanwhile. ``seconds`` is the time spent in them."""
 
-    def __init__(self, modules: dict[str, nn.Module], reduce: Callable[[nn.Module, torch.Tensor], tuple]):
+    def __init__(self, modules: dict[str, nn.Module], reduce: Callable[[nn.Module, torch.Tensor, tuple | None], tuple]):
         self.modules, self.reduce = modules, reduce
         self.sums: dict[str, tuple] = {}
         self.seconds = 0.0
@@ -207,9 +208,7 @@ class _Recorder:
         def record(module, args):
             start = time.perf_counter()
             with torch.no_grad():
-                terms = self.reduce(module, args[0].detach().float())
-            previous = self.sums.get(name)
-            self.sums[name] = terms if previous is None else tuple(_add(a, b) for a, b in zip(previous, terms))
+                self.sums[name] = self.reduce(module, args[0].detach().float(), self.sums.get(name))
             self.seconds += time.perf_counter() - start
         return record
 
@@ -223,9 +222,11 @@ class _Recorder:
                 h.remove()
 
 
-def _add(total, term):
-    """``total + term``, in place for tensors: a layer's d x d sums are not allocated twice per batch."""
-    return total.add_(term) if isinstance(total, torch.Tensor) else total + term
+def _summed(sums: tuple | None, terms: tuple) -> tuple:
+    """``sums + terms`` term by term (``terms`` at first), tensors in place."""
+    if sums is None:
+        return terms
+    return tuple(a.add_(b) if isinstance(a, torch.Tensor) else a + b for a, b in zip(sums, terms))
 
 
 def _run(model: nn.Module, batches: list, desc: str, progress: bool) -> None:
@@ -245,7 +246,7 @@ def _accumulate(model: nn.Module, batches: list, modules: dict[str, nn.Module],
                 reduce: Callable[[nn.Module, torch.Tensor], tuple]) -> dict[str, tuple]:
     """Run ``batches`` through ``model`` (eval, no grad) and sum, per module of ``modules``,
     the tuple ``reduce(module, input)`` over batches."""
-    with _Recorder(modules, reduce).attached() as recorder:
+    with _Recorder(modules, lambda module, x, sums: _summed(sums, reduce(module, x))).attached() as recorder:
         _run(model, batches, "", progress=False)
     return recorder.sums
 
@@ -275,30 +276,39 @@ def _passes(layers: dict[str, nn.Module], max_bytes: int) -> list[list[str]]:
     return passes + ([current] if current else [])
 
 
-def _moments(module: nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per group, the sums of x xᵀ (groups x d x d) and of x (groups x d) over ``rows``, and their count."""
+def _moments(module: nn.Module, sums: tuple | None, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``sums`` plus, per group, the sums of x xᵀ (groups x d x d) and of x (groups x d) over
+    ``rows``, and their count (all zero when ``sums`` is None), added in place. An ungrouped layer's
+    x xᵀ is added by :func:`add_gram`: its blocks above the diagonal wait for :func:`mirror_gram`."""
     groups = input_groups(module)
     if groups == 1:
-        return gram(rows).unsqueeze(0), rows.sum(0).unsqueeze(0), len(rows)
+        second = add_gram(None if sums is None else sums[0][0], rows)[None]
+        return (second,) + _summed(None if sums is None else sums[1:], (rows.sum(0)[None], len(rows)))
     per_group = rows.reshape(len(rows), groups, -1).transpose(0, 1)
-    return grouped_matmul(per_group.transpose(1, 2), per_group), rows.sum(0).reshape(groups, -1), len(rows)
+    return _summed(sums, (grouped_matmul(per_group.transpose(1, 2), per_group), rows.sum(0).reshape(groups, -1), len(rows)))
 
 
-def gram(rows: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
-    """``rowsᵀ rows`` (d x d), by column blocks of ``block``: each block's products with itself and
-    the columns after it are computed, and the blocks above the diagonal are copied from those below
-    (the matrix is symmetric), which saves up to half of the product's cost. It is most of a large
-    layer's calibration time: a resnet50 at 224 px spent 2.0 s of each 32-image batch's moments in
-    products and 0.7 s in cutting out the rows. Each entry is still one dot product of two columns
-    over every row, as in the plain product."""
+def add_gram(total: torch.Tensor | None, rows: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """``total + rowsᵀ rows`` (d x d; a new sum when ``total`` is None), added in place and by
+    column blocks of ``block``: only each block's products with itself and the columns after it,
+    the blocks on and below the diagonal. The sum is symmetric, so :func:`mirror_gram` copies the
+    rest once the last rows are in. This saves up to half of the products, and the d x d product
+    of every (micro-)batch and its addition: the moments are most of a large layer's calibration
+    time (a resnet50 at 224 px spent 2.0 s of each 32-image batch's moments in products and 0.7 s
+    in cutting out the rows). Each entry is still one dot product of two columns over the rows,
+    added to the sum, as with the plain product."""
     d = rows.shape[1]
-    if d <= block:
-        return rows.T @ rows
-    out = torch.empty(d, d, dtype=rows.dtype)
+    total = torch.zeros(d, d, dtype=rows.dtype) if total is None else total
     for start, stop in even_bounds(d, block):  # no thin last block, which a matrix-vector kernel would sum otherwise
-        out[start:, start:stop] = rows[:, start:].T @ rows[:, start:stop]
-        out[start:stop, stop:] = out[stop:, start:stop].T
-    return out
+        total[start:, start:stop].add_(rows[:, start:].T @ rows[:, start:stop])
+    return total
+
+
+def mirror_gram(total: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """``total`` (d x d, of :func:`add_gram`) with its blocks above the diagonal copied, in place, from below."""
+    for start, stop in even_bounds(total.shape[-1], block):
+        total[start:stop, stop:] = total[stop:, start:stop].T
+    return total
 
 
 class _MomentRecorder(_Recorder):
@@ -312,7 +322,8 @@ class _MomentRecorder(_Recorder):
     def __init__(self, layers: dict[str, nn.Module]):
         generator = torch.Generator().manual_seed(0)
         self.max_rows = MAX_ROWS_PER_BATCH
-        super().__init__(layers, lambda module, x: _moments(module, layer_rows(module, x, generator, self.max_rows)))
+        super().__init__(layers, lambda module, x, sums: _moments(module, sums, layer_rows(module, x, generator,
+                                                                                           self.max_rows)))
 
     def share(self, examples: int, batch_examples: int) -> None:
         """The next forward is of ``examples`` of a batch of ``batch_examples``: keep that share of the batch's rows."""
@@ -320,9 +331,11 @@ class _MomentRecorder(_Recorder):
 
 
 def _layer_inputs(sums: dict[str, tuple]) -> dict[str, LayerInputs]:
-    """Sums over counts, divided in place: the sums are not needed again, and a copy of a large
-    model's statistics would double their memory."""
-    return {name: LayerInputs(second.div_(n), total.div_(n)) for name, (second, total, n) in sums.items()}
+    """Sums over counts (an ungrouped layer's x xᵀ completed by :func:`mirror_gram`), divided in
+    place: the sums are not needed again, and a copy of a large model's statistics would double
+    their memory."""
+    return {name: LayerInputs((mirror_gram(second[0])[None] if len(second) == 1 else second).div_(n), total.div_(n))
+            for name, (second, total, n) in sums.items()}
 
 
 def layer_statistics(model: nn.Module, batches: list, layers: dict[str, nn.Module],
