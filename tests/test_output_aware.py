@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from hf_vae_compress.codec import FitConfig, VAECompressionConfig, compress
-from hf_vae_compress.codec.calibration import (LayerInputs, calibrate, layer_statistics, norm_input_means,
-                                               norm_layers, output_aware_layers)
+from hf_vae_compress.codec.calibration import (LayerInputs, as_rows, calibrate, from_rows, layer_rows, layer_statistics,
+                                               norm_input_means, norm_layers, output_aware_layers)
 from hf_vae_compress.codec.correction import bias_corrections, norm_corrections
 from hf_vae_compress.codec import output_aware
 from hf_vae_compress.codec.output_aware import inverse_cholesky, layer_factor, output_aware_symbols
@@ -315,7 +315,7 @@ def test_bias_correction_restores_a_grouped_convolutions_output_mean():
 
 def test_grouped_conv1d_is_measured_and_other_layers_are_left_to_nearest():
     model = nn.Sequential(nn.Conv1d(4, 6, 3, padding=2, dilation=2, stride=2, groups=2),
-                          nn.ConvTranspose2d(6, 4, 3), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+                          nn.ConvTranspose2d(6, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
                           nn.Conv2d(4, 4, 3, padding="same"), nn.Embedding(10, 4))
     assert set(output_aware_layers(model)) == {"0.weight"}
     conv = model[0]
@@ -335,3 +335,82 @@ def test_a_convolution_with_one_output_channel_rounds_output_aware():
                           progress=False)
     assert compressed.config.rounding == "output_aware"
     assert compressed.decode()["2.weight"].shape == (1, 8, 3, 3)
+
+
+def _transposed_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(),
+                         nn.ConvTranspose2d(6, 4, (3, 2), stride=2, padding=1, output_padding=1, dilation=(1, 2))).eval()
+
+
+def _transposed_output(layer: nn.Module, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return nn.functional.conv_transpose2d(inputs, weight, None, layer.stride, layer.padding, layer.output_padding,
+                                          1, layer.dilation)
+
+
+@pytest.mark.parametrize("layer,x", [
+    (nn.ConvTranspose2d(3, 4, (3, 2), stride=(2, 3), padding=(1, 2), output_padding=(1, 0), dilation=(1, 2),
+                        bias=False), torch.randn(2, 3, 5, 6)),
+    (nn.ConvTranspose1d(3, 4, 4, stride=3, padding=2, output_padding=1, bias=False), torch.randn(2, 3, 7)),
+    (nn.ConvTranspose2d(3, 4, 3, padding=3, bias=False), torch.randn(3, 6, 6)),  # a pad beyond the kernel crops; unbatched
+])
+def test_a_transposed_convolution_is_its_rows_times_the_direct_convolution_s_weight(layer, x):
+    """Every output pixel of a transposed convolution is one of :func:`layer_rows`'s rows times
+    :func:`as_rows` of its weight, whatever the stride, padding, output padding and dilation: the
+    output error of a weight error factors as for a direct convolution."""
+    rows = layer_rows(layer, x, torch.Generator().manual_seed(0), max_rows=1 << 20)
+    with torch.no_grad():
+        out = layer(x)
+    out = out if x.ndim == layer.weight.ndim else out.unsqueeze(0)  # unbatched
+    expected = out.movedim(1, -1).reshape(-1, out.shape[1])
+    assert torch.allclose(rows @ as_rows(layer.weight.detach(), transposed=True).T, expected, atol=1e-5)
+    assert torch.equal(from_rows(as_rows(layer.weight, transposed=True), layer.weight.shape, transposed=True),
+                       layer.weight)
+
+
+def test_a_transposed_convolution_rounds_output_aware():
+    """GPTQ on the direct convolution's rows, with the stored weight's grid (a step per stored row,
+    an input channel: it steps across GPTQ's columns), lowers the layer's measured output error."""
+    model, x = _transposed_model(), _smooth_images(8)
+    layer = model[2]
+    stats = layer_statistics(model, [x], output_aware_layers(model))
+    assert stats["2.weight"].transposed and stats["2.weight"].second.shape == (1, 36, 36)  # d = 6 inputs * 3 * 2
+    w = layer.weight.detach()
+    factors = 0.6 * w.flatten(1).pow(2).mean(1).sqrt()
+    gptq = output_aware_symbols(w, factors, inverse_cholesky(stats["2.weight"]), transposed=True)
+    nearest = torch.round(w.flatten(1) / factors[:, None])
+    assert gptq.shape == nearest.shape and (gptq != nearest).any()
+    inputs = _layer_input(model, layer, x)
+    errors = {kind: float((_transposed_output(layer, inputs, (q * factors[:, None]).reshape(w.shape))
+                           - _transposed_output(layer, inputs, w)).pow(2).mean())
+              for kind, q in (("gptq", gptq), ("nearest", nearest))}
+    assert errors["gptq"] < 0.8 * errors["nearest"], errors
+
+
+def test_compress_rounds_transposed_convolutions_output_aware_and_corrects_their_bias():
+    model = _transposed_model()
+    batches = [_smooth_images(8, seed) for seed in range(2)]
+    decoded = {}
+    for rounding in ("nearest", "output_aware"):
+        config = VAECompressionConfig(beta=0.1, target_bits_per_weight=None, min_numel=16, calibration_batches=2,
+                                      rounding=rounding)
+        compressed = compress(model, config, calibration_data=batches, loss_fn=lambda m, b: (m(b).pow(2).sum(), len(b)),
+                              progress=False)
+        decoded[rounding] = compressed.decode()
+    assert not torch.equal(decoded["nearest"]["2.weight"], decoded["output_aware"]["2.weight"])
+    errors = {}
+    for rounding, state in decoded.items():
+        quantized = _transposed_model()
+        quantized.load_state_dict(dict(model.state_dict(), **{"2.weight": state["2.weight"]}))
+        with torch.no_grad():
+            errors[rounding] = float((quantized(batches[0]) - model(batches[0])).pow(2).mean())
+    assert errors["output_aware"] < 0.8 * errors["nearest"], errors
+    layer, x = model[2], _smooth_images(3)  # 3 * 24 * 24 rows: under the per-batch cap, all kept (the exact mean)
+    stats = layer_statistics(model, [x], {"2.weight": layer})
+    original = {"weight": layer.weight.detach(), "bias": layer.bias.detach()}
+    shifted = original["weight"] + 0.1 * torch.linspace(-1, 1, 4)[None, :, None, None]  # another error per output
+    corrected = bias_corrections(original, {"weight": shifted}, {"weight": stats["2.weight"]})
+    inputs = _layer_input(model, layer, x)
+    means = [(_transposed_output(layer, inputs, weight) + bias[:, None, None]).mean(dim=(0, 2, 3))
+             for weight, bias in ((original["weight"], original["bias"]), (shifted, corrected["bias"]))]
+    assert torch.allclose(*means, atol=1e-4)

@@ -6,7 +6,9 @@ compression of it (a rate search compresses one model many times).
   error ``ΔW`` is ``tr(ΔW H ΔWᵀ)``, which is what output-aware rounding (:mod:`.output_aware`)
   minimises and what bias correction (:mod:`.correction`) needs the mean of. A grouped
   convolution's output rows each see only their group's input channels, so it gets one ``H`` per
-  group (depthwise: one per channel), each over that group's patch.
+  group (depthwise: one per channel), each over that group's patch. A transposed convolution is
+  measured as the direct convolution it equals (its input spread out by the stride and padded,
+  its kernel flipped and its channel axes swapped: :func:`as_rows`).
 - Per normalisation layer with running statistics, the mean of its inputs on the same batches,
   measured when norm correction first asks (it is off by default): the correction compares them
   with the quantized model's.
@@ -58,6 +60,7 @@ class LayerInputs:
 
     second: torch.Tensor | None  # (groups, d, d); None once a single-use calibration has factored it
     mean: torch.Tensor  # (groups, d)
+    transposed: bool = False  # a transposed convolution's: its rows are :func:`as_rows`'s, not the stored weight's
 
     @property
     def groups(self) -> int:
@@ -109,15 +112,15 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def output_aware_layers(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, nn.Module]:
     """The weights (of ``names``, or all) whose output error ``tr(ΔW H ΔWᵀ)`` the codec can
-    measure: those of ``nn.Linear`` and of zero-padded ``nn.Conv1d`` and ``nn.Conv2d``, grouped
-    and depthwise ones included (weight name -> module).
+    measure: those of ``nn.Linear``, of zero-padded ``nn.Conv1d`` and ``nn.Conv2d``, grouped
+    and depthwise ones included, and of ungrouped ``nn.ConvTranspose1d`` and ``nn.ConvTranspose2d``
+    (weight name -> module).
 
-    Not measured: transposed convolutions (an output pixel sums weights of several kernel
-    positions against different input pixels, so the error does not factor into rows of the
-    stored weight times one input vector), embeddings (a one-hot input: ``H`` is diagonal and
-    output-aware rounding would be nearest rounding), and convolutions that pad by reflection or
-    replication or with ``padding="same"`` (their patches are not what :func:`layer_rows` cuts):
-    those round to nearest."""
+    Not measured: grouped transposed convolutions, embeddings (a one-hot input: ``H`` is diagonal
+    and output-aware rounding would be nearest rounding), and convolutions that pad by reflection
+    or replication or with ``padding="same"`` (their patches are not what :func:`layer_rows` cuts):
+    those round to nearest. A transposed convolution called with ``output_size`` is measured as if
+    without: the output rows that this adds at the bottom and right are not in its statistics."""
     wanted = None if names is None else set(names)
     found = {}
     for module_name, module in model.named_modules():
@@ -125,14 +128,43 @@ def output_aware_layers(model: nn.Module, names: Iterable[str] | None = None) ->
         if wanted is not None and weight_name not in wanted:
             continue
         if isinstance(module, nn.Linear) or (isinstance(module, (nn.Conv1d, nn.Conv2d))
-                                             and module.padding_mode == "zeros" and not isinstance(module.padding, str)):
+                                             and module.padding_mode == "zeros" and not isinstance(module.padding, str)) \
+                or (isinstance(module, TRANSPOSED) and module.groups == 1):
             found[weight_name] = module
     return found
+
+
+TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d)
 
 
 def input_groups(module: nn.Module) -> int:
     """How many groups of output rows see distinct inputs: a convolution's ``groups``, else 1."""
     return module.groups if isinstance(module, (nn.Conv1d, nn.Conv2d)) else 1
+
+
+def as_rows(weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """``weight`` as the (out, d) rows that multiply :func:`layer_rows`'s inputs: the stored rows
+    for a linear layer or a convolution. A transposed convolution's (in, out, *kernel) weight is
+    the weight of the direct convolution it equals, (out, in, *kernel) with the kernel flipped."""
+    if not transposed:
+        return weight.reshape(len(weight), -1)
+    spatial = tuple(range(2, weight.ndim))
+    return weight.flip(spatial).transpose(0, 1).reshape(weight.shape[1], -1)
+
+
+def from_rows(rows: torch.Tensor, shape: torch.Size, transposed: bool = False) -> torch.Tensor:
+    """The inverse of :func:`as_rows`: ``rows`` in the stored weight's ``shape``."""
+    if not transposed:
+        return rows.reshape(shape)
+    spatial = tuple(range(2, len(shape)))
+    return rows.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1).flip(spatial)
+
+
+def input_size(module: nn.Module) -> int:
+    """d: the length of a row of :func:`as_rows` (a group's, for a grouped convolution)."""
+    if isinstance(module, TRANSPOSED):
+        return module.weight.shape[0] * module.weight[0, 0].numel()
+    return module.weight[0].numel()
 
 
 def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -155,6 +187,8 @@ def layer_rows(module: nn.Module, x: torch.Tensor, generator: torch.Generator,
     column (as ``unfold`` orders it), and a group's channels are consecutive. A 1-D convolution is
     cut as a 2-D one of height 1."""
     x = x.detach().float()
+    if isinstance(module, TRANSPOSED):
+        return _patches(*_direct_input(module, x), generator, max_rows)
     if not isinstance(module, (nn.Conv1d, nn.Conv2d)):
         rows = x.reshape(-1, x.shape[-1])
         return rows[_sampled(len(rows), generator, max_rows)] if len(rows) > max_rows else rows
@@ -165,6 +199,27 @@ def layer_rows(module: nn.Module, x: torch.Tensor, generator: torch.Generator,
         (kernel,), (dilation,), (padding,), (stride,) = geometry
         x, geometry = x.unsqueeze(-2), ((1, kernel), (1, dilation), (0, padding), (1, stride))
     return _patches(x if x.ndim == 4 else x.unsqueeze(0), *geometry, generator, max_rows)
+
+
+def _direct_input(module: nn.Module, x: torch.Tensor) -> tuple:
+    """A transposed convolution's input ``x`` as the input of the direct convolution it equals
+    (stride 1, no padding, the same dilation, the kernel of :func:`as_rows`), with that geometry:
+    ``x`` spread out by the stride (stride - 1 zeros between its pixels) and padded by
+    ``dilation * (kernel - 1) - padding`` on each side, plus ``output_padding`` after (a negative
+    pad crops). A 1-D one is cut as a 2-D one of height 1."""
+    kernel, dilation, padding = module.kernel_size, module.dilation, module.padding
+    stride, extra = module.stride, module.output_padding
+    if isinstance(module, nn.ConvTranspose1d):
+        x = x.unsqueeze(-2)
+        kernel, dilation, stride = ((1, *v) for v in (kernel, dilation, stride))
+        padding, extra = ((0, *v) for v in (padding, extra))
+    x = x if x.ndim == 4 else x.unsqueeze(0)
+    batch, channels, height, width = x.shape
+    spread = x.new_zeros(batch, channels, (height - 1) * stride[0] + 1, (width - 1) * stride[1] + 1)
+    spread[:, :, ::stride[0], ::stride[1]] = x
+    before = [dl * (k - 1) - p for k, dl, p in zip(kernel, dilation, padding)]
+    spread = nn.functional.pad(spread, (before[1], before[1] + extra[1], before[0], before[0] + extra[0]))
+    return spread, tuple(kernel), tuple(dilation), (0, 0), (1, 1)
 
 
 def _sampled(count: int, generator: torch.Generator, max_rows: int) -> torch.Tensor:
@@ -266,7 +321,7 @@ def _passes(layers: dict[str, nn.Module], max_bytes: int) -> list[list[str]]:
     one's with the same input channels: groups * d² = (in * kernel) * d."""
     passes, current, size = [], [], 0
     for name, module in layers.items():
-        d = module.weight[0].numel()
+        d = input_size(module)
         cost = 4 * input_groups(module) * d * d
         if current and size + cost > max_bytes:
             passes.append(current)
@@ -330,11 +385,12 @@ class _MomentRecorder(_Recorder):
         self.max_rows = math.ceil(MAX_ROWS_PER_BATCH * examples / batch_examples)
 
 
-def _layer_inputs(sums: dict[str, tuple]) -> dict[str, LayerInputs]:
+def _layer_inputs(sums: dict[str, tuple], layers: dict[str, nn.Module]) -> dict[str, LayerInputs]:
     """Sums over counts (an ungrouped layer's x xᵀ completed by :func:`mirror_gram`), divided in
     place: the sums are not needed again, and a copy of a large model's statistics would double
     their memory."""
-    return {name: LayerInputs((mirror_gram(second[0])[None] if len(second) == 1 else second).div_(n), total.div_(n))
+    return {name: LayerInputs((mirror_gram(second[0])[None] if len(second) == 1 else second).div_(n), total.div_(n),
+                              transposed=isinstance(layers[name], TRANSPOSED))
             for name, (second, total, n) in sums.items()}
 
 
@@ -347,7 +403,7 @@ def layer_statistics(model: nn.Module, batches: list, layers: dict[str, nn.Modul
         recorder = _MomentRecorder({n: layers[n] for n in names})
         with recorder.attached():
             _run(model, batches, f"input moments {i + 1}/{len(passes)}", progress)
-        out.update(_layer_inputs(recorder.sums))
+        out.update(_layer_inputs(recorder.sums, layers))
     return out
 
 
@@ -398,7 +454,7 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int,
     with first.attached():
         fisher = fisher_diagonal(model, batches, num_batches, loss_fn, progress, per_backward, first.share)
     fisher_seconds = time.perf_counter() - start
-    statistics = _layer_inputs(first.sums)
+    statistics = _layer_inputs(first.sums, layers)
     rest = {n: layers[n] for names in passes[1:] for n in names}
     start = time.perf_counter()
     statistics.update(layer_statistics(model, batches, rest, max_bytes, progress) if rest else {})

@@ -301,8 +301,15 @@ def _layer_moments(state_dict: dict[str, torch.Tensor], coded: list[CodedTensor]
                    calibration: Calibration) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Row scales and input second moments of the coded tensors whose rows are their layer's
     output rows (what :func:`~.fit.refit_maps_` fits a map to the output error with)."""
-    return {i: (c.scales, calibration.layers[c.name].second) for i, c in enumerate(coded)
-            if c.name in calibration.layers and c.layout.rows == state_dict[c.name].shape[0]}
+    return {i: (c.scales, calibration.layers[c.name].second) for i, c in enumerate(coded) if _rows_are_outputs(state_dict, c, calibration)}
+
+
+def _rows_are_outputs(state_dict: dict[str, torch.Tensor], c: CodedTensor, calibration: Calibration) -> bool:
+    """Whether ``c`` was measured and its layout's rows are its layer's output rows, the rows a
+    map's output error is measured over (not a weight with one output row, whose layout rows are
+    its inputs, nor a transposed convolution, whose stored rows are its input channels)."""
+    inputs = calibration.layers.get(c.name)
+    return inputs is not None and not inputs.transposed and c.layout.rows == state_dict[c.name].shape[0]
 
 
 def _round_output_aware(state_dict: dict[str, torch.Tensor], coded: list[CodedTensor], steps: list[float],
@@ -325,8 +332,8 @@ def _round_output_aware(state_dict: dict[str, torch.Tensor], coded: list[CodedTe
     for i in tqdm(measured, desc="output-aware rounding", disable=not progress, leave=False):
         c = coded[i]
         decoder = transform.chunk_map(i) if transform is not None else None
-        if decoder is not None and c.layout.rows != state_dict[c.name].shape[0]:
-            continue  # one output row: the layout's rows are not GPTQ's (nearest latents kept)
+        if decoder is not None and not _rows_are_outputs(state_dict, c, calibration):
+            continue  # the layout's rows are not GPTQ's (nearest latents kept)
         latents = None if decoder is None else _latents(state_dict, c, steps[i], decoder, calibration, transform, i)
         if latents is not None and chosen is None:
             out[i] = latents
@@ -346,7 +353,8 @@ def _levels(state_dict: dict[str, torch.Tensor], c: CodedTensor, step: float, ca
             rate_scale: float | None = None) -> torch.Tensor:
     """The identity's GPTQ symbols of ``c`` at ``step``, in its chunk layout."""
     factors = (c.scales.double() * step).float()  # the decoder's per-row factor, exactly
-    rows = output_aware_symbols(state_dict[c.name], factors, layer_factor(calibration, c.name), rate_scale)
+    rows = output_aware_symbols(state_dict[c.name], factors, layer_factor(calibration, c.name), rate_scale,
+                                calibration.layers[c.name].transposed)
     rows = torch.nn.functional.pad(rows, (0, c.layout.padded_len - c.layout.row_len))
     return rows.reshape(c.layout.num_chunks, c.layout.chunk_size)
 

@@ -22,7 +22,7 @@ import copy
 import torch
 from torch import nn
 
-from .calibration import Calibration, LayerInputs, norm_input_means, norm_layers
+from .calibration import Calibration, LayerInputs, as_rows, norm_input_means, norm_layers
 
 NORM_PASSES = 2
 
@@ -35,7 +35,7 @@ def bias_corrections(original: dict[str, torch.Tensor], quantized: dict[str, tor
         bias_name = weight_name[: -len("weight")] + "bias"
         if bias_name not in original or weight_name not in quantized:
             continue
-        delta = (quantized[weight_name].float() - original[weight_name].float()).flatten(1)
+        delta = as_rows(quantized[weight_name].float() - original[weight_name].float(), inputs.transposed)
         rows = delta.reshape(inputs.groups, -1, delta.shape[1])  # a grouped layer's rows see their group's mean
         shift = torch.cat([group_rows @ mean for group_rows, mean in zip(rows, inputs.mean)])
         out[bias_name] = original[bias_name].float() - shift

@@ -37,7 +37,7 @@ import math
 
 import torch
 
-from .calibration import Calibration, LayerInputs, grouped_matmul
+from .calibration import Calibration, LayerInputs, as_rows, from_rows, grouped_matmul
 
 BLOCK = 128
 DAMPING = 0.01  # times the mean diagonal of H: keeps the inverse stable (GPTQ's default)
@@ -125,7 +125,7 @@ def layer_factor(calibration: Calibration, name: str, chunk: int = 1) -> tuple[t
 
 
 def output_aware_symbols(weight: torch.Tensor, factors: torch.Tensor, factor: tuple[torch.Tensor, torch.Tensor],
-                         rate_scale: float | None = None) -> torch.Tensor:
+                         rate_scale: float | None = None, transposed: bool = False) -> torch.Tensor:
     """Integer symbols for ``weight`` on the codec's grid, chosen by GPTQ with ``factor`` from
     :func:`inverse_cholesky`: ``factors`` holds one step per row of the codec's layout
     (:class:`~.format.layout.ChunkLayout`), and the symbols come back as (rows, row length).
@@ -135,10 +135,12 @@ def output_aware_symbols(weight: torch.Tensor, factors: torch.Tensor, factor: tu
     GPTQ sees the weight as (out, d): output row r belongs to group ``r // (out / groups)`` and
     is rounded against that group's factor; the groups are rounded together, column by column,
     as one batch. The layout's rows are the output rows, except for a weight with one output row,
-    whose layout rows are its input channels: the grid then steps across the columns."""
+    whose layout rows are its input channels, and a ``transposed`` convolution's, whose stored
+    rows are its input channels and whose GPTQ rows are :func:`~.calibration.as_rows`'s: the grid
+    then steps across the columns."""
     order, u = factor
     d = order.shape[1]
-    w, grid = _columns(weight, factors, order)
+    w, grid = _columns(weight, factors, order, transposed)
     levels = None
     if rate_scale is not None:  # the weights in steps, for the rate model and its price
         x = w / grid
@@ -153,16 +155,19 @@ def output_aware_symbols(weight: torch.Tensor, factors: torch.Tensor, factor: tu
         w[:, end:] -= grouped_matmul(u[:, start:end, end:].transpose(1, 2), errors)
     out = torch.empty_like(symbols)
     out.scatter_(1, order[:, :, None].expand_as(symbols), symbols)
-    return out.transpose(1, 2).reshape(len(factors), -1).to(torch.int32)
+    out = from_rows(out.transpose(1, 2).reshape(-1, d), weight.shape, transposed)
+    return out.reshape(len(factors), -1).to(torch.int32)
 
 
-def _columns(weight: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight and its grid in GPTQ's layout (groups x d x rows, columns in ``order``): a column
+def _columns(weight: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
+             transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and its grid (one step per row of ``factors``, the codec's layout) in GPTQ's
+    layout (groups x d x rows of :func:`~.calibration.as_rows`, columns in ``order``): a column
     of the weight is one contiguous row here."""
     groups, d = order.shape
-    w = weight.detach().float().reshape(groups, -1, d).take_along_dim(order[:, None, :], 2)
-    grid = factors.float()[:, None].expand(len(factors), weight.numel() // len(factors))
-    grid = grid.reshape(w.shape).take_along_dim(order[:, None, :], 2)
+    grid = factors.float()[:, None].expand(len(factors), weight.numel() // len(factors)).reshape(weight.shape)
+    w, grid = (as_rows(t, transposed).reshape(groups, -1, d).take_along_dim(order[:, None, :], 2)
+               for t in (weight.detach().float(), grid))
     return w.transpose(1, 2).contiguous(), grid.transpose(1, 2).contiguous()
 
 
