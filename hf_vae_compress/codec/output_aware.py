@@ -9,7 +9,10 @@ one matrix product per block.
 
 A grouped convolution is one such problem per group: its output rows see only their group's
 input channels, so each group rounds against its own ``H`` (a depthwise one: one row per 3x3
-problem). The groups go through the same column loop together, as one batch.
+problem). The groups go through the same column loop together, as one batch. A transposed
+convolution is the direct convolution it equals (:func:`~.calibration.as_rows`): its rows are that
+convolution's output channels, and its grid, one step per stored row (an input channel), steps
+across their columns.
 
 The grid is the codec's own: row ``r`` has levels ``k * step * scale[r]`` (the factor the
 decoder multiplies by), so the symbols are what nearest rounding would write, only chosen better,
