@@ -275,12 +275,8 @@ def test_grouped_and_depthwise_convolutions_round_output_aware():
         assert errors["gptq"][0] < 0.8 * errors["nearest"][0], (name, errors)
 
 
-def test_compress_rounds_grouped_convolutions_output_aware():
-    """Through compress, at the same steps (a fixed beta): the depthwise and the grouped layer each
-    decode to other weights than nearest rounding's, and the model with only that layer quantized
-    is closer to the original."""
-    model = _grouped_model()
-    batches = [_smooth_images(8, seed) for seed in range(2)]
+def _decoded_by_rounding(model: nn.Module, batches: list) -> dict[str, dict[str, torch.Tensor]]:
+    """``model`` compressed at the same steps (a fixed beta) with each rounding, decoded."""
     decoded = {}
     for rounding in ("nearest", "output_aware"):
         config = VAECompressionConfig(beta=0.1, target_bits_per_weight=None, min_numel=16, calibration_batches=2,
@@ -289,14 +285,29 @@ def test_compress_rounds_grouped_convolutions_output_aware():
                               progress=False)
         assert compressed.config.rounding == rounding
         decoded[rounding] = compressed.decode()
+    return decoded
+
+
+def _one_layer_errors(make_model, decoded: dict, name: str, batch: torch.Tensor) -> dict[str, float]:
+    """Per rounding, the output error of the model with only ``name`` quantized."""
+    model = make_model()
+    errors = {}
+    for rounding, state in decoded.items():
+        quantized = make_model()
+        quantized.load_state_dict(dict(model.state_dict(), **{name: state[name]}))
+        with torch.no_grad():
+            errors[rounding] = float((quantized(batch) - model(batch)).pow(2).mean())
+    return errors
+
+
+def test_compress_rounds_grouped_convolutions_output_aware():
+    """Through compress, at the same steps: the depthwise and the grouped layer each decode to other
+    weights than nearest rounding's, and the model with only that layer quantized is closer to the original."""
+    batches = [_smooth_images(8, seed) for seed in range(2)]
+    decoded = _decoded_by_rounding(_grouped_model(), batches)
     for name in ("2.weight", "4.weight"):
         assert not torch.equal(decoded["nearest"][name], decoded["output_aware"][name])
-        errors = {}
-        for rounding, state in decoded.items():
-            quantized = _grouped_model()
-            quantized.load_state_dict(dict(model.state_dict(), **{name: state[name]}))
-            with torch.no_grad():
-                errors[rounding] = float((quantized(batches[0]) - model(batches[0])).pow(2).mean())
+        errors = _one_layer_errors(_grouped_model, decoded, name, batches[0])
         assert errors["output_aware"] < 0.8 * errors["nearest"], (name, errors)
 
 
@@ -390,20 +401,9 @@ def test_a_transposed_convolution_rounds_output_aware():
 def test_compress_rounds_transposed_convolutions_output_aware_and_corrects_their_bias():
     model = _transposed_model()
     batches = [_smooth_images(8, seed) for seed in range(2)]
-    decoded = {}
-    for rounding in ("nearest", "output_aware"):
-        config = VAECompressionConfig(beta=0.1, target_bits_per_weight=None, min_numel=16, calibration_batches=2,
-                                      rounding=rounding)
-        compressed = compress(model, config, calibration_data=batches, loss_fn=lambda m, b: (m(b).pow(2).sum(), len(b)),
-                              progress=False)
-        decoded[rounding] = compressed.decode()
+    decoded = _decoded_by_rounding(model, batches)
     assert not torch.equal(decoded["nearest"]["2.weight"], decoded["output_aware"]["2.weight"])
-    errors = {}
-    for rounding, state in decoded.items():
-        quantized = _transposed_model()
-        quantized.load_state_dict(dict(model.state_dict(), **{"2.weight": state["2.weight"]}))
-        with torch.no_grad():
-            errors[rounding] = float((quantized(batches[0]) - model(batches[0])).pow(2).mean())
+    errors = _one_layer_errors(_transposed_model, decoded, "2.weight", batches[0])
     assert errors["output_aware"] < 0.8 * errors["nearest"], errors
     layer, x = model[2], _smooth_images(3)  # 3 * 24 * 24 rows: under the per-batch cap, all kept (the exact mean)
     stats = layer_statistics(model, [x], {"2.weight": layer})
