@@ -301,7 +301,8 @@ def _layer_moments(state_dict: dict[str, torch.Tensor], coded: list[CodedTensor]
                    calibration: Calibration) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Row scales and input second moments of the coded tensors whose rows are their layer's
     output rows (what :func:`~.fit.refit_maps_` fits a map to the output error with)."""
-    return {i: (c.scales, calibration.layers[c.name].second) for i, c in enumerate(coded) if _rows_are_outputs(state_dict, c, calibration)}
+    return {i: (c.scales, calibration.layers[c.name].second) for i, c in enumerate(coded)
+            if _rows_are_outputs(state_dict, c, calibration)}
 
 
 def _rows_are_outputs(state_dict: dict[str, torch.Tensor], c: CodedTensor, calibration: Calibration) -> bool:
