@@ -45,6 +45,9 @@ from hf_vae_compress.models import model_format, read_config
 from hf_vae_compress.pipeline import compress_folder, load_compressed
 from hf_vae_compress.testing.hub_server import HubServer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from default_compress import machine_loaded  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 TOKEN = "hf_loopback"
@@ -121,7 +124,7 @@ def roundtrip(name: str, artifact: Path, hub: HubServer, workdir: Path, commit: 
                 CardInfo(base_model=fp32_repo, dataset="fashion_mnist", plot=plot if plot.exists() else None),
                 endpoint=hub.url, token=TOKEN)
 
-    loaded = os.getloadavg()[0] > (os.cpu_count() or 1)  # shared machine: the load seconds are indicative only
+    loaded = machine_loaded(os.getloadavg()[0])  # shared machine: the load seconds are indicative only
     loaders = {"timm": [("timm", "timm-fp32"), ("transformers", "transformers-fp32")],
                "transformers": [("transformers", "transformers-fp32")]}[fmt]
     paths = []
