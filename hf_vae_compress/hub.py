@@ -145,14 +145,22 @@ def _settings_table(compressed: CompressedModel) -> str:
 
 
 def _coding_summary(compressed: CompressedModel) -> str:
-    """One phrase for the card: how this container's weights were coded."""
+    """One phrase for the card: how this container's weights were coded, and whether they were then
+    fine-tuned (a reader comparing it with a post-hoc container of the same model must know that
+    it trained on the task's data)."""
     config = compressed.config
     if not transform_class(config.transform).has_weight_grid:
         decoder = "an integer decoder" if transform_class(config.transform).portable else "a float decoder network"
-        return f"a learned variational (VAE) transform with {decoder}, whose latents are quantized and entropy-coded"
-    rounding = ("output-aware GPTQ rounding against calibration data" if config.rounding == "output_aware"
-                else "nearest rounding")
-    return f"entropy-coded scalar quantization on a Fisher-allocated grid, with {rounding}"
+        coding = f"a learned variational (VAE) transform with {decoder}, whose latents are quantized and entropy-coded"
+    else:
+        rounding = ("output-aware GPTQ rounding against calibration data" if config.rounding == "output_aware"
+                    else "nearest rounding")
+        coding = f"entropy-coded scalar quantization on a Fisher-allocated grid, with {rounding}"
+    tuned = compressed.header.get("finetune")
+    if tuned:
+        coding += (f", then fine-tuned for {tuned['steps']:,} steps on the task's training data (task loss, "
+                   f"distillation from the base model and {tuned['rate_weight']:g} x the estimated bits per weight)")
+    return coding
 
 
 def _examples_scored(validation: dict) -> tuple[str, str]:

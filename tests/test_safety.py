@@ -326,6 +326,15 @@ def test_the_card_says_how_accuracy_was_checked(source, tmp_path):
         assert ("not an accuracy check" in section) is not checked
 
 
+def test_the_card_says_whether_the_weights_were_fine_tuned(source, tmp_path):
+    compressed = compress(load_model(source), VAECompressionConfig(target_bits_per_weight=4), progress=False)
+    post_hoc = (save_pretrained(compressed, source, tmp_path / "post-hoc") / "README.md").read_text()
+    compressed.header["finetune"] = dict(steps=1200, rate_weight=0.05)
+    tuned = (save_pretrained(compressed, source, tmp_path / "tuned") / "README.md").read_text()
+    assert "fine-tuned" not in post_hoc
+    assert "then fine-tuned for 1,200 steps on the task's training data" in tuned and "0.05 x the estimated" in tuned
+
+
 def test_a_model_without_layers_to_code_gets_a_clear_error():
     with pytest.raises(ValueError, match="nothing to compress"):
         compress(torch.nn.Sequential(torch.nn.LayerNorm(8)), VAECompressionConfig(target_bits_per_weight=4),
