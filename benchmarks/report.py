@@ -19,11 +19,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 ARTIFACTS = RESULTS / "artifacts"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 OURS_DEFAULT = "ours-default"  # the CLI default: the library's rate search
+OURS_DEFAULT_FINETUNED = "ours-default+finetune"  # the same search, each probe fine-tuned (--finetune-steps)
 SWEEP = "nncodec-sweep"  # NNCodec at its strongest: validation-only rows, its strongest also on test
 # The sweep is left out of the per-model tables and plots (its rows have no test score but one):
 # the equal-accuracy table reports it.
 METHOD_ORDER = ["fp32", "fp16", "int8", "int4", "nncodec-qp", "nncodec-opt_qp", "nncodec-our-allocation",
-                "ours-identity-ablation", "ours", OURS_DEFAULT, "ours-identity-ablation+finetune", "ours+finetune"]
+                "ours-identity-ablation", "ours", OURS_DEFAULT, "ours-identity-ablation+finetune", "ours+finetune",
+                OURS_DEFAULT_FINETUNED]
 LABELS = {
     "fp32": "fp32 safetensors", "fp16": "fp16 safetensors", "int8": "int8 per-channel", "int4": "int4 per-channel",
     "nncodec-qp": "NNCodec, one QP", "nncodec-opt_qp": "NNCodec, its own per-tensor QPs (opt_qp)",
@@ -32,6 +34,7 @@ LABELS = {
     "ours+finetune": "ours (VAE) + fine-tuning", OURS_DEFAULT: "ours, CLI default (rate search)",
     SWEEP: "NNCodec sweep (DQ on/off, lambda_scale, one QP or our allocation)",
     "ours-identity-ablation+finetune": "ours, identity transform (ablation) + fine-tuning",
+    OURS_DEFAULT_FINETUNED: "ours, CLI default with fine-tuning (rate search)",
 }
 
 
@@ -257,6 +260,53 @@ def equal_accuracy_lines(data: dict) -> list[str]:
     met = [c["model"] for c in comparisons if c["ratio"] is not None and c["ratio"] <= EQUAL_ACCURACY_TARGET]
     lines += ["", f"Ours is at most {EQUAL_ACCURACY_TARGET}x the strongest NNCodec configuration's bytes on "
               f"{len(met)} of {len(comparisons)} models" + (f" ({', '.join(met)})." if met else "."), ""]
+    return lines
+
+
+FINETUNED_TARGET = 1.5  # issue 23: the fine-tuned default at least 1.5x smaller than the post-hoc one
+
+
+def _search_drop(r: dict) -> str:
+    search = r.get("search_validation") or {}
+    return f"{search['drop_pt']:+.2f} ± {search['drop_se_pt']:.2f}" if "drop_se_pt" in search else "?"
+
+
+def finetuned_lines(data: dict) -> list[str]:
+    """What fine-tuning buys within the same budget: per model, the CLI default's container against
+    the same default run with ``--finetune-steps`` (both from ``rate_accuracy.json``)."""
+    by_model = defaultdict(dict)
+    for r in data["rows"]:
+        if r["method"] in (OURS_DEFAULT, OURS_DEFAULT_FINETUNED):
+            by_model[r["model"]][r["method"]] = r
+    pairs = [(m, rows[OURS_DEFAULT], rows[OURS_DEFAULT_FINETUNED]) for m, rows in by_model.items()
+             if len(rows) == 2]
+    if not pairs:
+        return []
+    lines = ["#### Fine-tuned, within the same budget", "",
+             "The CLI default (`hf-vae-compress compress MODEL OUT`) against the same command with "
+             "`--finetune-steps`: the same rate search and budget rule (validation drop plus one standard error), "
+             "each probe the post-hoc container at its rate, fine-tuned on the train split (cross-entropy, "
+             "distillation from the original and a rate term) before it is judged. The validation images are held "
+             "out of fine-tuning as they are of the reference models' training. Drops are in points; *search* is "
+             "the drop plus or minus one standard error the search accepted on validation, *test* is measured "
+             "after. *artifact*: the fine-tuned container, committed as a full `save_pretrained` folder.", "",
+             "| model | post-hoc default bytes (vs fp32) | drop search / test | fine-tuned default bytes (vs fp32) "
+             "| drop search / test | post-hoc / fine-tuned | fine-tuned compress | measured at |",
+             "|---|---:|---|---:|---|---:|---:|---|"]
+    met = []
+    for model, post, tuned in pairs:
+        m = post["metric"]
+        ratio = post["bytes"] / tuned["bytes"]
+        if ratio >= FINETUNED_TARGET:
+            met.append(model)
+        link = artifact_link(model + "-finetuned", tuned["bytes"])
+        lines.append(f"| `{model}`{link} | {post['bytes']:,} ({post['ratio_vs_fp32']:.1f}x) "
+                     f"| {_search_drop(post)} / {post[m + '_drop']:+.2f} "
+                     f"| {tuned['bytes']:,} ({tuned['ratio_vs_fp32']:.1f}x) "
+                     f"| {_search_drop(tuned)} / {tuned[m + '_drop']:+.2f} | {ratio:.2f}x "
+                     f"| {tuned['compress_seconds_dev_loaded'] / 60:.1f} min | `{tuned['commit'][:7]}` |")
+    lines += ["", f"Fine-tuning makes the default at least {FINETUNED_TARGET}x smaller within the same budget on "
+              f"{len(met)} of {len(pairs)} models" + (f" ({', '.join(met)})." if met else "."), ""]
     return lines
 
 
@@ -617,6 +667,7 @@ def render(data: dict) -> str:
         plot(model, rows, budget, RESULTS / f"rate_accuracy_{model}.png")
         lines += model_table(model, rows, budget)
     lines += equal_accuracy_lines(data)
+    lines += finetuned_lines(data)
     lines += format_v2_lines(RESULTS / "format_v2.json")
     lines += load_speed_lines(RESULTS / "load_speed.json")
     lines += scale_lines(RESULTS / "scale.json")

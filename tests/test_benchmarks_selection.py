@@ -1,7 +1,7 @@
 """The equal-accuracy comparison of benchmarks/rate_accuracy.py: NNCodec's strongest configuration
 is chosen on validation alone, within the budget, and a family's QP search finds the coarsest QP
 that fits with each QP asked once. The headline artifacts it commits are our default's container
-and the fine-tuned headline, each a full folder that stock ``from_pretrained`` loads."""
+and the same default's with fine-tuning, each a full folder that stock ``from_pretrained`` loads."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from tests.conftest import tiny_vit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import rate_accuracy  # noqa: E402
-from rate_accuracy import FINETUNED_HEADLINE, artifact_rows, coarsest_within, save_headline_artifacts  # noqa: E402
-from report import OURS_DEFAULT, SWEEP, equal_accuracy, equal_accuracy_lines, strongest_within_budget  # noqa: E402
+from rate_accuracy import artifact_rows, coarsest_within, save_headline_artifacts  # noqa: E402
+from report import (OURS_DEFAULT, OURS_DEFAULT_FINETUNED, SWEEP, equal_accuracy, equal_accuracy_lines,  # noqa: E402
+                    finetuned_lines, strongest_within_budget)
 
 BUDGETS = {"top1": 0.5, "map": 1.0}
 
@@ -67,6 +68,22 @@ def test_equal_accuracy_needs_our_default_and_says_when_no_nncodec_fits():
     assert c["nncodec"] is None and c["ratio"] is None
 
 
+def _searched(method: str, model: str, nbytes: int, test_drop: float) -> dict:
+    return dict(_row(method, nbytes, 0.1, test_drop, setting="rate search"), model=model, ratio_vs_fp32=1000 / nbytes,
+                search_validation=dict(drop_pt=0.2, drop_se_pt=0.1), compress_seconds_dev_loaded=120.0,
+                commit="0123456789")
+
+
+def test_the_fine_tuned_table_pairs_each_models_two_defaults_and_counts_the_target():
+    rows = [_searched(OURS_DEFAULT, "a", 300, 0.2), _searched(OURS_DEFAULT_FINETUNED, "a", 200, 0.3),  # 1.5x: met
+            _searched(OURS_DEFAULT, "b", 300, 0.2), _searched(OURS_DEFAULT_FINETUNED, "b", 250, 0.1),  # 1.2x
+            _searched(OURS_DEFAULT, "c", 300, 0.2)]  # no fine-tuned run: not in the table
+    table = "\n".join(finetuned_lines({"rows": rows}))
+    assert "| 1.50x |" in table and "| 1.20x |" in table and "`c`" not in table
+    assert "+0.20 ± 0.10 / +0.30" in table and "on 1 of 2 models (a)" in table
+    assert finetuned_lines({"rows": rows[4:]}) == []
+
+
 @pytest.mark.parametrize("threshold", [-37, -31, -26, -25, -24, -19, -13])  # within a walk of 16 QPs
 @pytest.mark.parametrize("start", [-25, -27, -23])
 def test_coarsest_within_finds_the_threshold_asking_each_qp_once(threshold, start):
@@ -88,17 +105,14 @@ def test_coarsest_within_stops_at_the_bounds_and_gives_up_after_its_walk():
     assert coarsest_within(lambda qp: qp <= -50, 0, 2, (-128, 127), max_walk=8) is None  # beyond 16 QPs
 
 
-def _tuned(nbytes: int, drop: float, bpw: float, seed: int) -> dict:
-    return dict(_row(FINETUNED_HEADLINE, nbytes, drop, drop, setting=dict(start_bpw=bpw, rate_weight=1.0)), seed=seed)
-
-
-def test_the_artifacts_are_our_default_and_the_largest_seed_of_the_smallest_finetuned_headline():
+def test_the_artifacts_are_the_default_and_the_fine_tuned_default_that_this_run_measured():
     rows = [_row(OURS_DEFAULT, 400, 0.3, 0.3, setting="rate search"), _row("ours-identity-ablation", 100, 0.1, 0.1),
-            _tuned(300, 0.2, 0.5, 0), _tuned(320, 0.4, 0.5, 1),  # both seeds within budget: the headline
-            _tuned(200, 0.1, 0.3, 0), _tuned(210, 0.6, 0.3, 1)]  # one seed over budget: not a headline
-    chosen = artifact_rows(rows, {OURS_DEFAULT, FINETUNED_HEADLINE})
+            _row("ours-identity-ablation+finetune", 90, 0.1, 0.1, setting=dict(start_bpw=0.3, rate_weight=1.0)),
+            _row(OURS_DEFAULT_FINETUNED, 250, 0.4, 0.2, setting="rate search, 300 fine-tuning steps")]
+    chosen = artifact_rows(rows, {OURS_DEFAULT, OURS_DEFAULT_FINETUNED, "ours-identity-ablation+finetune"})
     assert (chosen[""]["method"], chosen[""]["bytes"]) == (OURS_DEFAULT, 400)
-    assert (chosen["-finetuned"]["bytes"], chosen["-finetuned"]["seed"]) == (320, 1)
+    assert (chosen["-finetuned"]["method"], chosen["-finetuned"]["bytes"]) == (OURS_DEFAULT_FINETUNED, 250)
+    assert artifact_rows(rows, {OURS_DEFAULT_FINETUNED}).keys() == {"-finetuned"}
     assert artifact_rows(rows, {SWEEP}) == {}  # a rerun that measured neither keeps the committed artifacts
 
 
