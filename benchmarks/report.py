@@ -267,8 +267,11 @@ FINETUNED_TARGET = 1.5  # issue 23: the fine-tuned default at least 1.5x smaller
 
 
 def _search_drop(r: dict) -> str:
+    """The drop the search accepted, with its standard error where the metric has one (mAP, a
+    whole-set metric, has none: its search compares the drop alone)."""
     search = r.get("search_validation") or {}
-    return f"{search['drop_pt']:+.2f} ± {search['drop_se_pt']:.2f}" if "drop_se_pt" in search else "?"
+    se = search.get("drop_se_pt") or 0.0
+    return f"{search['drop_pt']:+.2f}" + (f" ± {se:.2f}" if se > 0 else "")
 
 
 def finetuned_lines(data: dict) -> list[str]:

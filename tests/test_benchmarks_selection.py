@@ -82,6 +82,9 @@ def test_the_fine_tuned_table_pairs_each_models_two_defaults_and_counts_the_targ
     assert "| 1.50x |" in table and "| 1.20x |" in table and "`c`" not in table
     assert "+0.20 ± 0.10 / +0.30" in table and "on 1 of 2 models (a)" in table
     assert finetuned_lines({"rows": rows[4:]}) == []
+    for row in rows[:2]:  # mAP: no standard error, the drop alone
+        row["search_validation"] = dict(drop_pt=0.7, drop_se_pt=0.0)
+    assert "| +0.70 / +0.20 |" in "\n".join(finetuned_lines({"rows": rows}))
 
 
 @pytest.mark.parametrize("threshold", [-37, -31, -26, -25, -24, -19, -13])  # within a walk of 16 QPs
