@@ -318,7 +318,7 @@ class Bench:
         before it is judged. Its bytes against :meth:`ours_default`'s are what fine-tuning buys
         within the same budget."""
         self._cli_default(OURS_DEFAULT_FINETUNED, f"rate search, {steps} fine-tuning steps",
-                          "--finetune-steps", str(steps))
+                          "--finetune-steps", str(steps), "--finetune-schedule", FinetuneConfig.schedule)
 
     def _cli_default(self, method: str, setting: str, *extra: str) -> None:
         """One fresh ``hf-vae-compress compress MODEL OUT *extra`` (a rate search), scored on test and

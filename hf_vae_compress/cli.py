@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .codec import CompressedModel, ContainerError, FitConfig, VAECompressionConfig
 from .codec.config import LATENT_QUANTIZERS, LINEAR_DECODERS, ROUNDINGS, TRANSFORMS, check_target_rate
 from .data import DataNotFoundError, is_unlabelled
-from .finetune import FinetuneConfig, check_resume, run_identity
+from .finetune import SCHEDULES, FinetuneConfig, check_resume, run_identity
 from .hub import CardInfo, check_output, push_to_hub, save_pretrained
 from .loading import find_container
 from .models import check_model_folder, load_model, resolve_folder, weights_bytes
@@ -107,8 +107,8 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
     else:
         fields.update(target_bits_per_weight=UNCHECKED_BPW if args.target_bpw is None else args.target_bpw)
     config = VAECompressionConfig(**fields)
-    tuning = FinetuneConfig(steps=args.finetune_steps, rate_weight=args.rate_weight, seed=args.seed,
-                            checkpoint_every=args.checkpoint_every)
+    tuning = FinetuneConfig(steps=args.finetune_steps, rate_weight=args.rate_weight, schedule=args.finetune_schedule,
+                            seed=args.seed, checkpoint_every=args.checkpoint_every)
     if args.resume_from:
         check_resume(args.resume_from, run_identity(load_model(folder), config.to_dict(), tuning))
     accelerator = None
@@ -350,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="task fine-tuning steps on the dataset's train split (0: post-hoc only)")
     co.add_argument("--rate-weight", type=float, default=FinetuneConfig.rate_weight,
                     help="fine-tuning loss per bit per weight")
+    co.add_argument("--finetune-schedule", choices=SCHEDULES, default=FinetuneConfig.schedule,
+                    help="fine-tuning learning rates: cosine decays them to 0 at the last step (default), constant "
+                         "keeps them")
     co.add_argument("--checkpoint-dir", help="save accelerate state here during fine-tuning")
     co.add_argument("--checkpoint-every", type=int, default=FinetuneConfig.checkpoint_every)
     co.add_argument("--resume-from", help="an accelerate checkpoint folder (checkpoint-dir/step_N) to resume")

@@ -9,12 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from hf_vae_compress import CompressedModel, VAECompressionConfig, compress
 from hf_vae_compress.cli import main
 from hf_vae_compress.codec import CONTAINER_NAME, FitConfig
-from hf_vae_compress.finetune import FinetuneConfig, finetune
+from hf_vae_compress.finetune import FinetuneConfig, finetune, lr_factor
 from hf_vae_compress.models import load_model
 from hf_vae_compress.search import search_smallest
 from tests.conftest import tiny_timm
@@ -54,12 +55,21 @@ def test_finetune_lowers_the_task_loss_at_a_rate_cost_it_controls():
         with torch.no_grad():
             return float((student(x).argmax(-1) == y).float().mean())
 
-    tuned = finetune(compressed, model, (x, y), FinetuneConfig(steps=60, batch_size=64, rate_weight=0.01),
+    tuned = finetune(compressed, model, (x, y), FinetuneConfig(steps=150, batch_size=64, rate_weight=0.01),
                      progress=False)
     assert agreement(tuned) > agreement(compressed)
-    squeezed = finetune(compressed, model, (x, y), FinetuneConfig(steps=60, batch_size=64, rate_weight=20.0),
+    squeezed = finetune(compressed, model, (x, y), FinetuneConfig(steps=150, batch_size=64, rate_weight=20.0),
                         progress=False)
     assert squeezed.report()["total_bytes"] < tuned.report()["total_bytes"]
+
+
+def test_the_cosine_schedule_falls_to_zero_at_the_last_step_and_an_unknown_one_is_refused_up_front():
+    cosine, constant = lr_factor("cosine", 300), lr_factor("constant", 300)
+    assert [cosine(s) for s in (0, 150, 300)] == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
+    assert all(cosine(s) >= cosine(s + 1) for s in range(300))
+    assert {constant(s) for s in (0, 150, 300)} == {1.0}
+    with pytest.raises(ValueError, match="unknown fine-tuning schedule 'linear'"):
+        FinetuneConfig(schedule="linear")
 
 
 def test_two_cpu_processes_match_one(timm_folder, small_test_set, tmp_path):
