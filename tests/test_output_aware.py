@@ -388,7 +388,7 @@ def test_a_transposed_convolution_rounds_output_aware():
     assert stats["2.weight"].transposed and stats["2.weight"].second.shape == (1, 36, 36)  # d = 6 inputs * 3 * 2
     w = layer.weight.detach()
     factors = 0.6 * w.flatten(1).pow(2).mean(1).sqrt()
-    gptq = output_aware_symbols(w, factors, inverse_cholesky(stats["2.weight"]), transposed=True)
+    gptq = output_aware_symbols(w, factors, inverse_cholesky(stats["2.weight"]), inputs=stats["2.weight"])
     nearest = torch.round(w.flatten(1) / factors[:, None])
     assert gptq.shape == nearest.shape and (gptq != nearest).any()
     inputs = _layer_input(model, layer, x)

@@ -10,21 +10,23 @@ from torch import nn
 from hf_vae_compress.codec import VAECompressionConfig, compress
 from hf_vae_compress.codec.calibration import LayerInputs, layer_statistics, output_aware_layers
 from hf_vae_compress.codec.output_aware import (RateAwareLevels, inverse_cholesky, output_aware_symbols,
-                                                rate_penalties)
+                                                rate_distortion, rate_penalties, ridge_target)
 from hf_vae_compress.codec.rate import estimate_bits
 from hf_vae_compress.tasks import Classification
 from tests.conftest import tiny_timm
 
 
 def _problem(rows: int = 64, d: int = 200, seed: int = 0):
-    """A layer with correlated inputs (so GPTQ has work to do), its H and a grid of a step per row."""
+    """A layer with correlated inputs (so GPTQ has work to do), its H, a grid of a step per row, the
+    GPTQ factor and the layer's inputs."""
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(d, d, generator=g) + 2 * torch.eye(d)
     x = torch.randn(8 * d, d, generator=g) @ mix
     h = x.T @ x / len(x)
     w = torch.randn(rows, d, generator=g)
     factors = torch.linspace(0.6, 1.2, rows)
-    return w, factors, h, inverse_cholesky(LayerInputs(h[None], x.mean(0)[None]))
+    inputs = LayerInputs(h[None], x.mean(0)[None])
+    return w, factors, h, inverse_cholesky(inputs), inputs
 
 
 def _output_error(w: torch.Tensor, symbols: torch.Tensor, factors: torch.Tensor, h: torch.Tensor) -> float:
@@ -33,9 +35,9 @@ def _output_error(w: torch.Tensor, symbols: torch.Tensor, factors: torch.Tensor,
 
 
 def test_rate_aware_symbols_cost_fewer_bits_at_a_bounded_output_error():
-    w, factors, h, factor = _problem()
+    w, factors, h, factor, inputs = _problem()
     gptq = output_aware_symbols(w, factors, factor)
-    rate_aware = output_aware_symbols(w, factors, factor, 1.0)
+    rate_aware = output_aware_symbols(w, factors, factor, 1.0, inputs)
     nearest = torch.round(w / factors[:, None])
     bits = {k: estimate_bits(s.numpy().astype(np.int64)) for k, s in
             (("gptq", gptq), ("rate_aware", rate_aware), ("nearest", nearest))}
@@ -50,26 +52,26 @@ def test_rate_aware_symbols_cost_fewer_bits_at_a_bounded_output_error():
 
 
 def test_a_higher_price_buys_fewer_bits_with_more_zeros():
-    w, factors, _, factor = _problem(seed=1)
+    w, factors, _, factor, inputs = _problem(seed=1)
     bits, zeros = [], []
     for scale in (0.5, 1.0, 2.0):
-        symbols = output_aware_symbols(w, factors, factor, scale)
+        symbols = output_aware_symbols(w, factors, factor, scale, inputs)
         bits.append(estimate_bits(symbols.numpy().astype(np.int64)))
         zeros.append(int((symbols == 0).sum()))
     assert bits[0] > bits[1] > bits[2] and zeros[0] < zeros[1] < zeros[2], (bits, zeros)
 
 
 def test_a_zero_price_gives_gptqs_symbols_exactly():
-    w, factors, _, factor = _problem(seed=2)
-    assert torch.equal(output_aware_symbols(w, factors, factor, 0.0), output_aware_symbols(w, factors, factor))
+    w, factors, _, factor, inputs = _problem(seed=2)
+    assert torch.equal(output_aware_symbols(w, factors, factor, 0.0, inputs), output_aware_symbols(w, factors, factor))
 
 
 def test_the_rate_model_is_refitted_to_the_symbols_chosen():
     """After the last column the counts are the histogram of the tensor's rate-aware symbols (each
     column's choice replaced its nearest symbols), so the code lengths are the coder's own."""
-    w, factors, _, (order, u) = _problem(rows=16, d=40, seed=3)
+    w, factors, _, (order, u), _ = _problem(rows=16, d=40, seed=3)
     x = (w / factors[:, None])[:, order[0]].T[None]  # GPTQ's layout without feedback: groups x d x rows
-    levels = RateAwareLevels(torch.round(x), rate_penalties(u, x))
+    levels = RateAwareLevels(torch.round(x), rate_penalties(u, rate_distortion(u, x)))
     chosen = torch.stack([levels.choose(x[:, j], j) for j in range(x.shape[1])], 1)
     assert (chosen != torch.round(x)).any()
     histogram = torch.bincount((chosen - levels.low).long().reshape(-1), minlength=len(levels.counts)).double()
@@ -83,9 +85,29 @@ def test_the_price_of_a_bit_is_the_slope_of_the_measured_distortion_weighted_by_
     rho = (1 + 1 + 0.25 + 0.0625) / 4
     x = torch.tensor([-2.25, 0.25, 1.25])[None, None].expand(1, 4, 3)  # every weight a quarter step off
     expected = 2 * math.log(2) * rho / 16 * torch.tensor([1.0, 1.0, 4.0, 16.0])
-    assert torch.allclose(rate_penalties(u, x)[0], expected)
+    assert torch.allclose(rate_penalties(u, rate_distortion(u, x))[0], expected)
     fine = torch.linspace(-50, 50, 100_001)[None, None].expand(1, 5, -1)  # high rate: errors uniform, e² = 1/12
-    assert torch.allclose(rate_penalties(torch.eye(5)[None], fine), torch.full((1, 5), math.log(2) / 6), rtol=1e-3)
+    eye = torch.eye(5)[None]
+    assert torch.allclose(rate_penalties(eye, rate_distortion(eye, fine)), torch.full((1, 5), math.log(2) / 6), rtol=1e-3)
+
+
+def test_the_ridge_target_is_the_least_output_error_plus_ridge_penalty():
+    """Moving the rate's quadratic part into H (CERWU): the target minimises
+    ``(x - t)ᵀ H (x - t) + s |t|²`` per row, i.e. solves ``(H + s I) t = H x``, and the factor is that
+    of ``(H + s I)⁻¹`` (with GPTQ's damping), so the feedback steers toward the shrunk target."""
+    w, factors, _, (order, u), inputs = _problem(rows=8, d=30, seed=4)
+    x = w[:, order[0]].T[None].contiguous()  # groups x d x rows, GPTQ's column order
+    strength = torch.tensor([0.7])
+    ridged, target = ridge_target(inputs, x, strength)
+    damped = inputs.second[0].double() + 0.01 * inputs.second[0].diagonal().double().mean() * torch.eye(30)
+    h = damped[order[0]][:, order[0]]
+    expected = torch.linalg.solve(h + 0.7 * torch.eye(30, dtype=torch.float64), h @ x[0].double())
+    assert torch.allclose(target[0].double(), expected, atol=1e-5)
+    assert torch.allclose(ridged[0].mT @ ridged[0], torch.linalg.inv(h + 0.7 * torch.eye(30, dtype=torch.float64)),
+                          atol=1e-6)
+    assert target.abs().sum() < x.abs().sum()  # shrunk toward zero, where symbols are cheap
+    unchanged = ridge_target(inputs, x, torch.tensor([0.0]))
+    assert torch.equal(unchanged[1], x) and torch.allclose(unchanged[0].float(), u.float())
 
 
 def _grouped_model() -> nn.Sequential:
@@ -109,8 +131,8 @@ def test_grouped_and_depthwise_convolutions_round_rate_aware():
         factors = 0.5 * w.flatten(1).pow(2).mean(1).sqrt()
         factor = inverse_cholesky(stats[name])
         gptq = output_aware_symbols(w, factors, factor)
-        assert torch.equal(output_aware_symbols(w, factors, factor, 0.0), gptq)
-        rate_aware = output_aware_symbols(w, factors, factor, 2.0)
+        assert torch.equal(output_aware_symbols(w, factors, factor, 0.0, stats[name]), gptq)
+        rate_aware = output_aware_symbols(w, factors, factor, 2.0, stats[name])
         assert rate_aware.shape == gptq.shape and (rate_aware != gptq).any()
         assert estimate_bits(rate_aware.numpy().astype(np.int64)) < estimate_bits(gptq.numpy().astype(np.int64))
         errors = [sum(float(torch.trace(d @ h @ d.T)) for d, h in

@@ -345,7 +345,7 @@ def _round_output_aware(state_dict: dict[str, torch.Tensor], coded: list[CodedTe
             chosen.add(i)
         else:
             out[i] = levels
-        if calibration.single_use and (transform is None or not transform.linear_decoder):
+        if calibration.single_use and rate_scale is None and (transform is None or not transform.linear_decoder):
             calibration.layers[c.name].second = None  # factored, and read no more (Calibration.single_use)
     return out
 
@@ -355,7 +355,7 @@ def _levels(state_dict: dict[str, torch.Tensor], c: CodedTensor, step: float, ca
     """The identity's GPTQ symbols of ``c`` at ``step``, in its chunk layout."""
     factors = (c.scales.double() * step).float()  # the decoder's per-row factor, exactly
     rows = output_aware_symbols(state_dict[c.name], factors, layer_factor(calibration, c.name), rate_scale,
-                                calibration.layers[c.name].transposed)
+                                calibration.layers[c.name])
     rows = torch.nn.functional.pad(rows, (0, c.layout.padded_len - c.layout.row_len))
     return rows.reshape(c.layout.num_chunks, c.layout.chunk_size)
 
