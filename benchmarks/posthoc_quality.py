@@ -11,8 +11,9 @@ The chosen container is then scored on the **test** split. Variants (config fiel
 - ``output_aware+corrections``: with bias and norm corrections as well;
 - ``output_aware+tensor_steps``: one absolute step per tensor (``normalization="tensor"``, as
   NNCodec does) instead of a step relative to each row's RMS;
-- ``rate_aware``: GPTQ with each level chosen against its symbol's code length (CERWU-style,
-  :mod:`hf_vae_compress.codec.output_aware`), at ``RATE_SCALE`` times high-rate theory's price.
+- ``rate_aware``: GPTQ with each level chosen against its symbol's code length, the code length's
+  quadratic part moved into ``H`` as a ridge (CERWU, :mod:`hf_vae_compress.codec.output_aware`), at
+  ``RATE_SCALE`` times the measured ECSQ slope.
 
 Rows are merged into the JSON: a model or variant not measured keeps its previous row. Each row
 records the commit it was measured at and, for ``rate_aware``, the ``rate_scale`` it ran with.

@@ -578,6 +578,45 @@ def vae_protocol_lines(path: Path) -> list[str]:
     return lines + [""]
 
 
+RATE_AWARE_TARGET = 1.25  # issue 23: rate-aware rounding must make the default's container this much smaller
+
+
+def _largest_draw(variants: dict, variant: str) -> dict | None:
+    """The larger container of a variant's calibration draws (None unless every draw found one)."""
+    draws = [r for k, r in variants.items() if k == variant or k.startswith(f"{variant} (calibration seed")]
+    if not draws or any("bytes" not in r for r in draws):
+        return None
+    return dict(max(draws, key=lambda r: r["bytes"]), draws=len(draws),
+                worst_test_drop=max(r["test_drop_pt"] for r in draws),
+                search_seconds=max(r["search_seconds"] for r in draws),
+                commits=sorted({r["commit"][:7] for r in draws if r.get("commit")}))
+
+
+def rate_aware_lines(data: dict) -> list[str]:
+    """Rate-aware rounding against the default (output-aware), each the larger container of its
+    calibration draws, measured in the same run (the same commits): what the rate term buys."""
+    rows = []
+    for name, m in data["models"].items():
+        base, rate = (_largest_draw(m["variants"], v) for v in ("output_aware", "rate_aware"))
+        if base is None or rate is None or rate["draws"] < 2:
+            continue
+        ratio = base["bytes"] / rate["bytes"]
+        unit = _unit(m["metric"])
+        rows.append((ratio, f"| {name} | {base['bytes']:,} ({base['ratio_vs_fp32']:.1f}x) | {rate['bytes']:,} "
+                            f"({rate['ratio_vs_fp32']:.1f}x) | {ratio:.2f}x | {rate['worst_test_drop']:.2f} {unit} "
+                            f"| {base['search_seconds']:.0f} / {rate['search_seconds']:.0f} "
+                            f"| {', '.join(f'`{c}`' for c in sorted(set(base['commits'] + rate['commits'])))} |"))
+    if not rows:
+        return []
+    met = sum(ratio >= RATE_AWARE_TARGET for ratio, _ in rows)
+    return ["", "Rate-aware rounding (`rounding=\"rate_aware\"`, CERWU's ridge) against the default, each the larger "
+            "container of two calibration draws within the same budget. Target: at least "
+            f"{RATE_AWARE_TARGET}x smaller; met on {met} of {len(rows)} models.", "",
+            "| model | output_aware (x fp32) | rate_aware (x fp32) | output_aware / rate_aware | rate_aware worst test "
+            "drop | search s (output / rate) | commits |", "|---|---:|---:|---:|---:|---:|---|",
+            *(line for _, line in rows)]
+
+
 def posthoc_lines(path: Path) -> list[str]:
     """Post-hoc quality ablation (``benchmarks/posthoc_quality.py``)."""
     if not path.exists():
@@ -589,7 +628,7 @@ def posthoc_lines(path: Path) -> list[str]:
              "standard error fits the budget (mAP: no standard error); that container is then scored on the test "
              "split. *vs previous* divides last session's post-hoc headline (smallest of our pipeline within budget "
              "on validation in `rate_accuracy.json`, format v1, no margin) by the variant's bytes. Every step is "
-             "deterministic given the calibration draw; the default (`output_aware`) is also run on a second draw. "
+             "deterministic given the calibration draw; rows marked *calibration seed 1* are a second draw. "
              "*Search s* is the rate search after the shared calibration.", "",
              "| model | variant | bytes (x fp32) | bits/weight | validation drop | test drop | vs previous | search s |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -624,6 +663,7 @@ def posthoc_lines(path: Path) -> list[str]:
         lines.append(f"| {name} | {prev['bytes']:,} ({prev['ratio_vs_fp32']:.1f}x) | {worst['bytes']:,} "
                      f"({worst['ratio_vs_fp32']:.1f}x) | {prev['bytes'] / worst['bytes']:.2f}x "
                      f"| {max(r['test_drop_pt'] for r in draws):.2f} {unit} |")
+    lines += rate_aware_lines(data)
     timing = data.get("timing")
     if timing:
         lines += ["", f"Fixed-rate compress at {timing['target_bits_per_weight']} bits/weight, {timing['threads']} "

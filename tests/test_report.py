@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from report import artifact_link, reference_lines, vae_gptq_lines, vae_protocol_lines  # noqa: E402
+from report import artifact_link, rate_aware_lines, reference_lines, vae_gptq_lines, vae_protocol_lines  # noqa: E402
 
 
 def test_reference_table_has_one_row_per_trained_model_with_its_measured_metric(tmp_path):
@@ -62,3 +62,22 @@ def test_the_protocol_table_shows_each_configurations_search_result_and_what_was
         "| `m` | 1,000 (4.0x), 0.25 pt | 1,200 (3.3x), 0.12 pt | no lattice here | 999 (4.0x), 0.30 pt, 2 maps "
         "| 800 | `abcdef1` |"]
     assert vae_protocol_lines(tmp_path / "absent.json") == []
+
+
+def test_the_rate_aware_table_compares_the_larger_container_of_each_variants_draws():
+    def row(nbytes, drop, commit="abcdef1234"):
+        return dict(bytes=nbytes, ratio_vs_fp32=10_000 / nbytes, test_drop_pt=drop, search_seconds=nbytes / 10,
+                    commit=commit)
+    variants = {"output_aware": row(1000, 0.1), "output_aware (calibration seed 1)": row(1100, 0.2),
+                "rate_aware": row(800, 0.3), "rate_aware (calibration seed 1)": row(880, 0.1, "1234567abc")}
+    one_draw = {"output_aware": row(1000, 0.1), "rate_aware": row(500, 0.1)}  # a single draw: not compared
+    unmet = {"output_aware": row(100, 0.0), "rate_aware": row(90, 0.0), "rate_aware (calibration seed 1)": row(95, 0.0),
+             "output_aware (calibration seed 1)": row(99, 0.0)}
+    data = dict(models={"m": dict(metric="top1", variants=variants), "single": dict(metric="top1", variants=one_draw),
+                        "small": dict(metric="top1", variants=unmet)})
+    lines = rate_aware_lines(data)
+    rows = [line for line in lines if line.startswith(("| m |", "| small |"))]
+    assert rows == ["| m | 1,100 (9.1x) | 880 (11.4x) | 1.25x | 0.30 pt | 110 / 88 | `1234567`, `abcdef1` |",
+                    "| small | 100 (100.0x) | 95 (105.3x) | 1.05x | 0.00 pt | 10 / 10 | `abcdef1` |"]
+    assert any("met on 1 of 2 models" in line for line in lines)
+    assert rate_aware_lines(dict(models={"single": dict(metric="top1", variants=one_draw)})) == []
