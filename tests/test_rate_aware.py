@@ -8,10 +8,12 @@ import torch
 from torch import nn
 
 from hf_vae_compress.codec import VAECompressionConfig, compress
+from hf_vae_compress.codec.calibration import calibrate
+from hf_vae_compress.codec.compress import _beats_gptq, _levels, _prepare, _rate_aware_if_better
 from hf_vae_compress.codec.calibration import LayerInputs, layer_statistics, output_aware_layers
 from hf_vae_compress.codec.output_aware import (RateAwareLevels, inverse_cholesky, output_aware_symbols,
                                                 rate_distortion, rate_penalties, ridge_target)
-from hf_vae_compress.codec.rate import estimate_bits
+from hf_vae_compress.codec.rate import estimate_bits, estimate_tensor_bits
 from hf_vae_compress.tasks import Classification
 from tests.conftest import tiny_timm
 
@@ -153,3 +155,55 @@ def test_compress_with_rate_aware_rounding_hits_the_target_rate(bpw):
     assert VAECompressionConfig.from_json(compressed.config.to_json()) == compressed.config
     without_data = compress(model, config, progress=False)
     assert without_data.config.rounding == "nearest"
+
+
+def _low_rank_problem():
+    """A two-layer MLP fed with a 2-D signal embedded in 64 inputs (like a detector's query-position
+    head), its calibration, and its two coded weights."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    embedding = torch.randn(2, 64, generator=g)
+    batches = [torch.randn(64, 2, generator=g) @ embedding + 1e-3 * torch.randn(64, 64, generator=g) for _ in range(4)]
+    calibration = calibrate(model, batches, 4, Classification.fisher_loss(), progress=False)
+    state_dict = {k: v.detach() for k, v in model.state_dict().items()}
+    coded = _prepare(state_dict, ["0.weight", "2.weight"], VAECompressionConfig(rounding="rate_aware"))
+    return state_dict, calibration, coded
+
+
+def _error_and_bits(state_dict, c, step, symbols, calibration):
+    """Output error tr(dW H dWᵀ) of ``c`` coded as ``symbols`` at ``step``, and the coder's bits."""
+    rows = symbols.double().reshape(c.layout.rows, c.layout.padded_len)[:, : c.layout.row_len]
+    delta = rows * (c.scales.double() * step)[:, None] - state_dict[c.name].double()
+    h = calibration.layers[c.name].second[0].double()
+    return float(torch.trace(delta @ h @ delta.T)), estimate_tensor_bits(symbols.numpy())
+
+
+def test_rate_aware_symbols_are_kept_only_below_gptqs_rate_error_line():
+    """A tensor keeps its rate-aware symbols only where they cost fewer bits than GPTQ would at the
+    same output error, read off GPTQ's line in (log error, bits) through its step and a quarter
+    octave coarser; else it keeps GPTQ's symbols exactly."""
+    state_dict, calibration, coded = _low_rank_problem()
+    decisions = []
+    for c in coded:
+        for step in (0.5, 1.0, 2.0):
+            gptq = _levels(state_dict, c, step, calibration)
+            rate_aware = _levels(state_dict, c, step, calibration, 1.0)
+            kept = _rate_aware_if_better(state_dict, c, step, gptq, calibration, 1.0)
+            coarse = _levels(state_dict, c, step * 2 ** 0.25, calibration)
+            (e0, b0), (e1, b1), (e, b) = (_error_and_bits(state_dict, c, s, q, calibration)
+                                          for s, q in ((step, gptq), (step * 2 ** 0.25, coarse), (step, rate_aware)))
+            below = b < b0 + (b1 - b0) / math.log(e1 / e0) * math.log(e / e0)
+            assert torch.equal(kept, rate_aware if below else gptq), (c.name, step, e / e0, b / b0)
+            decisions.append(below)
+    assert any(decisions) and not all(decisions), decisions  # both outcomes occur on this model
+
+
+def test_a_coding_at_gptqs_error_in_fewer_bits_beats_it_and_one_at_far_more_error_does_not():
+    state_dict, calibration, coded = _low_rank_problem()
+    c = coded[1]
+    gptq = _levels(state_dict, c, 1.0, calibration)
+    error, bits = _error_and_bits(state_dict, c, 1.0, gptq, calibration)
+    assert _beats_gptq(state_dict, c, 1.0, gptq, error, bits - 1, calibration)
+    assert not _beats_gptq(state_dict, c, 1.0, gptq, error, bits + 1, calibration)
+    assert not _beats_gptq(state_dict, c, 1.0, gptq, 100 * error, 0.9 * bits, calibration)
