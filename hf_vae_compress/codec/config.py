@@ -111,12 +111,11 @@ class VAECompressionConfig(JsonConfig):
     # models (benchmarks/results/posthoc_quality.json). Bias and norm corrections (no extra bytes)
     # were never smaller there, and 6 % and 29 % larger on MobileNet and RT-DETR: off by default.
     # "rate_aware" is GPTQ whose every level is chosen against what its symbol costs, at the slope
-    # the step sets, with the code length's quadratic part as a ridge on H (CERWU; :mod:`.output_aware`).
-    # It is opt-in: within the same budget (the larger container of two calibration draws,
-    # posthoc_quality.json) it was 1.28x smaller than output_aware on resnet18, but 0.88x on
-    # MobileNetV3, 0.96x on the ViT and 0.50x on RT-DETR, and its searches take up to 8x as long.
-    # RT-DETR's loss is one layer with nearly low-rank inputs (its query-position MLP), whose output
-    # the isotropic ridge shrinks to 0.63 (dev, session 11).
+    # the step sets, with the code length's quadratic part as a ridge on H (CERWU; :mod:`.output_aware`),
+    # kept per tensor only where it beats GPTQ's own rate-error line. It is opt-in: within the same
+    # budget (the larger container of two calibration draws, posthoc_quality.json) it was 1.28x
+    # smaller than output_aware on resnet18, but 1.00x on MobileNetV3, 0.96x on the ViT and 1.01x on
+    # RT-DETR, and its searches take up to 12x as long.
     rounding: str = "output_aware"
     correct_biases: bool = False
     correct_norms: bool = False
