@@ -653,16 +653,14 @@ def posthoc_lines(path: Path) -> list[str]:
               "| model | previous headline | output_aware, both draws: largest bytes (x fp32) | vs previous "
               "| worst test drop |", "|---|---:|---:|---:|---:|"]
     for name, m in data["models"].items():
-        draws = [r for k, r in m["variants"].items()
-                 if (k == "output_aware" or k.startswith("output_aware (")) and "bytes" in r]
+        worst = _largest_draw(m["variants"], "output_aware")
         prev = m.get("previous_headline")
-        if not draws or not prev:
+        if worst is None or not prev:
             continue
-        worst = max(draws, key=lambda r: r["bytes"])
         unit = _unit(m["metric"])
         lines.append(f"| {name} | {prev['bytes']:,} ({prev['ratio_vs_fp32']:.1f}x) | {worst['bytes']:,} "
                      f"({worst['ratio_vs_fp32']:.1f}x) | {prev['bytes'] / worst['bytes']:.2f}x "
-                     f"| {max(r['test_drop_pt'] for r in draws):.2f} {unit} |")
+                     f"| {worst['worst_test_drop']:.2f} {unit} |")
     lines += rate_aware_lines(data)
     timing = data.get("timing")
     if timing:
