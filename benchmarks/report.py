@@ -274,6 +274,12 @@ def _search_drop(r: dict) -> str:
     return f"{search['drop_pt']:+.2f}" + (f" ± {se:.2f}" if se > 0 else "")
 
 
+def finetune_steps(row: dict) -> int:
+    """The fine-tuning steps per probe of a fine-tuned CLI default, read from the command it ran."""
+    words = row["cli"].split()
+    return int(words[words.index("--finetune-steps") + 1])
+
+
 def finetuned_lines(data: dict) -> list[str]:
     """What fine-tuning buys within the same budget: per model, the CLI default's container against
     the same default run with ``--finetune-steps`` (both from ``rate_accuracy.json``)."""
@@ -294,8 +300,8 @@ def finetuned_lines(data: dict) -> list[str]:
              "the drop plus or minus one standard error the search accepted on validation, *test* is measured "
              "after. *artifact*: the fine-tuned container, committed as a full `save_pretrained` folder.", "",
              "| model | post-hoc default bytes (vs fp32) | drop search / test | fine-tuned default bytes (vs fp32) "
-             "| drop search / test | post-hoc / fine-tuned | fine-tuned compress | measured at |",
-             "|---|---:|---|---:|---|---:|---:|---|"]
+             "| drop search / test | post-hoc / fine-tuned | steps per probe | fine-tuned compress | measured at |",
+             "|---|---:|---|---:|---|---:|---:|---:|---|"]
     met = []
     for model, post, tuned in pairs:
         m = post["metric"]
@@ -306,7 +312,7 @@ def finetuned_lines(data: dict) -> list[str]:
         lines.append(f"| `{model}`{link} | {post['bytes']:,} ({post['ratio_vs_fp32']:.1f}x) "
                      f"| {_search_drop(post)} / {post[m + '_drop']:+.2f} "
                      f"| {tuned['bytes']:,} ({tuned['ratio_vs_fp32']:.1f}x) "
-                     f"| {_search_drop(tuned)} / {tuned[m + '_drop']:+.2f} | {ratio:.2f}x "
+                     f"| {_search_drop(tuned)} / {tuned[m + '_drop']:+.2f} | {ratio:.2f}x | {finetune_steps(tuned):,} "
                      f"| {tuned['compress_seconds_dev_loaded'] / 60:.1f} min | `{tuned['commit'][:7]}` |")
     lines += ["", f"Fine-tuning makes the default at least {FINETUNED_TARGET}x smaller within the same budget on "
               f"{len(met)} of {len(pairs)} models" + (f" ({', '.join(met)})." if met else "."), ""]

@@ -68,23 +68,33 @@ def test_equal_accuracy_needs_our_default_and_says_when_no_nncodec_fits():
     assert c["nncodec"] is None and c["ratio"] is None
 
 
-def _searched(method: str, model: str, nbytes: int, test_drop: float) -> dict:
-    return dict(_row(method, nbytes, 0.1, test_drop, setting="rate search"), model=model, ratio_vs_fp32=1000 / nbytes,
-                search_validation=dict(drop_pt=0.2, drop_se_pt=0.1), compress_seconds_dev_loaded=120.0,
-                commit="0123456789")
+def _searched(method: str, model: str, nbytes: int, test_drop: float, steps: int = 300) -> dict:
+    return dict(_row(method, nbytes, 0.1, test_drop, setting=f"rate search, {steps} fine-tuning steps"), model=model,
+                ratio_vs_fp32=1000 / nbytes, search_validation=dict(drop_pt=0.2, drop_se_pt=0.1),
+                compress_seconds_dev_loaded=120.0, commit="0123456789",
+                cli=f"hf-vae-compress compress {model} OUT --finetune-steps {steps} --finetune-schedule cosine")
 
 
 def test_the_fine_tuned_table_pairs_each_models_two_defaults_and_counts_the_target():
     rows = [_searched(OURS_DEFAULT, "a", 300, 0.2), _searched(OURS_DEFAULT_FINETUNED, "a", 200, 0.3),  # 1.5x: met
-            _searched(OURS_DEFAULT, "b", 300, 0.2), _searched(OURS_DEFAULT_FINETUNED, "b", 250, 0.1),  # 1.2x
+            _searched(OURS_DEFAULT, "b", 300, 0.2), _searched(OURS_DEFAULT_FINETUNED, "b", 250, 0.1, 1000),  # 1.2x
             _searched(OURS_DEFAULT, "c", 300, 0.2)]  # no fine-tuned run: not in the table
     table = "\n".join(finetuned_lines({"rows": rows}))
-    assert "| 1.50x |" in table and "| 1.20x |" in table and "`c`" not in table
+    assert "| 1.50x | 300 |" in table and "| 1.20x | 1,000 |" in table and "`c`" not in table
     assert "+0.20 ± 0.10 / +0.30" in table and "on 1 of 2 models (a)" in table
     assert finetuned_lines({"rows": rows[4:]}) == []
     for row in rows[:2]:  # mAP: no standard error, the drop alone
         row["search_validation"] = dict(drop_pt=0.7, drop_se_pt=0.0)
     assert "| +0.70 / +0.20 |" in "\n".join(finetuned_lines({"rows": rows}))
+
+
+def test_a_model_keeps_one_row_per_default_whatever_its_steps_and_every_setting_of_other_methods():
+    """A rerun of the fine-tuned default at other steps replaces its row (and so its artifact)."""
+    key = rate_accuracy._key
+    assert key(_searched(OURS_DEFAULT_FINETUNED, "a", 200, 0.3)) == key(_searched(OURS_DEFAULT_FINETUNED, "a", 150, 0.3, 1000))
+    assert key(_searched(OURS_DEFAULT_FINETUNED, "a", 200, 0.3)) != key(_searched(OURS_DEFAULT_FINETUNED, "b", 200, 0.3))
+    assert key(_searched(OURS_DEFAULT, "a", 300, 0.2)) != key(_searched(OURS_DEFAULT_FINETUNED, "a", 300, 0.2))
+    assert key(_row("ours", 100, 0.0, setting=0.5)) != key(_row("ours", 100, 0.0, setting=0.7))
 
 
 @pytest.mark.parametrize("threshold", [-37, -31, -26, -25, -24, -19, -13])  # within a walk of 16 QPs
