@@ -101,7 +101,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
     fields = dict(transform=args.transform, chunk_size=args.chunk_size, hidden_size=args.hidden_size,
                   fit=FitConfig(train_steps=args.train_steps), seed=args.seed, calibration_batches=args.calibration_batches,
                   rounding=args.rounding, correct_biases=args.correct_biases, correct_norms=args.correct_norms,
-                  latent_quantizer=args.latent_quantizer)
+                  latent_quantizer=args.latent_quantizer, fold_batchnorm=args.fold_batchnorm)
     if args.beta is not None:
         fields.update(beta=args.beta, target_bits_per_weight=None)
     else:
@@ -339,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shift stored biases by the output-mean change quantization causes (needs data)")
     co.add_argument("--correct-norms", action=argparse.BooleanOptionalAction, default=VAECompressionConfig.correct_norms,
                     help="shift norm layers' running means to their inputs' mean in the quantized model (needs data)")
+    co.add_argument("--fold-batchnorm", action=argparse.BooleanOptionalAction, default=VAECompressionConfig.fold_batchnorm,
+                    help="store each BatchNorm with its running statistics folded into its weight and bias: the same "
+                         "eval-mode output in fewer bytes (--no-fold-batchnorm keeps them, e.g. to train the decoded model)")
     co.add_argument("--validation-split", metavar="SPLIT",
                     help="the split (or slice) the accuracy check selects on; default: validation/valid/dev, else "
                          "half of test; it must hold examples the model did not train on")

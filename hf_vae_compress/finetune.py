@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .codec import CompressedModel, JsonConfig, ModelHash
+from .codec.folding import BATCHNORM_FOLDED
 from .codec.reparam import LatentParametrization
 from .tasks import Classification, Task
 
@@ -98,7 +99,8 @@ RUN_FILE = "run.json"  # in every checkpoint: what a run resuming from it must m
 # The compression settings that shape the latents a checkpoint holds (rounding and corrections are
 # left out: the header records what was applied, which can differ from what was asked).
 _LATENT_FIELDS = ("target_bits_per_weight", "beta", "transform", "chunk_size", "hidden_size", "normalization",
-                  "min_numel", "raw_dtype", "fit", "calibration_batches", "seed", "modules_to_not_convert")
+                  "min_numel", "raw_dtype", "fit", "calibration_batches", "seed", "modules_to_not_convert",
+                  "fold_batchnorm")
 
 
 def run_identity(model: nn.Module, compression: dict, config: FinetuneConfig) -> dict:
@@ -218,6 +220,7 @@ def finetune(compressed: CompressedModel, model: nn.Module, train_data, config: 
     accelerator.wait_for_everyone()
     tuned = CompressedModel.from_latents(accelerator.unwrap_model(student).param.to_latents())
     tuned.header["finetune"] = dict(config.to_dict(), processes=accelerator.num_processes)
+    tuned.header[BATCHNORM_FOLDED] = compressed.batchnorm_folded  # the stored vectors it starts from are kept
     seconds = round(time.perf_counter() - start, 1)
     tuned.stats = dict(finetune_seconds=seconds, resumed_from=str(resume_from or ""),
                        encode_seconds=compressed.stats.get("encode_seconds", 0) + seconds)

@@ -137,7 +137,9 @@ def _settings_table(compressed: CompressedModel) -> str:
     config = compressed.config.to_dict()
     if not transform_class(config["transform"]).has_weight_grid:  # only a learned transform is trained
         config["train_steps"] = config["fit"]["train_steps"]
-    keys = ["target_bits_per_weight", "beta", "transform", "rounding", "correct_biases", "correct_norms", "chunk_size",
+    config["fold_batchnorm"] = compressed.batchnorm_folded > 0
+    keys = ["target_bits_per_weight", "beta", "transform", "rounding", "correct_biases", "correct_norms",
+            "fold_batchnorm", "chunk_size",
             "hidden_size", "normalization", "min_numel", "raw_dtype", "train_steps", "calibration_batches", "seed"]
     lines = ["| setting | value |", "|---|---|"]
     lines += [f"| `{k}` | `{config[k]}` |" for k in keys if k in config and config[k] is not None]
@@ -153,8 +155,9 @@ def _coding_summary(compressed: CompressedModel) -> str:
         decoder = "an integer decoder" if transform_class(config.transform).portable else "a float decoder network"
         coding = f"a learned variational (VAE) transform with {decoder}, whose latents are quantized and entropy-coded"
     else:
-        rounding = ("output-aware GPTQ rounding against calibration data" if config.rounding == "output_aware"
-                    else "nearest rounding")
+        rounding = {"output_aware": "output-aware GPTQ rounding against calibration data",
+                    "rate_aware": "rate-aware output-aware rounding against calibration data"}.get(config.rounding,
+                                                                                               "nearest rounding")
         coding = f"entropy-coded scalar quantization on a Fisher-allocated grid, with {rounding}"
     tuned = compressed.header.get("finetune")
     if tuned:
@@ -259,7 +262,7 @@ def render_card(compressed: CompressedModel, config: dict, info: CardInfo, task:
         remote_code_file=f"{REMOTE_CODE_MODULE}.py", settings=_settings_table(compressed),
         metric_title=task.metric_title, bootstrap=task.metric == "top1", auto_class=task.auto_class,
         task_name=task.pipeline_tag.replace("-", " "), method=_coding_summary(compressed),
-        codec_version=quantization.codec_version,
+        codec_version=quantization.codec_version, batchnorm_folded=compressed.batchnorm_folded,
         validation=_validation_summary(compressed.stats.get("validation")))
 
 

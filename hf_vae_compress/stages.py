@@ -1,7 +1,7 @@
 """The package's stages in dependency order: a module imports only from its own or earlier stages.
 
 Plain data, read by ``tests/test_stages.py`` (which parses every module's imports) and drawn in
-``ARCHITECTURE.md``. The codec's stages follow the pipeline (select -> chunk -> transform ->
+``ARCHITECTURE.md``. The codec's stages follow the pipeline (fold -> select -> chunk -> transform ->
 quantize -> entropy-code -> container); the format's primitives come first because every stage
 agrees on them (the chunk geometry, the value grids, the coder), and the readers that decode a
 whole container come after the transform whose decoder they run. Everything outside ``codec/``
@@ -23,6 +23,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # lattice.py is pure arithmetic with no package imports: the config validates its names, and the
     # transform and output-aware rounding use its closest-point decoders
     ("config", ("codec.lattice", "codec.config")),
+    ("fold", ("codec.folding",)),
     ("select", ("codec.select",)),
     ("chunk", ("codec.chunking",)),
     ("transform", ("codec.quantize", "codec.transform", "codec.fit")),

@@ -58,6 +58,7 @@ def test_finetune_lowers_the_task_loss_at_a_rate_cost_it_controls():
     tuned = finetune(compressed, model, (x, y), FinetuneConfig(steps=150, batch_size=64, rate_weight=0.01),
                      progress=False)
     assert agreement(tuned) > agreement(compressed)
+    assert tuned.batchnorm_folded == compressed.batchnorm_folded > 0  # it tunes the folded vectors it started from
     squeezed = finetune(compressed, model, (x, y), FinetuneConfig(steps=150, batch_size=64, rate_weight=20.0),
                         progress=False)
     assert squeezed.report()["total_bytes"] < tuned.report()["total_bytes"]

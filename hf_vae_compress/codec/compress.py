@@ -1,6 +1,7 @@
 """The codec's encode entry point: :func:`compress` (model -> :class:`~.compressed.CompressedModel`).
 
-Pipeline: select tensors -> chunk and normalise -> encode -> quantize -> entropy-code -> container.
+Pipeline: fold BatchNorm -> select tensors -> chunk and normalise -> encode -> quantize -> entropy-code
+-> container.
 The rate search estimates the coded size from the symbols' order-0 entropy (what pcodec reaches
 within ~1 %); the side parts that do not depend on the steps (scales, 1-D tensors) are coded once,
 exactly.
@@ -23,6 +24,7 @@ from .chunking import row_scales, to_chunks
 from .compressed import CompressedModel
 from .config import VAECompressionConfig, check_target_rate
 from .correction import bias_corrections, norm_corrections
+from .folding import BATCHNORM_FOLDED, fold_batchnorm, foldable_batchnorms
 from .fit import Shard, fit, refine, refit_maps_, to_stored_precision_
 from .format.layout import ChunkLayout
 from .format.v2 import HEADER_BYTES_PER_TENSOR, code_side_parts
@@ -106,7 +108,8 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
     replaces the calibration pass: a rate search that compresses one model many times measures it
     once. Output-aware rounding and the bias and norm corrections (``config.rounding``,
     ``config.correct_biases``, ``config.correct_norms``) need it; without data they are skipped,
-    and say so in the log.
+    and say so in the log. BatchNorms are stored folded (:mod:`.folding`) unless
+    ``config.fold_batchnorm`` is off; a bare state dict has no modules to tell them by.
     """
     config = config or VAECompressionConfig()
     _check_inputs(config, calibration_data, loss_fn)
@@ -114,6 +117,8 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
     torch.manual_seed(config.seed)
     state_dict = _untied({k: v.detach().cpu() for k, v in
                           (model.state_dict() if isinstance(model, torch.nn.Module) else model).items()})
+    folded = _batchnorms_to_fold(model, config)
+    state_dict = fold_batchnorm(state_dict, folded)
     coded_names, stored_names = _selected(state_dict, config)
     coded = _prepare(state_dict, coded_names, config)
     clock.mark("prepare")
@@ -133,8 +138,8 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
     clock.mark("allocate")
     latents = Latents(state_dict, coded, symbols, steps, stored, transform, config)
     corrected = _corrections(model, latents, calibration)
-    if corrected:
-        latents.stored = _stored(dict(state_dict, **corrected), stored_names, config)
+    if corrected:  # a corrected running mean is folded into its bias again
+        latents.stored = _stored(fold_batchnorm(dict(state_dict, **corrected), folded), stored_names, config)
         side = None  # the stored tensors changed: code them again
     clock.mark("corrections")
     compressed = CompressedModel.from_latents(latents, progress, side)
@@ -142,6 +147,7 @@ def compress(model: torch.nn.Module | dict[str, torch.Tensor], config: VAECompre
     compressed.stats["stage_seconds"] = clock.rounded()
     compressed.stats["encode_seconds"] = round(clock.total, 3)
     compressed.header["lam"] = allocation.lam
+    compressed.header[BATCHNORM_FOLDED] = len(folded)
     return compressed
 
 
@@ -177,6 +183,18 @@ def _check_inputs(config: VAECompressionConfig, calibration_data: Iterable | Non
     if calibration_data is not None and loss_fn is None:
         raise ValueError("calibration_data needs the task's loss_fn(model, batch) -> (summed loss, batch size) to "
                          "measure sensitivities: for a classifier, hf_vae_compress.tasks.Classification.fisher_loss()")
+
+
+def _batchnorms_to_fold(model: torch.nn.Module | dict[str, torch.Tensor],
+                        config: VAECompressionConfig) -> dict[str, float]:
+    """The BatchNorms (``{name: eps}``) to store folded: none when folding is off or ``model`` is a
+    bare state dict (which cannot tell a BatchNorm's tensors from a look-alike's)."""
+    if not config.fold_batchnorm:
+        return {}
+    if not isinstance(model, torch.nn.Module):
+        logger.info("BatchNorm not folded: a bare state dict does not say which tensors belong to a BatchNorm")
+        return {}
+    return foldable_batchnorms(model, config.modules_to_not_convert)
 
 
 def _selected(state_dict: dict[str, torch.Tensor], config: VAECompressionConfig) -> tuple[list[str], list[str]]:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .config import VAECompressionConfig
+from .folding import BATCHNORM_FOLDED
 from .format.fields import stored_config
 from .format.framing import CONTAINER_NAME, folder_container, serialize
 from .format.registry import WRITER, read, reader
@@ -70,6 +71,14 @@ class CompressedModel:
     def names_verified(self) -> bool:
         """Whether the format's checks cover tensor names (version 1 hashed only their bytes)."""
         return self._reader.NAMES_VERIFIED
+
+    @property
+    def batchnorm_folded(self) -> int:
+        """How many BatchNorm layers the container stores folded (:mod:`.folding`); 0 for containers
+        written before folding, and for a header whose count is not a non-negative integer (the
+        header is untrusted and nothing decodes from this count)."""
+        count = self.header.get(BATCHNORM_FOLDED, 0)
+        return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else 0
 
     @property
     def portable(self) -> bool:

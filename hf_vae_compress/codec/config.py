@@ -129,8 +129,11 @@ class VAECompressionConfig(JsonConfig):
     # i.i.d. sources, and at 1.5 bits/weight D4 coded resnet18 in more bytes at 2.8x scalar
     # latents' output error (benchmarks/results/vae_gptq.json: lattice_source_model, equal_rate).
     latent_quantizer: str = "scalar"
+    # Store each BatchNorm with its running statistics folded into its weight and bias (:mod:`.folding`):
+    # the same eval-mode output, two float vectors per BatchNorm fewer to code.
+    fold_batchnorm: bool = True
 
-    RECORDED_IF_SET = ("latent_quantizer",)
+    RECORDED_IF_SET = ("latent_quantizer", "fold_batchnorm")
 
     def __post_init__(self) -> None:
         if isinstance(self.fit, dict):  # from JSON: a stored config names the nested fields
