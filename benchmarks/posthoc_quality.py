@@ -11,6 +11,8 @@ The chosen container is then scored on the **test** split. Variants (config fiel
 - ``output_aware+corrections``: with bias and norm corrections as well;
 - ``output_aware+tensor_steps``: one absolute step per tensor (``normalization="tensor"``, as
   NNCodec does) instead of a step relative to each row's RMS;
+- ``output_aware+unfolded_batchnorm``: BatchNorm's running statistics stored as they are, not
+  folded into its weight and bias (rows measured before folding became the default are this);
 - ``rate_aware``: GPTQ with each level chosen against its symbol's code length, the code length's
   quadratic part moved into ``H`` as a ridge (CERWU, :mod:`hf_vae_compress.codec.output_aware`), at
   ``RATE_SCALE`` times the measured ECSQ slope.
@@ -63,6 +65,7 @@ VARIANTS = {
     "output_aware": dict(rounding="output_aware"),
     "output_aware+corrections": dict(rounding="output_aware", correct_biases=True, correct_norms=True),
     "output_aware+tensor_steps": dict(rounding="output_aware", normalization="tensor"),
+    "output_aware+unfolded_batchnorm": dict(rounding="output_aware", fold_batchnorm=False),
     "rate_aware": dict(rounding="rate_aware"),
 }
 PREVIOUS_METHODS = ("ours", "ours-identity-ablation")
