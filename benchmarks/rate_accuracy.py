@@ -9,7 +9,9 @@ library's rate search, ``hf-vae-compress compress MODEL OUT`` in a fresh process
 at its strongest, a sweep of families (dependent quantization on and off, a ``lambda_scale`` grid
 of its rate-aware quantizer, one QP for every tensor or per-tensor QPs from our default's own
 allocation), each searched on the validation split for its coarsest QP within the budget
-(:func:`coarsest_within`). The strongest configuration within budget is the NNCodec row with the
+(:func:`coarsest_within`). NNCodec codes the model with its BatchNorms folded as ours does (NNR's
+own BNF tool; :mod:`hf_vae_compress.codec.folding`), so neither side stores running statistics the
+other does not. The strongest configuration within budget is the NNCodec row with the
 fewest bytes whose validation drop fits; it alone is scored on test, and
 ``report.equal_accuracy`` writes the comparison into the JSON (``equal_accuracy``).
 The task metric (top-1 with a 95 % bootstrap interval for classifiers, COCO mAP for the
@@ -44,6 +46,7 @@ from typing import Callable
 import torch
 
 from hf_vae_compress import CompressedModel, VAECompressionConfig
+from hf_vae_compress.codec.folding import fold_batchnorm, foldable_batchnorms
 from hf_vae_compress.finetune import FinetuneConfig
 from hf_vae_compress.hub import save_pretrained
 from hf_vae_compress.loading import find_container
@@ -196,6 +199,11 @@ class Bench:
         self.work.mkdir(parents=True, exist_ok=True)
         self.fp32_path = self.work / "fp32.safetensors"
         self.fp32_bytes = write_float(self.state, self.fp32_path, torch.float32)
+        # NNCodec's input: the same weights with BatchNorm folded, as our default codes them
+        folded = foldable_batchnorms(self.model)
+        self.folded_batchnorms = len(folded)
+        self.nncodec_input = self.work / "fp32-batchnorm-folded.safetensors"
+        write_float(fold_batchnorm(self.state, folded), self.nncodec_input, torch.float32)
         self.rows: list[dict] = []
         self.base = self.score(self.state)
 
@@ -243,7 +251,7 @@ class Bench:
         """Run the NNCodec runner in its venv: its result, the decoded state dict, its command line."""
         python = ensure_nncodec_venv()
         runner = ROOT / "benchmarks" / "nncodec_runner.py"
-        args = ["--input", str(self.fp32_path), "--output-dir", str(out), *args]
+        args = ["--input", str(self.nncodec_input), "--output-dir", str(out), *args]
         subprocess.run([str(python), str(runner), *args], check=True, stdout=subprocess.DEVNULL)
         result = json.loads((out / "result.json").read_text())
         cli = "python benchmarks/nncodec_runner.py " + " ".join(args[2:])
@@ -252,7 +260,7 @@ class Bench:
     def _nncodec_run(self, method: str, setting, out: Path, args: list[str]) -> None:
         result, decoded, cli = self._nncodec_encode(out, args)
         self.add(method, setting, cli, result["bytes"], self.score(decoded), encode_s=result["encode_s"],
-                 decode_s=result["decode_s"])
+                 decode_s=result["decode_s"], batchnorm_folded=self.folded_batchnorms)
 
     def nncodec(self, qps: list[int], mode: str) -> None:
         """One QP for every tensor (``qp``), or NNCodec's own per-tensor QP rule (``opt_qp``)."""
@@ -387,7 +395,8 @@ class Bench:
                    bits_per_weight=8 * result["bytes"] / self.num_weights,
                    ratio_vs_fp32=self.fp32_bytes / result["bytes"], metric=m, **{f"val_{m}": val},
                    val_drop=100 * (base_val - val), test_scored=False, encode_s=result["encode_s"],
-                   decode_s=result["decode_s"], commit=_commit(), output=str(out.relative_to(ROOT)))
+                   decode_s=result["decode_s"], batchnorm_folded=self.folded_batchnorms, commit=_commit(),
+                   output=str(out.relative_to(ROOT)))
         logger.info("%s %s %s: %d B (%.2fx), val drop %.2f pt", self.name, SWEEP, setting, row["bytes"],
                     row["ratio_vs_fp32"], row["val_drop"])
         self.rows.append(row)
