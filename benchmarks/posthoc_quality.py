@@ -18,7 +18,8 @@ The chosen container is then scored on the **test** split. Variants (config fiel
   ``RATE_SCALE`` times the measured ECSQ slope.
 
 Rows are merged into the JSON: a model or variant not measured keeps its previous row. Each row
-records the commit it was measured at and, for ``rate_aware``, the ``rate_scale`` it ran with.
+records the commit it was measured at, how many BatchNorms its container stores folded (rows
+without the count predate folding) and, for ``rate_aware``, the ``rate_scale`` it ran with.
 
 Every step is deterministic given the calibration subset; the subset is a random draw, so
 ``--calibration-seeds`` reruns the search on other draws (rows ``variant (calibration seed N)``).
@@ -116,6 +117,7 @@ def measure_model(name: str, variants: list[str], previous: dict | None, seed: i
             row.update(bytes=report["total_bytes"], ratio_vs_fp32=report["ratio_vs_fp32"],
                        bits_per_weight=report["bits_per_weight"],
                        side_information_fraction=report["side_information_fraction"],
+                       batchnorm_folded=result.compressed.batchnorm_folded,
                        validation=result.validation, test_drop_pt=test_drop(src, result.compressed, test, base))
             previous = out["previous_headline"]
             if previous:
