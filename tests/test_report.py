@@ -5,7 +5,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from report import artifact_link, rate_aware_lines, reference_lines, vae_gptq_lines, vae_protocol_lines  # noqa: E402
+from report import (UNFOLDED, artifact_link, rate_aware_baseline, rate_aware_lines, reference_lines,  # noqa: E402
+                    vae_gptq_lines, vae_protocol_lines)
 
 
 def test_reference_table_has_one_row_per_trained_model_with_its_measured_metric(tmp_path):
@@ -81,3 +82,19 @@ def test_the_rate_aware_table_compares_the_larger_container_of_each_variants_dra
                     "| small | 100 (100.0x) | 95 (105.3x) | 1.05x | 0.00 pt | 10 / 10 | `abcdef1` |"]
     assert any("met on 1 of 2 models" in line for line in lines)
     assert rate_aware_lines(dict(models={"single": dict(metric="top1", variants=one_draw)})) == []
+
+
+def test_rate_aware_rows_from_before_folding_compare_with_the_unfolded_default():
+    def row(nbytes, folded=None):
+        out = dict(bytes=nbytes, ratio_vs_fp32=10_000 / nbytes, test_drop_pt=0.1, search_seconds=1.0, commit="abcdef1234")
+        return out if folded is None else dict(out, batchnorm_folded=folded)
+    old_rate = {"rate_aware": row(900), "rate_aware (calibration seed 1)": row(950)}
+    unfolded = {UNFOLDED: row(1000, 0), f"{UNFOLDED} (calibration seed 1)": row(1000, 0)}
+    folded = {"output_aware": row(800, 5), "output_aware (calibration seed 1)": row(800, 5)}
+    assert rate_aware_baseline({**old_rate, **unfolded, **folded}) == UNFOLDED
+    assert rate_aware_baseline({**old_rate, **folded}) == "output_aware"  # nothing else to compare with
+    new_rate = {"rate_aware": row(700, 5), "rate_aware (calibration seed 1)": row(750, 5)}
+    assert rate_aware_baseline({**new_rate, **unfolded, **folded}) == "output_aware"
+    data = dict(models={"m": dict(metric="top1", variants={**old_rate, **unfolded, **folded})})
+    assert [line for line in rate_aware_lines(data) if line.startswith("| m ")] == [
+        "| m (both without BatchNorm folding) | 1,000 (10.0x) | 950 (10.5x) | 1.05x | 0.10 pt | 1 / 1 | `abcdef1` |"]
