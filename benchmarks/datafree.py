@@ -96,9 +96,10 @@ def measure(name: str, kind: str, row: dict, default_rows: dict) -> dict:
     if default is not None:
         result["labelled_default_ratio"] = default["ratio_vs_fp32"]
         result["ratio_vs_labelled_default"] = run["ratio_vs_fp32"] / default["ratio_vs_fp32"]
-        data_free_today = default_rows[name]["data_free"]["ratio_vs_fp32"]
-        result["data_free_today_ratio"] = data_free_today
-        result["ratio_vs_data_free_today"] = run["ratio_vs_fp32"] / data_free_today
+        data_free_today = default_rows[name]["data_free"].get("ratio_vs_fp32")  # None: the CLI refused there
+        if data_free_today is not None:
+            result["data_free_today_ratio"] = data_free_today
+            result["ratio_vs_data_free_today"] = run["ratio_vs_fp32"] / data_free_today
     logger.info("%s %s: %.1fx, test drop %.2f pt, %.0f s (%s)", name, kind, run["ratio_vs_fp32"],
                 result["test_drop_pt"], run["wall_seconds"], run["check"])
     return result

@@ -472,10 +472,11 @@ def default_lines(path: Path) -> list[str]:
         unit = _unit(r["metric"])
         name = f"`{r['model']}`" + ("" if r["reference"] else " (not a reference model)")
         name += artifact_link(r["model"], d["bytes"])
+        free_cell = (f"{free['bits_per_weight']:.1f}, {free['ratio_vs_fp32']:.1f}x, {free['test_drop_pt']:.2f} {unit}"
+                     if "ratio_vs_fp32" in free else "refused: no rate kept the check's budget")
         lines.append(f"| {name} | {d['bytes']:,} ({d['ratio_vs_fp32']:.1f}x) | {d['validation']['drop_pt']:.2f} {unit} "
                      f"| {d['test_drop_pt']:.2f} {unit} | {d['probes']} | {d['compress_seconds']:.0f} s "
-                     f"({r['default_time_vs_fixed_rate']:.1f}x) | {free['bits_per_weight']:.1f}, {free['ratio_vs_fp32']:.1f}x, "
-                     f"{free['test_drop_pt']:.2f} {unit} (`{(free.get('commit') or '?')[:7]}`) "
+                     f"({r['default_time_vs_fixed_rate']:.1f}x) | {free_cell} (`{(free.get('commit') or '?')[:7]}`) "
                      f"| `{(d.get('commit') or '?')[:7]}` |")
     return lines + [""]
 

@@ -5,8 +5,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from report import (UNFOLDED, artifact_link, rate_aware_baseline, rate_aware_lines, reference_lines,  # noqa: E402
-                    vae_gptq_lines, vae_protocol_lines)
+from report import (UNFOLDED, artifact_link, default_lines, rate_aware_baseline, rate_aware_lines,  # noqa: E402
+                    reference_lines, vae_gptq_lines, vae_protocol_lines)
 
 
 def test_reference_table_has_one_row_per_trained_model_with_its_measured_metric(tmp_path):
@@ -98,3 +98,15 @@ def test_rate_aware_rows_from_before_folding_compare_with_the_unfolded_default()
     data = dict(models={"m": dict(metric="top1", variants={**old_rate, **unfolded, **folded})})
     assert [line for line in rate_aware_lines(data) if line.startswith("| m ")] == [
         "| m (both without BatchNorm folding) | 1,000 (10.0x) | 950 (10.5x) | 1.05x | 0.10 pt | 1 / 1 | `abcdef1` |"]
+
+
+def test_a_refused_data_free_run_is_shown_as_refused(tmp_path):
+    default = dict(bytes=1000, ratio_vs_fp32=10.0, validation=dict(drop_pt=0.2), test_drop_pt=0.3, probes=5,
+                   compress_seconds=20.0, commit="abcdef1234")
+    row = dict(model="m", reference=False, metric="top1", default=default, default_time_vs_fixed_rate=1.5,
+               data_free=dict(failed="no rate tried kept the validation drop within 0.25 pt", commit="1234567abc"))
+    path = tmp_path / "default_compress.json"
+    path.write_text(json.dumps(dict(rows=[row])))
+    assert [line for line in default_lines(path) if line.startswith("| `m`")] == [
+        "| `m` (not a reference model) | 1,000 (10.0x) | 0.20 pt | 0.30 pt | 5 | 20 s (1.5x) "
+        "| refused: no rate kept the check's budget (`1234567`) | `abcdef1` |"]
