@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .codec import CONTAINER_NAME, CompressedModel
+from .codec.folding import BATCHNORM_FOLDED
 from .codec.transform import transform_class
 from .integrations import REMOTE_CODE_AUTO_MAP, REMOTE_CODE_DIR, REMOTE_CODE_MODULE
 from .integrations.quantization_config import QuantizationConfig
@@ -137,7 +138,8 @@ def _settings_table(compressed: CompressedModel) -> str:
     config = compressed.config.to_dict()
     if not transform_class(config["transform"]).has_weight_grid:  # only a learned transform is trained
         config["train_steps"] = config["fit"]["train_steps"]
-    config["fold_batchnorm"] = compressed.batchnorm_folded > 0
+    # the setting as it was applied: a container written before folding records no count, and stored BatchNorm as it was
+    config["fold_batchnorm"] = config.get("fold_batchnorm", True) and BATCHNORM_FOLDED in compressed.header
     keys = ["target_bits_per_weight", "beta", "transform", "rounding", "correct_biases", "correct_norms",
             "fold_batchnorm", "chunk_size",
             "hidden_size", "normalization", "min_numel", "raw_dtype", "train_steps", "calibration_batches", "seed"]

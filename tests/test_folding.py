@@ -13,6 +13,7 @@ from hf_vae_compress import CompressedModel, VAECompressionConfig, compress
 from hf_vae_compress.cli import main
 from hf_vae_compress.codec import CONTAINER_NAME
 from hf_vae_compress.codec.folding import fold_batchnorm, foldable_batchnorms
+from hf_vae_compress.hub import _settings_table
 from hf_vae_compress.models import save_timm
 from hf_vae_compress.pipeline import load_any
 from hf_vae_compress.tasks import Classification
@@ -167,3 +168,12 @@ def test_the_cli_folds_by_default_and_the_card_says_so(bn_folder, tmp_path, fold
     assert f"| `fold_batchnorm` | `{fold}` |" in card
     model = load_any(out)[0]
     assert (not model.bn1.running_mean.any()) == fold
+
+
+def test_the_card_settings_say_folding_was_on_for_a_model_without_batchnorm_and_off_for_an_old_container():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    compressed = compress(model, VAECompressionConfig(target_bits_per_weight=2.0, min_numel=16), progress=False)
+    assert compressed.batchnorm_folded == 0
+    assert "| `fold_batchnorm` | `True` |" in _settings_table(compressed)  # on; nothing to fold
+    del compressed.header["batchnorm_folded"]  # written before folding existed
+    assert "| `fold_batchnorm` | `False` |" in _settings_table(compressed)
