@@ -333,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--rounding", choices=ROUNDINGS, default=VAECompressionConfig.rounding,
                     help="output_aware: GPTQ error compensation against each layer's calibration inputs (default; "
                          "identity transform, needs data); rate_aware: the same, each level chosen against what its "
-                         "symbol costs (CERWU's ridge; smaller within the accuracy budget on resnet18, not on the "
-                         "other reference models, and slower); nearest: round each weight to its nearest level")
+                         "symbol costs (CERWU's ridge; smaller within the accuracy budget on resnet18 and MobileNetV3, "
+                         "not on the ViT or RT-DETR, and slower); nearest: round each weight to its nearest level")
     co.add_argument("--correct-biases", action=argparse.BooleanOptionalAction, default=VAECompressionConfig.correct_biases,
                     help="shift stored biases by the output-mean change quantization causes (needs data)")
     co.add_argument("--correct-norms", action=argparse.BooleanOptionalAction, default=VAECompressionConfig.correct_norms,

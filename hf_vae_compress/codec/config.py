@@ -114,8 +114,9 @@ class VAECompressionConfig(JsonConfig):
     # the step sets, with the code length's quadratic part as a ridge on H (CERWU; :mod:`.output_aware`),
     # kept per tensor only where it beats GPTQ's own rate-error line. It is opt-in: within the same
     # budget (the larger container of two calibration draws, posthoc_quality.json) it was 1.28x
-    # smaller than output_aware on resnet18, but 1.00x on MobileNetV3, 0.96x on the ViT and 1.01x on
-    # RT-DETR, and its searches take up to 12x as long.
+    # smaller than output_aware on resnet18 (both unfolded) and 1.15x on MobileNetV3 (both with
+    # BatchNorm folded), but 0.96x on the ViT and 1.01x on RT-DETR (whose test drop then exceeded the
+    # budget), and its searches take up to 15x as long.
     rounding: str = "output_aware"
     correct_biases: bool = False
     correct_norms: bool = False
