@@ -202,8 +202,9 @@ class Bench:
         # NNCodec's input: the same weights with BatchNorm folded, as our default codes them
         folded = foldable_batchnorms(self.model)
         self.folded_batchnorms = len(folded)
-        self.nncodec_input = self.work / "fp32-batchnorm-folded.safetensors"
-        write_float(fold_batchnorm(self.state, folded), self.nncodec_input, torch.float32)
+        self.nncodec_input = self.work / "fp32-batchnorm-folded.safetensors" if folded else self.fp32_path
+        if folded:
+            write_float(fold_batchnorm(self.state, folded), self.nncodec_input, torch.float32)
         self.rows: list[dict] = []
         self.base = self.score(self.state)
 

@@ -167,6 +167,12 @@ class VAECompressionConfig(JsonConfig):
             raise ValueError(f"hidden_size must be between 1 and {MAX_HIDDEN_SIZE}, got {self.hidden_size}")
 
 
+def excluded(name: str, modules_to_not_convert: list[str] | tuple[str, ...]) -> bool:
+    """Whether the tensor or module ``name`` lies in ``modules_to_not_convert`` (a part of the name
+    matches): what neither coding nor BatchNorm folding touches."""
+    return any(part and part in name for part in modules_to_not_convert)
+
+
 def check_target_rate(bits_per_weight: float) -> float:
     """``bits_per_weight`` when a compression may be asked for it, else a ValueError that says
     the allowed range. Checked when encoding, not when reading a container's stored config, so

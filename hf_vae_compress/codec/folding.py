@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import excluded
+
 BATCHNORM_FOLDED = "batchnorm_folded"  # header key: how many BatchNorm layers a container stores folded
 
 
@@ -32,9 +34,8 @@ def foldable_batchnorms(model: nn.Module, skip: list[str] | tuple[str, ...] = ()
         if not (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine
                 and module.track_running_stats and module.running_mean is not None):
             continue
-        if any(part and part in name for part in skip):
-            continue
-        out[name] = float(module.eps)
+        if not excluded(name, skip):
+            out[name] = float(module.eps)
     return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import VAECompressionConfig
+from .config import VAECompressionConfig, excluded
 
 
 def is_coded(name: str, tensor: torch.Tensor, config: VAECompressionConfig) -> bool:
@@ -19,7 +19,7 @@ def is_coded(name: str, tensor: torch.Tensor, config: VAECompressionConfig) -> b
         return False
     if sum(d > 1 for d in tensor.shape) < 2:
         return False
-    return not any(part and part in name for part in config.modules_to_not_convert)
+    return not excluded(name, config.modules_to_not_convert)
 
 
 def select_tensors(state_dict: dict[str, torch.Tensor], config: VAECompressionConfig) -> tuple[list[str], list[str]]:
