@@ -25,7 +25,7 @@ from .hub import CardInfo, check_output, push_to_hub, save_pretrained
 from .loading import find_container
 from .models import check_model_folder, load_model, resolve_folder, weights_bytes
 from .pipeline import UNCHECKED_BPW, Source, load_any
-from .search import describe_probe, search_smallest
+from .search import describe_probe, describe_refusal, search_smallest
 from .synthetic import SyntheticConfig
 from .tasks import CHECK_LABELLED, CHECK_NONE, DEFAULT_DATASET, task_for
 
@@ -132,8 +132,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict | None:
                                  on_probe=lambda probe: _show_probe(probe, allowed), resolution=args.rate_resolution,
                                  **split)
         if result.compressed is None:
-            raise ValueError(f"no rate tried kept the validation drop within {allowed:g} pt "
-                             f"(probes: {result.probes}); give --target-bpw to choose a rate yourself")
+            raise ValueError(describe_refusal(result.probes, allowed, src.task.check))
         compressed, validation, probes = result.compressed, result.validation, result.probes
         stages.update(result.stage_seconds)
     else:

@@ -38,6 +38,7 @@ from .codec import CompressedModel, VAECompressionConfig
 from .finetune import FinetuneConfig
 from .pipeline import Source, UncheckedAccuracyError, is_main, timed
 from .sequential import look_sizes, screening_size, steering_verdict
+from .tasks import CHECK_SYNTHETIC
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,24 @@ def describe_probe(probe: dict, budget_pt: float) -> str:
                 f"probe{'s' * (left != 1)}" if left else f"{probe['seconds']:.0f} s; search done")
     return (f"rate search {kind} {probe['probe']}/{probe['probes']}: {probe['bits_per_weight']:.3f} bits/weight "
             f"({probe['bytes']:,} bytes), validation drop {drop} pt (budget {budget_pt} pt): {verdict}; {pace}")
+
+
+def describe_refusal(probes: list[dict], allowed_pt: float, check: str) -> str:
+    """Why a rate search chose nothing, in words a user can act on: the finest rate tried and what it
+    measured on which check; where one changed prediction already costs more than the budget allows
+    (an agreement check on few images: 1 of 128 is 0.78 pt), that only a rate changing none passes;
+    and what to do next. The probes themselves were shown one line each as they finished."""
+    finest = max(probes, key=lambda p: p["bits_per_weight"])
+    se, examples = finest["validation_drop_se_pt"], finest.get("split_examples")
+    drop = f"{finest['validation_drop_pt']:.2f}" + ("" if se is None else f" ± {se:.2f}")
+    text = (f"no rate tried kept the drop on {check} within {allowed_pt:g} pt: the finest of {len(probes)} probes, "
+            f"{finest['bits_per_weight']:.3f} bits/weight ({finest['bytes']:,} bytes), measured {drop} pt.")
+    if se is not None and examples and 100 / examples > allowed_pt:
+        text += (f" On {examples:,} examples one changed prediction is {100 / examples:.2f} pt, more than the "
+                 f"{allowed_pt:g} pt allowed, so only a rate that changes none can pass.")
+    if check == CHECK_SYNTHETIC:
+        text += " Pass --dataset with images like those the model is used on (unlabelled images are enough), or"
+    return text + " give --target-bpw to choose a rate yourself (its effect is then not checked)"
 
 
 def _duration(seconds: float) -> str:

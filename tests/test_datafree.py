@@ -13,16 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from hf_vae_compress import data
+from hf_vae_compress import cli, data
 from hf_vae_compress.cli import main
 from hf_vae_compress.codec import CompressedModel, VAECompressionConfig
 from hf_vae_compress.loading import find_container
 from hf_vae_compress.models import load_model
 from hf_vae_compress.pipeline import Source
+from hf_vae_compress.search import SearchResult, describe_refusal
 from hf_vae_compress.synthetic import (
     PRIOR_BATCHNORM, PRIOR_CLASS_INVERSION, SYNTHETIC_BUDGET_SHARE, SyntheticConfig, _mixture_targets,
 )
-from hf_vae_compress.tasks import CHECK_SYNTHETIC, CHECK_UNLABELLED, synthetic_task
+from hf_vae_compress.tasks import CHECK_LABELLED, CHECK_SYNTHETIC, CHECK_UNLABELLED, synthetic_task
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--transform", "identity", "--calibration-batches", "1"]
@@ -204,3 +205,25 @@ def test_a_detector_without_data_checks_against_its_own_boxes(tmp_path, capsys):
         assert "nothing to agree on" in result["warning"]
     else:
         assert validation["base"] > 0.9  # the original's own confident boxes: it finds them all
+
+
+def _probe(bpw: float, drop_pt: float, se_pt: float | None, examples: int) -> dict:
+    return dict(probe=1, probes=2, bits_per_weight=bpw, bytes=int(bpw * 1000), validation_drop_pt=drop_pt,
+                validation_drop_se_pt=se_pt, split_examples=examples, accepted=False)
+
+
+def test_a_refused_search_says_what_the_finest_rate_measured_and_what_to_do(timm_folder, tmp_path, capsys, monkeypatch):
+    probes = [_probe(1.0, 30.0, 4.0, 128), _probe(7.5, 0.78125, 0.78125, 128)]
+    text = describe_refusal(probes, 0.25, CHECK_SYNTHETIC)
+    assert "the finest of 2 probes, 7.500 bits/weight (7,500 bytes), measured 0.78 ± 0.78 pt" in text
+    assert "one changed prediction is 0.78 pt, more than the 0.25 pt allowed" in text
+    assert "--dataset" in text and "--target-bpw" in text and "{" not in text  # no raw probe dicts
+    fine = describe_refusal([_probe(2.0, 0.6, 0.1, 5000)], 0.5, CHECK_LABELLED)  # 0.02 pt per example: no such clause
+    assert "changed prediction" not in fine and "--dataset" not in fine and CHECK_LABELLED in fine
+    assert "changed prediction" not in describe_refusal([_probe(2.0, 3.0, None, 16)], 1.0, CHECK_SYNTHETIC)  # mAP
+
+    monkeypatch.setattr(cli, "search_smallest", lambda *a, **k: SearchResult(None, None, probes, 0.0))
+    out = tmp_path / "out"
+    assert main(["compress", str(timm_folder), str(out), "--dataset", "none", *FAST, *TINY_SYNTHETIC]) == 2
+    err = capsys.readouterr().err
+    assert f"error: no rate tried kept the drop on {CHECK_SYNTHETIC} within 0.25 pt" in err and not out.exists()
