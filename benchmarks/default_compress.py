@@ -74,10 +74,18 @@ def cli_compress(folder: Path, out: Path, *extra: str) -> dict:
                            "--json"], capture_output=True, text=True, cwd=ROOT)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
-        raise RuntimeError(f"compress {folder.name} {extra} failed: {done.stderr[-3000:]}")
+        raise RuntimeError(f"compress {folder.name} {extra} failed: {cli_error(done.stderr)}")
     result = json.loads(done.stdout)
     result.pop("finetune", None)
     return dict(result, wall_seconds=round(seconds, 1), stderr_warning="warning:" in done.stderr)
+
+
+def cli_error(stderr: str) -> str:
+    """The CLI's own error line, which names the problem; the progress bars share stderr and would
+    otherwise fill a kept tail. The tail when there is no such line (a crash, not a refusal)."""
+    prefix = "hf-vae-compress compress: error: "
+    errors = [line[line.find(prefix):] for line in stderr.split("\n") if prefix in line]
+    return errors[-1] if errors else stderr[-3000:]
 
 
 RUNS = ("default", "fixed_rate", "data_free")

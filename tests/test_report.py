@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from default_compress import cli_error  # noqa: E402
 from report import (UNFOLDED, artifact_link, default_lines, rate_aware_baseline, rate_aware_lines,  # noqa: E402
                     reference_lines, vae_gptq_lines, vae_protocol_lines)
 
@@ -110,3 +111,11 @@ def test_a_refused_data_free_run_is_shown_as_refused(tmp_path):
     assert [line for line in default_lines(path) if line.startswith("| `m`")] == [
         "| `m` (not a reference model) | 1,000 (10.0x) | 0.20 pt | 0.30 pt | 5 | 20 s (1.5x) "
         "| refused: no rate kept the check's budget (`1234567`) | `abcdef1` |"]
+
+
+def test_a_refused_run_keeps_the_clis_error_line_not_its_progress_bars():
+    refusal = "hf-vae-compress compress: error: no rate tried kept the drop on agreement within 0.25 pt"
+    stderr = "\n".join(["rate search:  83%|###  | 5/6 [00:02<00:00]", "\x1b[A" * 3, "\rverifying: 100%|####|\r" + refusal])
+    assert cli_error(stderr) == refusal
+    crash = "Traceback (most recent call last):\n  ...\nRuntimeError: out of memory"
+    assert cli_error(crash) == crash  # no error line: the tail, which is all there is
