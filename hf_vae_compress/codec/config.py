@@ -113,10 +113,10 @@ class VAECompressionConfig(JsonConfig):
     # "rate_aware" is GPTQ whose every level is chosen against what its symbol costs, at the slope
     # the step sets, with the code length's quadratic part as a ridge on H (CERWU; :mod:`.output_aware`),
     # kept per tensor only where it beats GPTQ's own rate-error line. It is opt-in: within the same
-    # budget (the larger container of two calibration draws, posthoc_quality.json) it was 1.28x
-    # smaller than output_aware on resnet18 (both unfolded) and 1.15x on MobileNetV3 (both with
-    # BatchNorm folded), but 0.96x on the ViT and 1.01x on RT-DETR (whose test drop then exceeded the
-    # budget), and its searches take up to 15x as long.
+    # budget (the larger container of two calibration draws, posthoc_quality.json, BatchNorm folded)
+    # it was 1.20x smaller than output_aware on resnet18 and 1.15x on MobileNetV3, but 0.96x on the
+    # ViT and 1.01x on RT-DETR (whose test drop then exceeded the budget), and its searches take up
+    # to 15x as long.
     rounding: str = "output_aware"
     correct_biases: bool = False
     correct_norms: bool = False
