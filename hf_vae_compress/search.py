@@ -79,8 +79,7 @@ def describe_probe(probe: dict, budget_pt: float) -> str:
     A probe verified later, as a candidate, gets a second line, its final verdict and what the
     verification took; one scored on past its screen before the bisection steered on it says so on
     its one line, and a probe of a bracket bisected again names the probe whose accept was overturned."""
-    se = probe["validation_drop_se_pt"]
-    drop = f"{probe['validation_drop_pt']:.2f}" + ("" if se is None else f" ± {se:.2f}")
+    drop = _drop_text(probe)
     verdict = "accepted" if probe["accepted"] else "rejected"
     scored, total = probe.get("examples_scored"), probe.get("split_examples")
     if scored is not None and probe.get("provisional"):
@@ -111,15 +110,20 @@ def describe_refusal(probes: list[dict], allowed_pt: float, check: str) -> str:
     and what to do next. The probes themselves were shown one line each as they finished."""
     finest = max(probes, key=lambda p: p["bits_per_weight"])
     se, examples = finest["validation_drop_se_pt"], finest.get("split_examples")
-    drop = f"{finest['validation_drop_pt']:.2f}" + ("" if se is None else f" ± {se:.2f}")
     text = (f"no rate tried kept the drop on {check} within {allowed_pt:g} pt: the finest of {len(probes)} probes, "
-            f"{finest['bits_per_weight']:.3f} bits/weight ({finest['bytes']:,} bytes), measured {drop} pt.")
+            f"{finest['bits_per_weight']:.3f} bits/weight ({finest['bytes']:,} bytes), measured {_drop_text(finest)} pt.")
     if se is not None and examples and 100 / examples > allowed_pt:
         text += (f" On {examples:,} examples one changed prediction is {100 / examples:.2f} pt, more than the "
                  f"{allowed_pt:g} pt allowed, so only a rate that changes none can pass.")
     if check == CHECK_SYNTHETIC:
         text += " Pass --dataset with images like those the model is used on (unlabelled images are enough), or"
     return text + " give --target-bpw to choose a rate yourself (its effect is then not checked)"
+
+
+def _drop_text(probe: dict) -> str:
+    """A probe's validation drop, with its standard error where the metric has one (mAP has none)."""
+    se = probe["validation_drop_se_pt"]
+    return f"{probe['validation_drop_pt']:.2f}" + ("" if se is None else f" ± {se:.2f}")
 
 
 def _duration(seconds: float) -> str:
@@ -533,4 +537,5 @@ def _agreed(accelerator, accepted: bool) -> bool:
     return float(accelerator.reduce(torch.tensor(float(accepted)), reduction="sum")) > 0.5
 
 
-__all__ = ["SEARCH_PROBES", "SEARCH_RANGE_BPW", "SEARCH_RESOLUTION", "ProbeReport", "SearchResult", "describe_probe", "search_smallest"]
+__all__ = ["SEARCH_PROBES", "SEARCH_RANGE_BPW", "SEARCH_RESOLUTION", "ProbeReport", "SearchResult", "describe_probe",
+           "describe_refusal", "search_smallest"]
